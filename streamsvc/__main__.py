@@ -1,0 +1,5 @@
+import sys
+
+from streamsvc.cli import main
+
+sys.exit(main())

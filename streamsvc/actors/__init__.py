@@ -1,0 +1,1 @@
+"""The pipeline's actors: ingress -> flusher -> (outcome stream) ; sweeper recovers."""

@@ -1,0 +1,292 @@
+"""Flusher: claim a batch from the work stream, apply it in ONE transaction, then ack.
+
+Exactly once: the transaction first locks the batch's own BatchOperations rows (in id
+order, so two flushers never deadlock on them), applies only those still pending, and
+flips them to SUCCESS or FAIL in the same commit. A redelivered or doubly-claimed entry
+therefore finds its operations finished and applies nothing; it only re-reports them.
+
+A statement that fails is bisected inside the transaction (savepoints) until the bad
+operations stand alone; they end as FAIL with the database's message while every good
+one still lands in the same batch. Transient errors roll back and retry with backoff.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import asyncpg
+import structlog
+
+from streamsvc import metrics, queries, sqlbuild
+from streamsvc.adapters import streams as rs
+from streamsvc.adapters.postgres import translate
+from streamsvc.catalog import Catalog
+from streamsvc.errors import TransientError
+from streamsvc.model import PENDING, Outcome, Status, WorkOp, work_decoder, work_encoder
+from streamsvc.policy import RetryPolicy, Verdict
+
+log = structlog.get_logger("streamsvc.flusher")
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """What one transaction decided for each operation of the batch."""
+
+    batch_id: str
+    outcomes: list[Outcome] = field(default_factory=list)
+
+
+class Flusher:
+    def __init__(
+        self,
+        name: str,
+        pool: asyncpg.Pool,
+        streams: rs.Streams,
+        catalog: Catalog,
+        retry: RetryPolicy,
+        *,
+        limit: int,
+        block_ms: int = 1000,
+    ) -> None:
+        self.name = name
+        self.pool = pool
+        self.streams = streams
+        self.catalog = catalog
+        self.retry = retry
+        self.limit = limit
+        self.block_ms = block_ms
+        self.stopping = False
+        self._ops_per_entry = 1.0
+
+    # -- loop --------------------------------------------------------------------------
+    async def run(self, *, burst: bool = False) -> None:
+        """Claim and apply batches until stopped (or, in burst mode, until nothing waits)."""
+        names = self.streams.names
+        await self.streams.ensure_group(names.work, rs.FLUSHER_GROUP)
+        while not self.stopping:
+            count = max(1, min(self.limit, int(self.limit / self._ops_per_entry)))
+            entries = await self.streams.read(
+                names.work,
+                rs.FLUSHER_GROUP,
+                self.name,
+                count=count,
+                block_ms=None if burst else self.block_ms,
+            )
+            if not entries:
+                if burst:
+                    return
+                continue
+            await self.handle(entries)
+
+    async def handle(self, entries: list[rs.Entry]) -> None:
+        """Apply every operation of ``entries`` (in transactions of at most ``limit``), then
+        report the outcomes and ack the entries in one Redis transaction."""
+        items = await self._decode(entries)
+        ops_count = len(items)
+        self._ops_per_entry = 0.8 * self._ops_per_entry + 0.2 * max(1, ops_count / len(entries))
+        metrics.in_flight.inc(ops_count)
+        try:
+            outcomes: list[Outcome] = []
+            for start in range(0, len(items), self.limit):
+                result = await self.flush(items[start : start + self.limit])
+                if result is None:
+                    return  # left unacked: the sweeper hands the entries out again
+                outcomes.extend(result.outcomes)
+            with anyio.CancelScope(shield=True):  # committed: the ack must not be cut off
+                await self._report(entries, outcomes)
+            _observe_latency(entries, len(items))
+        finally:
+            metrics.in_flight.dec(ops_count)
+
+    async def _decode(self, entries: list[rs.Entry]) -> list[WorkOp]:
+        """The operations of ``entries``; an entry that is not ours is dead-lettered."""
+        items: list[WorkOp] = []
+        for entry_id, fields in entries:
+            try:
+                items.extend(work_decoder.decode(fields[b"ops"]))
+            except Exception as exc:
+                reason = f"undecodable work entry: {exc}"
+                log.error(
+                    "flush.undecodable_entry",
+                    entry=entry_id.decode(),
+                    error=reason,
+                    next="dead-lettered",
+                )
+                dead: dict[Any, Any] = {**fields, b"reason": reason.encode()}
+                await self.streams.add(self.streams.names.dead, [dead])
+        return items
+
+    async def _report(self, entries: list[rs.Entry], outcomes: list[Outcome]) -> None:
+        names = self.streams.names
+        ids = [eid for eid, _ in entries]
+        payload = [{"o": work_encoder.encode(outcomes)}] if outcomes else []
+        await self.streams.ack_with(names.work, rs.FLUSHER_GROUP, ids, names.outcomes, payload)
+
+    # -- one batch ---------------------------------------------------------------------
+    async def flush(self, items: Sequence[WorkOp]) -> BatchResult | None:
+        """Apply ``items`` exactly once, retrying transient errors; None means leave it."""
+        attempt = 0
+        trigger = "claim"
+        while True:
+            attempt += 1
+            metrics.flushes.labels(trigger).inc()
+            started = time.perf_counter()
+            try:
+                result = await self._transaction(items)
+            except Exception as exc:
+                error = translate(exc)
+                decision = self.retry.decide(
+                    transient=isinstance(error, TransientError),
+                    attempt=attempt,
+                    stopping=self.stopping,
+                )
+                log.warning(
+                    "flush.failed",
+                    error=str(error),
+                    operations=len(items),
+                    attempt=attempt,
+                    next=decision.verdict.value,
+                    delay_s=round(decision.delay_s, 3),
+                )
+                if decision.verdict is Verdict.RETRY:
+                    metrics.retried.inc(len(items))
+                    await self._count_attempt(items, str(error))
+                    await anyio.sleep(decision.delay_s)
+                    trigger = "retry"
+                    continue
+                if decision.verdict is Verdict.LEAVE:
+                    return None
+                return await self._fail_all(items, str(error))
+            metrics.flush_seconds.observe(time.perf_counter() - started)
+            metrics.flush_size.observe(len(items))
+            return result
+
+    async def _transaction(self, items: Sequence[WorkOp]) -> BatchResult:
+        unique = list({item.id: item for item in items}.values())
+        result = BatchResult(batch_id=str(uuid.uuid4()))
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(queries.LOCK_BATCH, [i.id for i in unique])
+            state = {row[0]: row for row in rows}
+            pending = [i for i in unique if i.id in state and state[i.id][1] in PENDING]
+            errors: dict[str, str] = {}
+            groups = sqlbuild.plan(pending, self.catalog)
+            for group in groups:
+                await self._apply(conn, group, errors)
+            finished: dict[str, int] = {}
+            if pending:
+                finished = await self._finish(conn, pending, errors, result.batch_id)
+        by_id = {i.id: i for i in unique}
+        for item in pending:
+            error = errors.get(item.id)
+            result.outcomes.append(
+                Outcome(
+                    item.id,
+                    item.op.operation_type,
+                    Status.FAIL if error else Status.SUCCESS,
+                    error,
+                    finished.get(item.id, 0),
+                    result.batch_id,
+                    item.op.meta,
+                )
+            )
+        for op_id, row in state.items():
+            if row[1] not in PENDING:  # finished earlier: report it again, apply nothing
+                item = by_id[op_id]
+                result.outcomes.append(
+                    Outcome(
+                        op_id,
+                        item.op.operation_type,
+                        Status(row[1]),
+                        row[2],
+                        row[3],
+                        row[4],
+                        item.op.meta,
+                    )
+                )
+        unknown = len(unique) - len(state)
+        if unknown:
+            log.warning("flush.unknown_operations", count=unknown, next="acked and dropped")
+        metrics.succeeded.inc(len(pending) - len(errors))
+        metrics.failed.inc(len(errors))
+        metrics.last_success.set_to_current_time()
+        return result
+
+    async def _apply(
+        self, conn: asyncpg.Connection, group: sqlbuild.Group, errors: dict[str, str]
+    ) -> None:
+        """Run one group under a savepoint; on a permanent error bisect it."""
+        try:
+            statement = sqlbuild.render(group, self.catalog)
+            async with conn.transaction():
+                if statement.many is not None:
+                    await conn.executemany(statement.sql, statement.many)
+                else:
+                    await conn.execute(statement.sql, *statement.args)
+            return
+        except Exception as exc:
+            error = translate(exc)
+            if isinstance(error, TransientError):
+                raise error from exc
+            if isinstance(exc, asyncpg.UndefinedColumnError | asyncpg.UndefinedTableError):
+                await self.catalog.refresh(conn)
+            if len(group.members) == 1:
+                errors[group.members[0].id] = str(error)
+                return
+        first, second = group.split()
+        await self._apply(conn, first, errors)
+        await self._apply(conn, second, errors)
+
+    async def _finish(
+        self,
+        conn: asyncpg.Connection,
+        pending: list[WorkOp],
+        errors: dict[str, str],
+        batch_id: str,
+    ) -> dict[str, int]:
+        ids = [i.id for i in pending]
+        statuses = [Status.FAIL.value if i.id in errors else Status.SUCCESS.value for i in pending]
+        texts = [errors.get(i.id) for i in pending]
+        rows = await conn.fetch(queries.FINISH_BATCH, ids, statuses, texts, batch_id)
+        return {row[0]: row[1] for row in rows}
+
+    async def _count_attempt(self, items: Sequence[WorkOp], error: str) -> None:
+        try:
+            async with self.pool.acquire() as conn:
+                await conn.execute(queries.COUNT_ATTEMPT, [i.id for i in items], error)
+        except Exception as exc:  # the database may be what is down; the count can wait
+            log.info("flush.attempt_not_counted", error=str(translate(exc)))
+
+    async def _fail_all(self, items: Sequence[WorkOp], error: str) -> BatchResult | None:
+        """Give up on a batch: every still-pending operation ends FAIL with ``error``."""
+        result = BatchResult(batch_id=str(uuid.uuid4()))
+        try:
+            async with self.pool.acquire() as conn:
+                rows = await conn.fetch(queries.FAIL_PENDING, [i.id for i in items], error)
+        except Exception as exc:
+            log.warning(
+                "flush.fail_not_recorded",
+                error=str(translate(exc)),
+                next="left unacked for redelivery",
+            )
+            return None
+        for op_id, op_type, attempts, meta in rows:
+            result.outcomes.append(
+                Outcome(op_id, op_type, Status.FAIL, error, attempts, None, meta)
+            )
+        metrics.failed.inc(len(rows))
+        return result
+
+
+def _observe_latency(entries: list[rs.Entry], operations: int) -> None:
+    """Submit-to-finish latency, from the time in the oldest entry's id (its XADD)."""
+    now_ms = time.time() * 1000
+    per_entry = max(1, operations // len(entries))
+    for entry_id, _ in entries:
+        seconds = max(0.0, now_ms - int(entry_id.split(b"-")[0])) / 1000
+        for _ in range(per_entry):
+            metrics.latency_seconds.observe(seconds)

@@ -1,0 +1,248 @@
+"""Ingress: validate, store in BatchOperations (group-committed), append to the work stream.
+
+Submissions from every path queue up here; one or two committer loops take whatever has
+queued, store it with a single multi-row INSERT, append it to the work stream in a few
+entries, and only then answer. Under load the groups grow by themselves: while one commit
+runs the next one gathers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+import anyio
+import asyncpg
+import msgspec
+import structlog
+
+from streamsvc import metrics, queries
+from streamsvc.adapters import streams as rs
+from streamsvc.adapters.postgres import translate
+from streamsvc.catalog import Catalog
+from streamsvc.errors import InvalidOperation
+from streamsvc.model import (
+    Operation,
+    Receipt,
+    Rejection,
+    Status,
+    WorkOp,
+    json_encoder,
+    work_encoder,
+)
+from streamsvc.validate import Caller, UnknownToCatalog, validate
+
+log = structlog.get_logger("streamsvc.ingress")
+
+Result = Receipt | Rejection
+
+
+@dataclass(slots=True)
+class _Ticket:
+    """One caller's accepted operations, waiting for the next group commit."""
+
+    ids: list[str]
+    ops: list[Operation]
+    source: str
+    caller: str
+    done: anyio.Event = field(default_factory=anyio.Event)
+    receipts: list[Receipt] = field(default_factory=list)
+    error: BaseException | None = None
+
+
+class Ingress:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        streams: rs.Streams,
+        catalog: Catalog,
+        *,
+        chunk: int,
+        max_group: int = 20_000,
+    ) -> None:
+        self.pool = pool
+        self.streams = streams
+        self.catalog = catalog
+        self.chunk = chunk  # operations per work-stream entry (BATCH_PROCESS_OPERATION_LIMIT)
+        self.max_group = max_group
+        self._queue: deque[_Ticket] = deque()
+        self._wake = anyio.Event()
+
+    # -- the Python API every path uses ---------------------------------------------
+    async def submit(
+        self,
+        ops: list[Operation],
+        *,
+        caller: Caller,
+        source: str,
+        ids: list[str | None] | None = None,
+    ) -> list[Result]:
+        """Store the valid operations, queue them for flushing, and say what became of each.
+
+        ``ids`` gives default ids for operations without a userOperationId (the inbox uses
+        ids derived from its entry ids, so a redelivered entry is not stored twice)."""
+        results: list[Result | None] = [None] * len(ops)
+        ticket = _Ticket([], [], source, caller.name)
+        positions: list[int] = []
+        for i, op in enumerate(ops):
+            try:
+                await self.check(op, caller)
+            except InvalidOperation as exc:
+                results[i] = Rejection(exc.field, exc.reason, i)
+                continue
+            given = op.user_operation_id
+            default = ids[i] if ids is not None else None
+            ticket.ids.append(str(given) if given else default or str(uuid.uuid4()))
+            ticket.ops.append(msgspec.structs.replace(op, api_key=None) if op.api_key else op)
+            positions.append(i)
+        if len(positions) < len(ops):
+            metrics.rejected.labels(source).inc(len(ops) - len(positions))
+        if ticket.ops:
+            self._queue.append(ticket)
+            self._wake.set()
+            await ticket.done.wait()
+            if ticket.error is not None:
+                raise ticket.error
+            for i, receipt in zip(positions, ticket.receipts, strict=True):
+                results[i] = receipt
+        return [r for r in results if r is not None]
+
+    async def check(self, op: Operation, caller: Caller) -> None:
+        """Validate; when the loaded schema lacks a name, reload it once and look again."""
+        try:
+            validate(op, self.catalog, caller)
+        except UnknownToCatalog:
+            async with self.pool.acquire() as conn:
+                if not await self.catalog.refresh(conn):
+                    raise
+            validate(op, self.catalog, caller)
+
+    # -- the committer loop ------------------------------------------------------------
+    async def run(self) -> None:
+        while True:
+            if not self._queue:
+                self._wake = anyio.Event()
+                await self._wake.wait()
+            tickets = self._take()
+            with anyio.CancelScope(shield=True):
+                await self._commit(tickets)
+
+    def _take(self) -> list[_Ticket]:
+        tickets: list[_Ticket] = []
+        count = 0
+        while self._queue and (not tickets or count + len(self._queue[0].ops) <= self.max_group):
+            ticket = self._queue.popleft()
+            tickets.append(ticket)
+            count += len(ticket.ops)
+        return tickets
+
+    async def _commit(self, tickets: list[_Ticket]) -> None:
+        try:
+            created = await self._store(tickets)
+            await self._enqueue(tickets, created)
+            existing = await self._existing(tickets, created)
+        except Exception as exc:
+            error = translate(exc)
+            log.warning("ingress.store_failed", error=str(error), operations=_count(tickets))
+            for ticket in tickets:
+                ticket.error = error
+                ticket.done.set()
+            return
+        for ticket in tickets:
+            seen: set[str] = set()
+            for op_id, op in zip(ticket.ids, ticket.ops, strict=True):
+                is_new = op_id in created and op_id not in seen
+                seen.add(op_id)
+                status, op_type = (
+                    (Status.UNPROCESSED, op.operation_type)
+                    if is_new
+                    else existing.get(op_id, (Status.UNPROCESSED, op.operation_type))
+                )
+                ticket.receipts.append(Receipt(op_id, op_type, status, is_new))
+            metrics.received.labels(ticket.source).inc(len(ticket.ops))
+            ticket.done.set()
+
+    async def _store(self, tickets: list[_Ticket]) -> set[str]:
+        """One INSERT for every ticket's operations; returns the ids that were new."""
+        ids, types, bodies, priorities, run_ats, keys, sources, callers = (
+            [],
+            [],
+            [],
+            [],
+            [],
+            [],
+            [],
+            [],
+        )
+        now = dt.datetime.now(dt.UTC)
+        for ticket in tickets:
+            for op_id, op in zip(ticket.ids, ticket.ops, strict=True):
+                ids.append(op_id)
+                types.append(op.operation_type)
+                bodies.append(json_encoder.encode(op).decode())
+                priorities.append(op.priority)
+                run_ats.append(_run_at(op, now))
+                keys.append(op.ordering_key)
+                sources.append(ticket.source)
+                callers.append(ticket.caller)
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                queries.INSERT_OPERATIONS,
+                ids,
+                types,
+                bodies,
+                priorities,
+                run_ats,
+                keys,
+                sources,
+                callers,
+            )
+        return {row[0] for row in rows}
+
+    async def _enqueue(self, tickets: list[_Ticket], created: set[str]) -> None:
+        """Append the new operations to the work stream; on failure the sweeper re-enqueues."""
+        items, queued = [], set()
+        for ticket in tickets:
+            for op_id, op in zip(ticket.ids, ticket.ops, strict=True):
+                if op_id in created and op_id not in queued:
+                    queued.add(op_id)
+                    items.append(WorkOp(op_id, op))
+        if not items:
+            return
+        entries = [
+            {"ops": work_encoder.encode(items[i : i + self.chunk])}
+            for i in range(0, len(items), self.chunk)
+        ]
+        try:
+            await self.streams.add(self.streams.names.work, entries)
+        except rs.CONNECTION_EXCEPTIONS as exc:
+            log.warning(
+                "ingress.enqueue_failed",
+                error=str(exc),
+                operations=len(items),
+                next="stored; the sweeper re-enqueues them from PostgreSQL",
+            )
+
+    async def _existing(
+        self, tickets: list[_Ticket], created: set[str]
+    ) -> dict[str, tuple[Status, str]]:
+        repeated = [i for t in tickets for i in t.ids if i not in created]
+        if not repeated:
+            return {}
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(queries.STATUS_OF, repeated)
+        return {row[0]: (Status(row[2]), row[1]) for row in rows}
+
+
+def _run_at(op: Operation, now: dt.datetime) -> dt.datetime | None:
+    if op.run_at is not None:
+        return op.run_at if op.run_at.tzinfo else op.run_at.replace(tzinfo=dt.UTC)
+    if op.delay_ms is not None:
+        return now + dt.timedelta(milliseconds=op.delay_ms)
+    return None
+
+
+def _count(tickets: list[_Ticket]) -> int:
+    return sum(len(t.ops) for t in tickets)

@@ -1,0 +1,139 @@
+"""PostgreSQL: the pool, the migrations, and which driver errors are worth retrying."""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from streamsvc.errors import NotMigratedError, PermanentError, StreamsvcError, TransientError
+from streamsvc.settings import Settings
+
+# SQLSTATE classes worth a retry: connection exception, transaction rollback (serialization
+# failure, deadlock), insufficient resources, operator intervention (shutdown, statement
+# timeout via query_canceled), system error; plus lock_not_available.
+TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57", "58")
+TRANSIENT_SQLSTATES = ("55P03",)
+CONNECTION_EXCEPTIONS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.InterfaceError,
+)
+
+MIGRATIONS_TABLE = "streamsvc_migrations"
+_MIGRATION_FILE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+_LOCK_KEY = 0x5354524D  # advisory lock serialising concurrent `streamsvc migrate`
+
+
+def translate(exc: BaseException) -> StreamsvcError:
+    """The project's error for a driver exception: transient or permanent."""
+    if isinstance(exc, StreamsvcError):
+        return exc
+    if isinstance(exc, asyncpg.PostgresError):
+        state = exc.sqlstate or ""
+        message = _message(exc)
+        if state[:2] in TRANSIENT_SQLSTATE_CLASSES or state in TRANSIENT_SQLSTATES:
+            return TransientError(message)
+        return PermanentError(message)
+    if isinstance(exc, asyncpg.exceptions.DataError):  # bad parameter, caught client-side
+        return PermanentError(str(exc))
+    if isinstance(exc, CONNECTION_EXCEPTIONS):
+        return TransientError(f"{type(exc).__name__}: {exc}")
+    return PermanentError(f"{type(exc).__name__}: {exc}")
+
+
+def _message(exc: asyncpg.PostgresError) -> str:
+    detail = getattr(exc, "detail", None)
+    text = str(exc)
+    return f"{text} ({detail})" if detail else text
+
+
+def dsn_kwargs(settings: Settings) -> dict[str, Any]:
+    return {
+        "host": settings.db_host,
+        "port": settings.db_port,
+        "user": settings.db_user,
+        "password": settings.db_password or None,
+        "database": settings.db_name,
+    }
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(
+            name,
+            schema="pg_catalog",
+            encoder=lambda value: msgspec.json.encode(value).decode(),
+            decoder=msgspec.json.decode,
+        )
+
+
+async def create_pool(settings: Settings, *, size: int | None = None) -> asyncpg.Pool:
+    """A pool whose connections bind JSON values natively and time out stuck statements."""
+    server_settings = {"application_name": "streamsvc"}
+    if settings.statement_timeout_ms:
+        server_settings["statement_timeout"] = str(settings.statement_timeout_ms)
+    pool = await asyncpg.create_pool(
+        **dsn_kwargs(settings),
+        min_size=1,
+        max_size=size or settings.db_pool_size,
+        init=_init_connection,
+        server_settings=server_settings,
+    )
+    assert pool is not None
+    return pool
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) of every migration shipped with the package, in order."""
+    found = []
+    for entry in resources.files("streamsvc.sql").iterdir():
+        match = _MIGRATION_FILE.match(entry.name)
+        if match:
+            found.append((int(match[1]), entry.name, entry.read_text()))
+    return sorted(found)
+
+
+async def migrate(conn: asyncpg.Connection) -> list[str]:
+    """Apply the migrations this database lacks, each in its own transaction."""
+    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+    try:
+        await conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} ("
+            "version integer PRIMARY KEY, name text NOT NULL, "
+            "applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r[0] for r in await conn.fetch(f"SELECT version FROM {MIGRATIONS_TABLE}")}
+        applied = []
+        for version, name, sql in migrations():
+            if version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(sql)
+                await conn.execute(
+                    f"INSERT INTO {MIGRATIONS_TABLE} (version, name) VALUES ($1, $2)",
+                    version,
+                    name,
+                )
+            applied.append(name)
+        return applied
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+
+
+async def check_migrated(conn: asyncpg.Connection) -> None:
+    """Raise NotMigratedError unless every shipped migration has been applied."""
+    exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", MIGRATIONS_TABLE)
+    done = set()
+    if exists:
+        done = {r[0] for r in await conn.fetch(f"SELECT version FROM {MIGRATIONS_TABLE}")}
+    missing = [name for version, name, _ in migrations() if version not in done]
+    if missing:
+        raise NotMigratedError(
+            f"database is not migrated ({len(missing)} pending: {', '.join(missing)}); "
+            "run `streamsvc migrate` first"
+        )

@@ -1,0 +1,1 @@
+"""Public interfaces of the service."""

@@ -1,0 +1,162 @@
+"""The Redis inbox: producers XADD ``op`` (operation JSON) and optionally ``key``.
+
+Several processes share the inbox through one consumer group. Entries are read in bulk,
+validated one by one, stored with one group commit, and acked only after that. An
+operation without a userOperationId gets an id derived from its entry id, so an entry
+delivered twice (after a crash before the ack) is still stored once. Entries that cannot
+be accepted go to the rejects stream with the reason, and are acked.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import anyio
+import msgspec
+import structlog
+
+from streamsvc.actors.ingress import Ingress
+from streamsvc.adapters import streams as rs
+from streamsvc.adapters.postgres import translate
+from streamsvc.model import Operation, Rejection, decode_error, operation_decoder
+from streamsvc.policy import RetryPolicy
+from streamsvc.validate import Caller
+
+log = structlog.get_logger("streamsvc.inbox")
+
+_NAMESPACE = uuid.UUID("6c1f0c52-3c1e-4c55-9a55-5f0d3e0c9b11")
+SOURCE = "inbox"
+
+
+class Authenticator:
+    """Who sent an inbox entry. With auth off every producer acts as ``anonymous``."""
+
+    def __init__(self, caller: Caller) -> None:
+        self.caller = caller
+
+    async def caller_for(self, key: bytes | None) -> Caller:
+        return self.caller
+
+
+class InboxConsumer:
+    def __init__(
+        self,
+        name: str,
+        ingress: Ingress,
+        streams: rs.Streams,
+        auth: Authenticator,
+        retry: RetryPolicy,
+        *,
+        count: int,
+        claim_idle_ms: int,
+        block_ms: int = 1000,
+    ) -> None:
+        self.name = name
+        self.ingress = ingress
+        self.streams = streams
+        self.auth = auth
+        self.retry = retry
+        self.count = count
+        self.claim_idle_ms = claim_idle_ms
+        self.block_ms = block_ms
+        self.stopping = False
+
+    async def run(self, *, burst: bool = False) -> None:
+        names = self.streams.names
+        await self.streams.ensure_group(names.inbox, rs.INGRESS_GROUP)
+        own_pending, failures, next_claim = True, 0, 0.0
+        while not self.stopping:
+            if time.monotonic() >= next_claim:
+                next_claim = time.monotonic() + self.claim_idle_ms / 2000
+                await self._take_over_idle()
+            entries = await self.streams.read(
+                names.inbox,
+                rs.INGRESS_GROUP,
+                self.name,
+                count=self.count,
+                block_ms=None if burst or own_pending else self.block_ms,
+                own_pending=own_pending,
+            )
+            if not entries:
+                if own_pending:
+                    own_pending = False
+                    continue
+                if burst:
+                    return
+                continue
+            try:
+                await self.ingest(entries)
+                failures = 0
+            except Exception as exc:
+                failures += 1
+                delay = self.retry.backoff_s(failures)
+                log.warning(
+                    "inbox.ingest_failed",
+                    error=str(translate(exc)),
+                    entries=len(entries),
+                    next=f"retrying in {delay:.1f} s",
+                )
+                own_pending = True
+                await anyio.sleep(delay)
+
+    async def _take_over_idle(self) -> None:
+        """Entries a dead inbox consumer read and never acked become ours."""
+        names = self.streams.names
+        entries = await self.streams.autoclaim(
+            names.inbox,
+            rs.INGRESS_GROUP,
+            self.name,
+            min_idle_ms=self.claim_idle_ms,
+            count=self.count,
+        )
+        if entries:
+            log.info("inbox.took_over_idle", entries=len(entries))
+            await self.ingest(entries)
+
+    async def ingest(self, entries: list[rs.Entry]) -> None:
+        """Store every acceptable operation of ``entries``; reject the rest; ack all."""
+        names = self.streams.names
+        rejects: list[dict[str, bytes | str]] = []
+        by_caller: dict[Caller, tuple[list[Operation], list[str | None], list[bytes]]] = {}
+        for entry_id, fields in entries:
+            raw = fields.get(b"op")
+            try:
+                if raw is None:
+                    raise _Refused(Rejection("op", "entry has no `op` field"))
+                op = _decode(raw)
+                caller = await self.auth.caller_for(fields.get(b"key"))
+            except _Refused as refused:
+                rejects.append(_reject(entry_id, raw, refused.rejection))
+                continue
+            ops, ids, entry_ids = by_caller.setdefault(caller, ([], [], []))
+            ops.append(op)
+            ids.append(str(uuid.uuid5(_NAMESPACE, f"{names.inbox}:{entry_id.decode()}")))
+            entry_ids.append(entry_id)
+        raw_by_id = {entry_id: fields.get(b"op") for entry_id, fields in entries}
+        for caller, (ops, ids, entry_ids) in by_caller.items():
+            results = await self.ingress.submit(ops, caller=caller, source=SOURCE, ids=ids)
+            for result in results:
+                if isinstance(result, Rejection):
+                    entry_id = entry_ids[result.index]
+                    rejects.append(_reject(entry_id, raw_by_id[entry_id], result))
+        if rejects:
+            await self.streams.add(names.rejects, rejects)
+            log.info("inbox.rejected", entries=len(rejects))
+        await self.streams.ack(names.inbox, rs.INGRESS_GROUP, [eid for eid, _ in entries])
+
+
+class _Refused(Exception):
+    def __init__(self, rejection: Rejection) -> None:
+        self.rejection = rejection
+
+
+def _decode(raw: bytes) -> Operation:
+    try:
+        return operation_decoder.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise _Refused(decode_error(exc)) from None
+
+
+def _reject(entry_id: bytes, raw: bytes | None, rejection: Rejection) -> dict[str, bytes | str]:
+    return {"entry": entry_id, "op": raw or b"", "reason": rejection.message}

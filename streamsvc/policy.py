@@ -1,0 +1,73 @@
+"""Pure decisions, no I/O: retry or give up, how long to wait, what to do with stuck work."""
+
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass
+
+
+class Verdict(enum.Enum):
+    RETRY = "retry"  # transient: try the same batch again after a pause
+    FAIL = "fail"  # give up: the operations end as FAIL with the error
+    LEAVE = "leave"  # stop trying here; the entry stays unacked for redelivery
+
+
+@dataclass(frozen=True, slots=True)
+class RetryDecision:
+    verdict: Verdict
+    delay_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter, capped, for a bounded number of attempts."""
+
+    max_attempts: int
+    base_ms: int
+    cap_ms: int
+
+    def backoff_s(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Pause before attempt number ``attempt + 1`` (attempt counts from 1)."""
+        ceiling = min(self.cap_ms, self.base_ms << min(attempt - 1, 30))
+        jitter: float = (rng or random).uniform(0.5, 1.0)
+        return ceiling * jitter / 1000
+
+    def decide(self, *, transient: bool, attempt: int, stopping: bool = False) -> RetryDecision:
+        """After ``attempt`` failed tries: retry transient errors until the budget is spent.
+
+        While the process is stopping a transient failure is not retried here; the batch
+        stays unacked and the sweeper hands it to another flusher later."""
+        if not transient or attempt >= self.max_attempts:
+            return RetryDecision(Verdict.FAIL)
+        if stopping:
+            return RetryDecision(Verdict.LEAVE)
+        return RetryDecision(Verdict.RETRY, self.backoff_s(attempt))
+
+
+def halves(count: int) -> tuple[int, int]:
+    """Split sizes for bisecting a failed group of ``count`` operations."""
+    first = count // 2
+    return first, count - first
+
+
+class StuckAction(enum.Enum):
+    REENQUEUE = "reenqueue"  # put it back on the stream as it is
+    SPLIT = "split"  # put it back as two entries, to corner a poison operation
+    DEAD_LETTER = "dead_letter"  # give up on it: dead-letter stream and FAIL
+
+
+def stuck_entry(*, operations: int, deliveries: int, max_deliveries: int) -> StuckAction:
+    """What the sweeper does with an entry nobody acked for too long.
+
+    ``deliveries`` counts every time the entry (or the one it was split from) was handed
+    to a flusher. An entry holding several operations is split rather than given up, so a
+    single operation that keeps killing its flusher ends up alone and only it is
+    dead-lettered."""
+    if deliveries < 2:
+        return StuckAction.REENQUEUE
+    if operations > 1:
+        return StuckAction.SPLIT
+    if deliveries >= max_deliveries:
+        return StuckAction.DEAD_LETTER
+    return StuckAction.REENQUEUE

@@ -1,0 +1,78 @@
+"""Every statement the service runs on its own tables, in one place."""
+
+from __future__ import annotations
+
+OPS = '"BatchOperations"'
+
+INSERT_OPERATIONS = f"""
+INSERT INTO {OPS} (id, operation_type, body, priority, run_at, ordering_key, source, submitted_by)
+SELECT u.id, u.operation_type, u.body::jsonb, u.priority, u.run_at, u.ordering_key,
+       u.source, u.submitted_by
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int2[], $5::timestamptz[], $6::text[],
+            $7::text[], $8::text[])
+     AS u(id, operation_type, body, priority, run_at, ordering_key, source, submitted_by)
+ON CONFLICT (id) DO NOTHING
+RETURNING id::text
+"""
+
+STATUS_OF = f"""
+SELECT id::text, operation_type, status FROM {OPS} WHERE id = ANY($1::uuid[])
+"""
+
+# Lock the batch's own rows in a fixed order (no deadlock between flushers); rows another
+# flusher finished meanwhile come back no longer pending and are skipped.
+LOCK_BATCH = f"""
+SELECT id::text, status, error, attempts, batch_id::text
+FROM {OPS} WHERE id = ANY($1::uuid[])
+ORDER BY id
+FOR UPDATE
+"""
+
+FINISH_BATCH = f"""
+UPDATE {OPS} AS b
+SET status = u.status, error = u.error, attempts = b.attempts + 1, batch_id = $4::uuid,
+    processed_at = now(), updated_at = now()
+FROM unnest($1::uuid[], $2::text[], $3::text[]) AS u(id, status, error)
+WHERE b.id = u.id
+RETURNING b.id::text, b.attempts
+"""
+
+# Count a transient failure on rows still pending; they stay in the stream for a retry.
+COUNT_ATTEMPT = f"""
+UPDATE {OPS} SET status = 'PROCESSING', attempts = attempts + 1, error = $2, updated_at = now()
+WHERE id = ANY($1::uuid[]) AND status IN ('UNPROCESSED', 'PROCESSING')
+"""
+
+# Mark pending rows as just enqueued again (keeps the sweeper's staleness rule true).
+TOUCH_PENDING = f"""
+UPDATE {OPS} SET updated_at = now()
+WHERE id = ANY($1::uuid[]) AND status IN ('UNPROCESSED', 'PROCESSING')
+"""
+
+# End rows still pending as FAIL (retries exhausted, or dead-lettered).
+FAIL_PENDING = f"""
+UPDATE {OPS} SET status = 'FAIL', error = $2, processed_at = now(), updated_at = now()
+WHERE id = ANY($1::uuid[]) AND status IN ('UNPROCESSED', 'PROCESSING')
+RETURNING id::text, operation_type, attempts, body -> 'meta'
+"""
+
+# Pending rows untouched since before $1: touch them and hand them back for re-enqueueing.
+CLAIM_STALE = f"""
+UPDATE {OPS} SET updated_at = now()
+WHERE id IN (
+    SELECT id FROM {OPS}
+    WHERE status IN ('UNPROCESSED', 'PROCESSING') AND updated_at < $1
+    ORDER BY updated_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING id::text, body::text
+"""
+
+GET_OPERATION = f"""
+SELECT id::text, operation_type, status, error, attempts, priority, source, batch_id::text,
+       run_at, ordering_key, created_at, updated_at, processed_at, body::text
+FROM {OPS} WHERE id = $1::uuid
+"""
+
+STATUS_COUNTS = f"SELECT status, count(*) FROM {OPS} GROUP BY status"

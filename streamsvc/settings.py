@@ -1,0 +1,102 @@
+"""Every setting in one msgspec Struct, read from the environment and a ``.env`` file.
+
+The old NestJS service's variable names work unchanged; new ones carry a STREAMSVC_ prefix.
+Units are in the attribute names. A bad value stops start-up with one line that names the
+variable and says what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Annotated, Literal
+
+import msgspec
+from dotenv import dotenv_values
+
+from streamsvc.allowlist import AllowList
+from streamsvc.errors import ConfigError
+
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+OnOff = Literal["on", "off"]
+LogLevel = Literal["debug", "info", "warning", "warn", "error", "critical"]
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    # -- the old service's names ------------------------------------------------------
+    node_env: str = msgspec.field(default="development", name="NODE_ENV")
+    api_key_secret: str = msgspec.field(default="", name="API_KEY_ENCRYPTION_SECRET")
+    redis_url: str = msgspec.field(default="redis://127.0.0.1:6379/0", name="REDIS_URL")
+    db_host: str = msgspec.field(default="127.0.0.1", name="DB_HOST")
+    db_port: Port = msgspec.field(default=5432, name="DB_PORT")
+    db_name: str = msgspec.field(default="postgres", name="DB_NAME")
+    db_user: str = msgspec.field(default="postgres", name="DB_USERNAME")
+    db_password: str = msgspec.field(default="", name="DB_PASSWORD")
+    rmq_url: str = msgspec.field(
+        default="amqp://guest:guest@127.0.0.1:5672/", name="BATCH_SERVICE_RMQ_URL"
+    )
+    rmq_queue: str = msgspec.field(default="batch_service", name="BATCH_SERVICE_RMQ_QUEUE")
+    interval_ms: Positive = msgspec.field(default=5000, name="BATCH_PROCESS_OPERATION_INTERVAL")
+    batch_limit: Positive = msgspec.field(default=1000, name="BATCH_PROCESS_OPERATION_LIMIT")
+    log_level: LogLevel = msgspec.field(default="info", name="LOG_LEVEL")
+    # -- streamsvc's own --------------------------------------------------------------
+    redis_prefix: str = msgspec.field(default="streamsvc", name="STREAMSVC_REDIS_PREFIX")
+    auth: OnOff = msgspec.field(default="on", name="STREAMSVC_AUTH")
+    allowed_tables: str = msgspec.field(default="", name="STREAMSVC_ALLOWED_TABLES")
+    http_port: Port = msgspec.field(default=3000, name="STREAMSVC_HTTP_PORT")
+    flushers: Positive = msgspec.field(default=2, name="STREAMSVC_FLUSHERS")
+    db_pool_size: Positive = msgspec.field(default=8, name="STREAMSVC_DB_POOL_SIZE")
+    ingress_read_count: Positive = msgspec.field(default=2000, name="STREAMSVC_INGRESS_READ_COUNT")
+    max_attempts: Positive = msgspec.field(default=10, name="STREAMSVC_MAX_ATTEMPTS")
+    max_deliveries: Positive = msgspec.field(default=5, name="STREAMSVC_MAX_DELIVERIES")
+    claim_idle_ms: Positive = msgspec.field(default=30_000, name="STREAMSVC_CLAIM_IDLE_MS")
+    retry_base_ms: Positive = msgspec.field(default=100, name="STREAMSVC_RETRY_BASE_MS")
+    retry_cap_ms: Positive = msgspec.field(default=30_000, name="STREAMSVC_RETRY_CAP_MS")
+    shutdown_grace_s: NonNegative = msgspec.field(default=10, name="STREAMSVC_SHUTDOWN_GRACE_S")
+    statement_timeout_ms: NonNegative = msgspec.field(
+        default=60_000, name="STREAMSVC_STATEMENT_TIMEOUT_MS"
+    )
+
+    @property
+    def allow_list(self) -> AllowList:
+        return AllowList.parse(self.allowed_tables)
+
+    @property
+    def auth_on(self) -> bool:
+        return self.auth == "on"
+
+
+def env_names() -> tuple[str, ...]:
+    """Every variable the service reads, in declaration order."""
+    return tuple(f.encode_name for f in msgspec.structs.fields(Settings))
+
+
+def load(environ: Mapping[str, str] | None = None, env_file: str | None = ".env") -> Settings:
+    """Settings from ``environ`` (default: the process environment) over ``env_file``."""
+    names = set(env_names())
+    raw: dict[str, str] = {}
+    if env_file and os.path.exists(env_file):
+        raw.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    raw.update(os.environ if environ is None else environ)
+    picked = {k: v.strip() for k, v in raw.items() if k in names}
+    picked = {k: v.lower() if k in _LOWERED else v for k, v in picked.items()}
+    try:
+        settings = msgspec.convert(picked, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_explain(exc)) from None
+    settings.allow_list  # noqa: B018 - parse now so a bad list stops start-up
+    return settings
+
+
+_LOWERED = {"LOG_LEVEL", "STREAMSVC_AUTH"}
+
+
+def _explain(exc: msgspec.ValidationError) -> str:
+    """Turn ``Expected `int`, got `str` - at `$.DB_PORT``` into ``DB_PORT: expected ...``."""
+    message = str(exc)
+    head, sep, where = message.rpartition(" - at `$.")
+    if not sep:
+        return f"invalid settings: {message}"
+    return f"{where.rstrip('`')}: {head[0].lower()}{head[1:]}"

@@ -1,0 +1,188 @@
+"""Pure: turn a batch of operations into as few statements as possible.
+
+Structured operations with the same table, action and columns merge into one multi-row
+statement fed by a single JSON parameter (``json_to_recordset``), so PostgreSQL parses the
+values with its own input functions and reports bad ones in its own words. Statement
+operations with the same SQL text run as one pipelined executemany.
+
+Order: groups run in the order they were first needed. An operation never joins a group
+that would move it ahead of an earlier operation on the same row (same table and key), and
+a multi-row UPDATE/UPSERT/DELETE never holds the same row twice, so operations on one row
+keep their submission order within a batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from streamsvc.allowlist import TableRef, quote_ident
+from streamsvc.catalog import Catalog, Table
+from streamsvc.errors import PermanentError
+from streamsvc.model import BodyKind, Operation, WorkOp, json_encoder
+
+Signature = tuple[Hashable, ...]
+RowKey = tuple[TableRef, tuple[tuple[str, str], ...]]
+
+
+@dataclass(slots=True)
+class Group:
+    """Operations that can run as one statement."""
+
+    signature: Signature
+    members: list[WorkOp] = field(default_factory=list)
+    rows: set[RowKey] = field(default_factory=set)
+
+    def split(self) -> tuple[Group, Group]:
+        half = len(self.members) // 2
+        return (
+            Group(self.signature, self.members[:half]),
+            Group(self.signature, self.members[half:]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    """One round trip: ``sql`` with ``args``, or executemany over ``many``."""
+
+    sql: str
+    args: tuple[Any, ...] = ()
+    many: list[tuple[Any, ...]] | None = None
+
+
+def plan(items: Sequence[WorkOp], catalog: Catalog) -> list[Group]:
+    """Group ``items`` into statements, keeping per-row order (see the module docstring)."""
+    groups: list[Group] = []
+    open_by_signature: dict[Signature, int] = {}
+    last_touch: dict[RowKey, int] = {}
+    for item in items:
+        signature = signature_of(item.op)
+        row = _row_key(item.op, catalog)
+        index = open_by_signature.get(signature)
+        if index is None or (
+            row is not None
+            and (
+                last_touch.get(row, -1) > index
+                or (row in groups[index].rows and _one_row_each(item.op))
+            )
+        ):
+            index = len(groups)
+            groups.append(Group(signature))
+            open_by_signature[signature] = index
+        group = groups[index]
+        group.members.append(item)
+        if row is not None:
+            group.rows.add(row)
+            last_touch[row] = index
+    return groups
+
+
+def signature_of(op: Operation) -> Signature:
+    if op.kind is not BodyKind.STRUCTURED:
+        return ("sql", op.sql)
+    return (
+        "structured",
+        op.table,
+        op.action,
+        tuple(sorted(op.values or ())),
+        tuple(sorted(op.key or ())),
+    )
+
+
+def render(group: Group, catalog: Catalog) -> Statement:
+    """The statement that applies every member of ``group``."""
+    first = group.members[0].op
+    if first.kind is not BodyKind.STRUCTURED:
+        assert first.sql is not None
+        return Statement(first.sql, many=[tuple(m.op.params or ()) for m in group.members])
+    table = _table(first, catalog)
+    values = sorted(first.values or ())
+    keys = sorted(first.key or ())
+    records = json_encoder.encode([_record(m.op, values, keys) for m in group.members]).decode()
+    if first.action == "insert":
+        return Statement(_insert_sql(table, values, None), (records,))
+    if first.action == "upsert":
+        return Statement(_insert_sql(table, values + keys, keys), (records,))
+    if first.action == "update":
+        return Statement(_update_sql(table, values, keys), (records,))
+    return Statement(_delete_sql(table, keys), (records,))
+
+
+def _record(op: Operation, values: list[str], keys: list[str]) -> dict[str, Any]:
+    """One record for json_to_recordset, fields named c0, c1, ... in column order."""
+    record: dict[str, Any] = {}
+    for i, name in enumerate(values):
+        record[f"c{i}"] = (op.values or {})[name]
+    for i, name in enumerate(keys, start=len(values)):
+        record[f"c{i}"] = (op.key or {})[name]
+    return record
+
+
+def _recordset(table: Table, columns: list[str]) -> str:
+    defs = ", ".join(f"c{i} {table.columns[name].type_sql}" for i, name in enumerate(columns))
+    return f"json_to_recordset($1::text::json) AS r({defs})"
+
+
+def _insert_sql(table: Table, columns: list[str], conflict: list[str] | None) -> str:
+    names = ", ".join(quote_ident(c) for c in columns)
+    picks = ", ".join(f"r.c{i}" for i in range(len(columns)))
+    source = _recordset(table, columns)
+    sql = f"INSERT INTO {table.ref.quoted} ({names}) SELECT {picks} FROM {source}"
+    if conflict is None:
+        return sql
+    target = ", ".join(quote_ident(c) for c in conflict)
+    rest = [c for c in columns if c not in conflict]
+    if not rest:
+        return f"{sql} ON CONFLICT ({target}) DO NOTHING"
+    sets = ", ".join(f"{quote_ident(c)} = EXCLUDED.{quote_ident(c)}" for c in rest)
+    return f"{sql} ON CONFLICT ({target}) DO UPDATE SET {sets}"
+
+
+def _update_sql(table: Table, values: list[str], keys: list[str]) -> str:
+    sets = ", ".join(f"{quote_ident(c)} = r.c{i}" for i, c in enumerate(values))
+    where = _key_match(keys, start=len(values))
+    return (
+        f"UPDATE {table.ref.quoted} AS t SET {sets} "
+        f"FROM {_recordset(table, values + keys)} WHERE {where}"
+    )
+
+
+def _delete_sql(table: Table, keys: list[str]) -> str:
+    where = _key_match(keys, start=0)
+    return f"DELETE FROM {table.ref.quoted} AS t USING {_recordset(table, keys)} WHERE {where}"
+
+
+def _key_match(keys: list[str], start: int) -> str:
+    return " AND ".join(f"t.{quote_ident(c)} = r.c{i}" for i, c in enumerate(keys, start=start))
+
+
+def _table(op: Operation, catalog: Catalog) -> Table:
+    assert op.table is not None
+    ref = catalog.allow.resolve(op.table)
+    table = catalog.tables.get(ref) if ref is not None else None
+    if table is None:
+        raise PermanentError(f"table {op.table!r} is not an allowed, existing table")
+    for name in (*(op.values or ()), *(op.key or ())):
+        if name not in table.columns:
+            raise PermanentError(f'column "{name}" of relation "{table.ref.name}" does not exist')
+    return table
+
+
+def _one_row_each(op: Operation) -> bool:
+    """Statements that fail or misbehave when one row appears twice in them."""
+    return op.action in ("update", "upsert", "delete")
+
+
+def _row_key(op: Operation, catalog: Catalog) -> RowKey | None:
+    if op.kind is not BodyKind.STRUCTURED or op.table is None:
+        return None
+    ref = catalog.allow.resolve(op.table)
+    table = catalog.tables.get(ref) if ref is not None else None
+    if ref is None or table is None:
+        return None
+    source = op.key if op.action != "insert" else op.values
+    columns = table.primary_key if op.action == "insert" else tuple(sorted(op.key or ()))
+    if not source or not columns or any(c not in source for c in columns):
+        return None
+    return ref, tuple((c, json_encoder.encode(source[c]).decode()) for c in columns)

@@ -1,0 +1,176 @@
+"""Build the clients, then run the actors in one anyio task group.
+
+Stopping is not cancelling: on SIGTERM or SIGINT the actors stop claiming, in-flight
+batches finish (their commit and ack run shielded), and only after
+``shutdown_grace_s`` is anything cancelled. The sweeper survives blips on its own; the
+flushers, the inbox consumer and the committers are fatal when they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+import anyio
+import asyncpg
+import structlog
+
+from streamsvc.actors.flusher import Flusher
+from streamsvc.actors.ingress import Ingress
+from streamsvc.actors.sweeper import Sweeper
+from streamsvc.adapters import postgres
+from streamsvc.adapters import streams as rs
+from streamsvc.api.inbox import Authenticator, InboxConsumer
+from streamsvc.catalog import Catalog
+from streamsvc.errors import ConfigError
+from streamsvc.policy import RetryPolicy
+from streamsvc.settings import Settings
+from streamsvc.validate import ANONYMOUS
+
+log = structlog.get_logger("streamsvc.supervisor")
+
+Role = Literal["all", "ingress", "flusher", "sweeper"]
+ROLES: tuple[Role, ...] = ("all", "ingress", "flusher", "sweeper")
+
+
+@dataclass
+class Service:
+    """Everything one process runs, wired together; tests drive it directly."""
+
+    settings: Settings
+    pool: asyncpg.Pool
+    streams: rs.Streams
+    catalog: Catalog
+    ingress: Ingress
+    inbox: InboxConsumer
+    flushers: list[Flusher]
+    sweeper: Sweeper
+    stopping: anyio.Event = field(default_factory=anyio.Event)
+
+    def stop_claiming(self) -> None:
+        self.inbox.stopping = True
+        for flusher in self.flushers:
+            flusher.stopping = True
+        self.stopping.set()
+
+
+def retry_policy(settings: Settings) -> RetryPolicy:
+    return RetryPolicy(settings.max_attempts, settings.retry_base_ms, settings.retry_cap_ms)
+
+
+@asynccontextmanager
+async def open_service(settings: Settings) -> AsyncIterator[Service]:
+    """Connect, check the database, load the catalog, and build the actors."""
+    if settings.auth_on:
+        raise ConfigError(
+            "STREAMSVC_AUTH: API keys are not managed by this version yet; "
+            "set STREAMSVC_AUTH=off to accept every caller"
+        )
+    pool = await postgres.create_pool(settings)
+    client = rs.connect(settings.redis_url)
+    try:
+        async with pool.acquire() as conn:
+            await postgres.check_migrated(conn)
+            catalog = Catalog(settings.allow_list)
+            await catalog.load(conn)
+        _warn_about_allow_list(catalog)
+        streams = rs.Streams(client, rs.Names(settings.redis_prefix))
+        retry = retry_policy(settings)
+        base = f"{socket.gethostname()}-{os.getpid()}"
+        ingress = Ingress(pool, streams, catalog, chunk=settings.batch_limit)
+        inbox = InboxConsumer(
+            f"{base}-inbox",
+            ingress,
+            streams,
+            Authenticator(ANONYMOUS),
+            retry,
+            count=settings.ingress_read_count,
+            claim_idle_ms=settings.claim_idle_ms,
+        )
+        flushers = [
+            Flusher(
+                f"{base}-flusher-{n}", pool, streams, catalog, retry, limit=settings.batch_limit
+            )
+            for n in range(settings.flushers)
+        ]
+        sweeper = Sweeper(
+            f"{base}-sweeper",
+            pool,
+            streams,
+            interval_ms=settings.interval_ms,
+            claim_idle_ms=settings.claim_idle_ms,
+            max_deliveries=settings.max_deliveries,
+            chunk=settings.batch_limit,
+        )
+        yield Service(settings, pool, streams, catalog, ingress, inbox, flushers, sweeper)
+    finally:
+        await client.aclose()
+        await pool.close()
+
+
+def _warn_about_allow_list(catalog: Catalog) -> None:
+    if not catalog.allow:
+        log.warning(
+            "startup.no_tables_allowed",
+            hint="STREAMSVC_ALLOWED_TABLES is empty: every structured or SQL "
+            "operation will be refused",
+        )
+    for ref in catalog.missing_tables():
+        log.warning(
+            "startup.allowed_table_missing",
+            table=str(ref),
+            next="operations on it are refused until it exists",
+        )
+
+
+async def run(settings: Settings, role: Role = "all") -> None:
+    """Run until SIGTERM/SIGINT, then drain within the grace period and return."""
+    async with open_service(settings) as service, anyio.create_task_group() as support:
+        # Committers and the sweeper serve the claimers; they go when the claimers are done.
+        if role in ("all", "ingress"):
+            support.start_soon(service.ingress.run)
+            support.start_soon(service.ingress.run)
+        if role in ("all", "sweeper"):
+            support.start_soon(service.sweeper.run)
+        async with anyio.create_task_group() as claimers:
+            support.start_soon(_watch_signals, service, claimers.cancel_scope)
+            if role in ("all", "ingress"):
+                claimers.start_soon(service.inbox.run)
+            if role in ("all", "flusher"):
+                for flusher in service.flushers:
+                    claimers.start_soon(flusher.run)
+            log.info(
+                "service.started",
+                role=role,
+                flushers=len(service.flushers),
+                tables=[str(t) for t in service.catalog.tables],
+            )
+            if role == "sweeper":
+                await service.stopping.wait()
+        support.cancel_scope.cancel()
+    log.info("service.stopped")
+
+
+async def _watch_signals(service: Service, claimers: anyio.CancelScope) -> None:
+    """First signal: stop claiming and let in-flight batches finish; after the grace
+    period (or a second signal) cancel whatever is still running."""
+    grace = service.settings.shutdown_grace_s
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info(
+                "service.stopping",
+                signal=signal.Signals(signum).name,
+                next=f"finishing in-flight batches, at most {grace} s",
+            )
+            service.stop_claiming()
+            break
+        with anyio.move_on_after(grace):
+            async for _ in signals:
+                break
+    log.warning("service.grace_expired", next="cancelling in-flight work")
+    claimers.cancel()

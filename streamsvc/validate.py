@@ -1,0 +1,128 @@
+"""Is this operation acceptable? Pure checks against the catalog and the caller's scope.
+
+Every refusal is an InvalidOperation naming the JSON field and the reason; validation
+never touches a server, so the ingress can refuse bad input before storing anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from streamsvc import sqlguard
+from streamsvc.allowlist import TableRef
+from streamsvc.catalog import Catalog, Table
+from streamsvc.errors import InvalidOperation
+from streamsvc.model import Action, BodyKind, Operation
+
+ALL_ACTIONS: frozenset[str] = frozenset({"insert", "upsert", "update", "delete"})
+
+
+class UnknownToCatalog(InvalidOperation):
+    """Refused because the loaded schema lacks a table or column; a refresh may help."""
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who submits: a name for the record, and what they may touch."""
+
+    name: str
+    tables: frozenset[TableRef] | None = None  # None: every allowed table
+    actions: frozenset[str] = ALL_ACTIONS
+    allow_sql: bool = True
+
+    def may_touch(self, table: TableRef) -> bool:
+        return self.tables is None or table in self.tables
+
+
+ANONYMOUS = Caller(name="anonymous")
+
+# Which bodies an action needs: (values required, key required); absent ones are refused.
+_SHAPE: dict[str, tuple[bool, bool]] = {
+    "insert": (True, False),
+    "upsert": (True, True),
+    "update": (True, True),
+    "delete": (False, True),
+}
+
+
+def validate(op: Operation, catalog: Catalog, caller: Caller) -> None:
+    """Raise InvalidOperation unless ``op`` may be stored and later applied."""
+    if op.run_at is not None and op.delay_ms is not None:
+        raise InvalidOperation("delayMs", "give runAt or delayMs, not both")
+    if op.kind is BodyKind.STRUCTURED:
+        _structured(op, catalog, caller)
+    else:
+        _statement(op, catalog, caller)
+
+
+def _structured(op: Operation, catalog: Catalog, caller: Caller) -> None:
+    if op.params is not None:
+        raise InvalidOperation("params", "params go with sql, not with table/action")
+    if op.table is None:
+        raise InvalidOperation("table", "required: give table/action/values or sql")
+    if op.action is None:
+        raise InvalidOperation("action", "required: one of insert, upsert, update, delete")
+    table = _table(op.table, catalog, caller)
+    _scope(caller, table.ref, op.action)
+    needs_values, needs_key = _SHAPE[op.action]
+    _presence("values", op.values, needs_values, op.action)
+    _presence("key", op.key, needs_key, op.action)
+    allowed = catalog.allow
+    for part, columns in (("values", op.values or {}), ("key", op.key or {})):
+        for name, value in columns.items():
+            column = table.columns.get(name)
+            if column is None:
+                raise UnknownToCatalog(f"{part}.{name}", f"no such column in {table.ref}")
+            if not allowed.column_allowed(table.ref, name):
+                raise InvalidOperation(f"{part}.{name}", f"column not allowed in {table.ref}")
+            if not column.writable and part == "values":
+                raise InvalidOperation(f"{part}.{name}", "generated column, cannot be written")
+            if part == "key" and value is None:
+                raise InvalidOperation(f"key.{name}", "must not be null")
+    if op.action == "upsert":
+        assert op.key is not None and op.values is not None
+        both = sorted(set(op.key) & set(op.values))
+        if both:
+            raise InvalidOperation(f"values.{both[0]}", "already given in key")
+        if not table.is_unique_key(frozenset(op.key)):
+            raise InvalidOperation(
+                "key", f"{sorted(op.key)} is not a primary or unique key of {table.ref}"
+            )
+
+
+def _statement(op: Operation, catalog: Catalog, caller: Caller) -> None:
+    for name in ("table", "action", "values", "key"):
+        if getattr(op, name) is not None:
+            raise InvalidOperation(name, "give either table/action or sql, not both")
+    if not caller.allow_sql:
+        raise InvalidOperation("sql", f"caller {caller.name!r} may not send SQL")
+    assert op.sql is not None
+    checked = sqlguard.check_statement(op.sql, op.params, catalog.allow)
+    if checked.table not in catalog.tables:
+        raise UnknownToCatalog("sql", f"table {checked.table} does not exist")
+    _scope(caller, checked.table, checked.action)
+
+
+def _table(name: str, catalog: Catalog, caller: Caller) -> Table:
+    ref = catalog.allow.resolve(name)
+    if ref is None:
+        raise InvalidOperation("table", f"{name!r} is not an allowed table")
+    table = catalog.tables.get(ref)
+    if table is None:
+        raise UnknownToCatalog("table", f"{ref} does not exist in the database")
+    return table
+
+
+def _scope(caller: Caller, table: TableRef, action: Action | str) -> None:
+    if not caller.may_touch(table):
+        raise InvalidOperation("table", f"caller {caller.name!r} may not touch {table}")
+    if action not in caller.actions:
+        raise InvalidOperation("action", f"caller {caller.name!r} may not {action}")
+
+
+def _presence(field: str, given: dict[str, Any] | None, needed: bool, action: str) -> None:
+    if needed and not given:
+        raise InvalidOperation(field, f"required and non-empty for {action}")
+    if not needed and given is not None:
+        raise InvalidOperation(field, f"not used by {action}")

@@ -1,0 +1,106 @@
+"""Shared fixtures: each test gets its own PostgreSQL database and Redis key prefix."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from streamsvc import settings as settings_module
+from streamsvc.adapters import postgres
+from streamsvc.adapters import streams as rs
+from streamsvc.settings import Settings
+
+PG = {
+    "host": os.environ.get("DB_HOST", "127.0.0.1"),
+    "port": int(os.environ.get("DB_PORT", "5432")),
+    "user": os.environ.get("DB_USERNAME", "postgres"),
+}
+
+TARGET_TABLES = """
+CREATE TABLE orders (
+    id integer PRIMARY KEY,
+    customer text NOT NULL,
+    amount numeric(12, 2) NOT NULL CHECK (amount >= 0),
+    note text,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE payments (
+    id bigint PRIMARY KEY,
+    order_id integer NOT NULL,
+    amount numeric(12, 2) NOT NULL,
+    paid_at timestamptz
+);
+CREATE TABLE counters (
+    name text PRIMARY KEY,
+    value integer NOT NULL
+);
+CREATE TABLE secrets (id integer PRIMARY KEY, secret text);
+"""
+
+ALLOWED = "orders, payments, counters"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def database() -> AsyncIterator[str]:
+    """A fresh database with the target tables, migrated, dropped afterwards."""
+    name = f"streamsvc_t_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(database="postgres", **PG)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        conn = await asyncpg.connect(database=name, **PG)
+        try:
+            await conn.execute(TARGET_TABLES)
+            await postgres.migrate(conn)
+        finally:
+            await conn.close()
+        yield name
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+def make_settings(database: str, prefix: str, **overrides: str) -> Settings:
+    env = {
+        "DB_HOST": PG["host"],
+        "DB_PORT": str(PG["port"]),
+        "DB_USERNAME": PG["user"],
+        "DB_NAME": database,
+        "REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+        "STREAMSVC_REDIS_PREFIX": prefix,
+        "STREAMSVC_AUTH": "off",
+        "STREAMSVC_ALLOWED_TABLES": ALLOWED,
+        "BATCH_PROCESS_OPERATION_INTERVAL": "500",
+        "STREAMSVC_CLAIM_IDLE_MS": "2000",
+        "STREAMSVC_RETRY_BASE_MS": "10",
+        "LOG_LEVEL": "warning",
+        **overrides,
+    }
+    return settings_module.load(env, env_file=None)
+
+
+@pytest.fixture
+async def prefix() -> AsyncIterator[str]:
+    """A Redis key prefix of the test's own; its keys are deleted afterwards."""
+    value = f"streamsvc-test-{uuid.uuid4().hex[:10]}"
+    yield value
+    client = rs.connect(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{value}:*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def settings(database: str, prefix: str) -> Settings:
+    return make_settings(database, prefix)

@@ -1,0 +1,52 @@
+import random
+
+import pytest
+
+from streamsvc.policy import RetryPolicy, StuckAction, Verdict, halves, stuck_entry
+
+POLICY = RetryPolicy(max_attempts=3, base_ms=100, cap_ms=1000)
+
+
+@pytest.mark.parametrize(
+    ("transient", "attempt", "stopping", "verdict"),
+    [
+        (True, 1, False, Verdict.RETRY),
+        (True, 2, False, Verdict.RETRY),
+        (True, 3, False, Verdict.FAIL),  # budget spent
+        (False, 1, False, Verdict.FAIL),  # permanent: no retry
+        (True, 1, True, Verdict.LEAVE),  # stopping: leave it for redelivery
+        (False, 1, True, Verdict.FAIL),
+    ],
+)
+def test_retry_decisions(transient: bool, attempt: int, stopping: bool, verdict: Verdict) -> None:
+    decision = POLICY.decide(transient=transient, attempt=attempt, stopping=stopping)
+    assert decision.verdict is verdict
+    assert (decision.delay_s > 0) == (verdict is Verdict.RETRY)
+
+
+@pytest.mark.parametrize(("attempt", "ceiling_s"), [(1, 0.1), (2, 0.2), (3, 0.4), (4, 0.8), (9, 1.0)])
+def test_backoff_grows_exponentially_up_to_the_cap(attempt: int, ceiling_s: float) -> None:
+    rng = random.Random(1)
+    delays = [POLICY.backoff_s(attempt, rng) for _ in range(200)]
+    assert max(delays) <= ceiling_s + 1e-9
+    assert min(delays) >= ceiling_s / 2 - 1e-9
+
+
+@pytest.mark.parametrize(("count", "expected"), [(1, (0, 1)), (2, (1, 1)), (7, (3, 4)), (1000, (500, 500))])
+def test_halves(count: int, expected: tuple[int, int]) -> None:
+    assert halves(count) == expected
+
+
+@pytest.mark.parametrize(
+    ("operations", "deliveries", "action"),
+    [
+        (100, 1, StuckAction.REENQUEUE),  # first time stuck: maybe just a dead consumer
+        (100, 2, StuckAction.SPLIT),  # came back again: corner the culprit
+        (1, 2, StuckAction.REENQUEUE),
+        (1, 4, StuckAction.REENQUEUE),
+        (1, 5, StuckAction.DEAD_LETTER),
+        (2, 9, StuckAction.SPLIT),  # never dead-letter innocent neighbours
+    ],
+)
+def test_stuck_entries(operations: int, deliveries: int, action: StuckAction) -> None:
+    assert stuck_entry(operations=operations, deliveries=deliveries, max_deliveries=5) is action

@@ -1,0 +1,122 @@
+from typing import Any
+
+import msgspec
+import pytest
+
+from streamsvc.allowlist import TableRef
+from streamsvc.errors import InvalidOperation
+from streamsvc.model import BodyKind, Operation, decode_error, operation_decoder
+from streamsvc.validate import ANONYMOUS, Caller, UnknownToCatalog, validate
+from tests.unit.fixtures import catalog
+
+CATALOG = catalog()
+
+
+def op(**fields: Any) -> Operation:
+    return msgspec.convert({"operationType": "T", **fields}, Operation)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"table": "orders", "action": "insert", "values": {"id": 1, "customer": "a", "amount": 1}},
+        {"table": "public.orders", "action": "update", "values": {"note": "x"}, "key": {"id": 1}},
+        {"table": "orders", "action": "delete", "key": {"id": 1}},
+        {"table": "counters", "action": "upsert", "values": {"value": 1}, "key": {"name": "a"}},
+        {"table": "counters", "action": "upsert", "values": {"value": 1}, "key": {"code": "z"}},
+        {"table": "limited", "action": "insert", "values": {"id": 1, "note": "n"}},
+        {"sql": "UPDATE orders SET note = $1 WHERE id = $2", "params": ["x", 1]},
+        {"sql": "INSERT INTO orders (id, customer, amount) VALUES (1, 'a', 2)"},
+    ],
+)
+def test_acceptable_operations(fields: dict[str, Any]) -> None:
+    validate(op(**fields), CATALOG, ANONYMOUS)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "words"),
+    [
+        ({}, "table", "required"),
+        ({"table": "orders"}, "action", "required"),
+        ({"table": "secrets", "action": "insert", "values": {"id": 1}}, "table", "not an allowed"),
+        ({"table": "orders", "action": "insert"}, "values", "required"),
+        ({"table": "orders", "action": "insert", "values": {}}, "values", "required"),
+        ({"table": "orders", "action": "insert", "values": {"id": 1}, "key": {"id": 1}}, "key",
+         "not used by insert"),
+        ({"table": "orders", "action": "update", "values": {"note": "x"}}, "key", "required"),
+        ({"table": "orders", "action": "delete", "key": {"id": None}}, "key.id", "must not be null"),
+        ({"table": "orders", "action": "delete", "key": {"id": 1}, "values": {"a": 1}}, "values",
+         "not used by delete"),
+        ({"table": "orders", "action": "insert", "values": {"nope": 1}}, "values.nope",
+         "no such column"),
+        ({"table": "orders", "action": "insert", "values": {"total": 1}}, "values.total",
+         "generated"),
+        ({"table": "limited", "action": "insert", "values": {"id": 1, "secret": "s"}},
+         "values.secret", "not allowed"),
+        ({"table": "counters", "action": "upsert", "values": {"code": "x"}, "key": {"value": 1}},
+         "key", "not a primary or unique key"),
+        ({"table": "counters", "action": "upsert", "values": {"name": "x"}, "key": {"name": "x"}},
+         "values.name", "already given in key"),
+        ({"table": "orders", "action": "insert", "values": {"id": 1}, "sql": "DELETE FROM orders"},
+         "table", "not both"),
+        ({"table": "orders", "action": "insert", "values": {"id": 1}, "params": [1]}, "params",
+         "go with sql"),
+        ({"sql": "DROP TABLE orders"}, "sql", "DROP"),
+        ({"sql": "DELETE FROM orders; COMMIT"}, "sql", "one statement"),
+        ({"runAt": "2030-01-01T00:00:00Z", "delayMs": 5, "table": "orders"}, "delayMs", "not both"),
+    ],
+)
+def test_refusals_name_the_field_and_reason(fields: dict[str, Any], field: str, words: str) -> None:
+    with pytest.raises(InvalidOperation) as info:
+        validate(op(**fields), CATALOG, ANONYMOUS)
+    assert info.value.field == field
+    assert words in info.value.reason
+
+
+def test_unknown_column_asks_for_a_catalog_refresh() -> None:
+    with pytest.raises(UnknownToCatalog):
+        validate(op(table="orders", action="insert", values={"added_later": 1}), CATALOG, ANONYMOUS)
+
+
+@pytest.mark.parametrize(
+    ("caller", "fields", "field"),
+    [
+        (Caller("ro", actions=frozenset({"insert"})),
+         {"table": "orders", "action": "delete", "key": {"id": 1}}, "action"),
+        (Caller("pay", tables=frozenset({TableRef("public", "payments")})),
+         {"table": "orders", "action": "delete", "key": {"id": 1}}, "table"),
+        (Caller("nosql", allow_sql=False), {"sql": "DELETE FROM orders"}, "sql"),
+    ],
+)
+def test_caller_scope(caller: Caller, fields: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidOperation) as info:
+        validate(op(**fields), CATALOG, caller)
+    assert info.value.field == field
+    assert caller.name in info.value.reason
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "words"),
+    [
+        (b'{"operationType": "X", "priority": 12}', "priority", "<= 9"),
+        (b'{"operationType": "X", "vaules": {}}', "vaules", "unknown field"),
+        (b'{"table": "orders"}', "operationType", "missing required field"),
+        (b'{"operationType": ""}', "operationType", "length >= 1"),
+        (b'{"operationType": "X", "userOperationId": "nope"}', "userOperationId", "UUID"),
+        (b'{"operationType": "X", "runAt": "soon"}', "runAt", "datetime"),
+        (b'{"operationType": "X", "action": "merge"}', "action", "invalid enum"),
+        (b"not json", "body", "malformed"),
+    ],
+)
+def test_decode_errors_name_the_field(raw: bytes, field: str, words: str) -> None:
+    with pytest.raises((msgspec.ValidationError, msgspec.DecodeError)) as info:
+        operation_decoder.decode(raw)
+    rejection = decode_error(info.value)
+    assert rejection.field == field
+    assert words in rejection.reason
+
+
+def test_body_kinds() -> None:
+    assert op(table="orders").kind is BodyKind.STRUCTURED
+    assert op(sql="DELETE FROM orders WHERE id = $1", params=[1]).kind is BodyKind.STATEMENT
+    assert op(sql="DELETE FROM orders").kind is BodyKind.LEGACY

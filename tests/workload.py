@@ -1,0 +1,94 @@
+"""A mixed, checkable workload: every effect can be verified as applied exactly once."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+SEEDED_BASE = 1_000_000  # orders that exist before the run: updated or deleted by it
+COUNTERS = 50
+INCREMENT_SQL = "UPDATE counters SET value = value + 1 WHERE name = $1"
+
+
+@dataclass
+class Workload:
+    ops: list[dict[str, Any]] = field(default_factory=list)
+    inserted_orders: list[int] = field(default_factory=list)
+    inserted_payments: list[int] = field(default_factory=list)
+    updated: list[int] = field(default_factory=list)
+    deleted: list[int] = field(default_factory=list)
+    upserted: dict[str, int] = field(default_factory=dict)
+    increments: int = 0
+    seeded: int = 0
+
+
+def build(n: int, *, seed: int = 7) -> Workload:
+    """``n`` operations: inserts into two tables, updates, upserts, deletes, statements."""
+    rng = random.Random(seed)
+    w = Workload()
+    w.seeded = max(1, n // 5)
+    seeded = list(range(SEEDED_BASE, SEEDED_BASE + w.seeded))
+    rng.shuffle(seeded)
+    for i in range(n):
+        roll = rng.random()
+        if roll < 0.5 or not seeded:
+            w.inserted_orders.append(i)
+            w.ops.append(_op("ORDER_CREATED", "orders", "insert",
+                             values={"id": i, "customer": f"c{i % 97}", "amount": i % 500 + 0.5}))
+        elif roll < 0.65:
+            w.inserted_payments.append(i)
+            w.ops.append(_op("PAYMENT_RECORDED", "payments", "insert",
+                             values={"id": i, "order_id": i, "amount": "12.34",
+                                     "paid_at": "2026-11-29T10:00:00Z"}))
+        elif roll < 0.75:
+            target = seeded.pop()
+            w.updated.append(target)
+            w.ops.append(_op("ORDER_NOTED", "orders", "update",
+                             values={"note": f"n{target}"}, key={"id": target}))
+        elif roll < 0.80:
+            target = seeded.pop()
+            w.deleted.append(target)
+            w.ops.append(_op("ORDER_DELETED", "orders", "delete", key={"id": target}))
+        elif roll < 0.90:
+            name = f"u{i}"
+            w.upserted[name] = i
+            w.ops.append(_op("COUNTER_SET", "counters", "upsert",
+                             values={"value": i}, key={"name": name}))
+        else:
+            w.increments += 1
+            w.ops.append({"operationType": "COUNTER_BUMPED", "sql": INCREMENT_SQL,
+                          "params": [f"k{i % COUNTERS}"]})
+    return w
+
+
+def _op(kind: str, table: str, action: str, **body: Any) -> dict[str, Any]:
+    return {"operationType": kind, "table": table, "action": action, **body}
+
+
+async def seed(conn: asyncpg.Connection, w: Workload) -> None:
+    await conn.executemany(
+        "INSERT INTO orders (id, customer, amount) VALUES ($1, 'seed', 1)",
+        [(i,) for i in range(SEEDED_BASE, SEEDED_BASE + w.seeded)],
+    )
+    await conn.executemany(
+        "INSERT INTO counters (name, value) VALUES ($1, 0)", [(f"k{i}",) for i in range(COUNTERS)]
+    )
+
+
+async def verify(conn: asyncpg.Connection, w: Workload) -> None:
+    """Assert every effect landed exactly once."""
+    orders = {r[0] for r in await conn.fetch("SELECT id FROM orders WHERE id < $1", SEEDED_BASE)}
+    assert orders == set(w.inserted_orders)
+    payments = await conn.fetchval("SELECT count(*) FROM payments")
+    assert payments == len(w.inserted_payments)
+    noted = await conn.fetch("SELECT id, note FROM orders WHERE id = ANY($1::int[])", w.updated)
+    assert {r[0]: r[1] for r in noted} == {i: f"n{i}" for i in w.updated}
+    left = await conn.fetchval("SELECT count(*) FROM orders WHERE id = ANY($1::int[])", w.deleted)
+    assert left == 0
+    upserted = await conn.fetch("SELECT name, value FROM counters WHERE name LIKE 'u%'")
+    assert {r[0]: r[1] for r in upserted} == w.upserted
+    bumped = await conn.fetchval("SELECT sum(value) FROM counters WHERE name LIKE 'k%'")
+    assert bumped == w.increments
