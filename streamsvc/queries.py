@@ -70,8 +70,9 @@ RETURNING id::text, body::text
 """
 
 GET_OPERATION = f"""
-SELECT id::text, operation_type, status, error, attempts, priority, source, batch_id::text,
-       run_at, ordering_key, created_at, updated_at, processed_at, body::text
+SELECT id::text AS id, operation_type, status, error, attempts, priority, source,
+       batch_id::text AS batch_id, run_at, ordering_key, created_at, updated_at, processed_at,
+       body::text AS body
 FROM {OPS} WHERE id = $1::uuid
 """
 

@@ -39,9 +39,10 @@ CREATE TABLE counters (
     value integer NOT NULL
 );
 CREATE TABLE secrets (id integer PRIMARY KEY, secret text);
+CREATE TABLE profiles (id integer PRIMARY KEY, name text, password_hash text);
 """
 
-ALLOWED = "orders, payments, counters"
+ALLOWED = "orders, payments, counters, profiles(id, name)"
 
 
 @pytest.fixture

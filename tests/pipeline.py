@@ -10,8 +10,8 @@ import anyio
 import msgspec
 
 from streamsvc.model import Operation
-from streamsvc.supervisor import Service, open_service
 from streamsvc.settings import Settings
+from streamsvc.supervisor import Service, open_service
 
 
 @asynccontextmanager
@@ -37,11 +37,18 @@ def ops(raw: list[dict[str, object]]) -> list[Operation]:
 
 
 async def eventually(
-    check: Callable[[], Awaitable[bool]], *, timeout: float = 30.0, every: float = 0.05
+    check: Callable[[], Awaitable[bool]], *, within: float = 30.0, every: float = 0.05
 ) -> None:
-    """Wait until ``check()`` is true, failing after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
+    """Wait until ``check()`` is true, failing after ``within`` seconds."""
+    deadline = time.monotonic() + within
     while not await check():
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
+            raise AssertionError(f"condition not met within {within} s")
         await anyio.sleep(every)
+
+
+async def statuses(conn: object) -> dict[str, int]:
+    rows = await conn.fetch(  # type: ignore[attr-defined]
+        'SELECT status, count(*) FROM "BatchOperations" GROUP BY status'
+    )
+    return {r[0]: r[1] for r in rows}

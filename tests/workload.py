@@ -36,18 +36,41 @@ def build(n: int, *, seed: int = 7) -> Workload:
         roll = rng.random()
         if roll < 0.5 or not seeded:
             w.inserted_orders.append(i)
-            w.ops.append(_op("ORDER_CREATED", "orders", "insert",
-                             values={"id": i, "customer": f"c{i % 97}", "amount": i % 500 + 0.5}))
+            w.ops.append(
+                _op(
+                    "ORDER_CREATED",
+                    "orders",
+                    "insert",
+                    values={"id": i, "customer": f"c{i % 97}", "amount": i % 500 + 0.5},
+                )
+            )
         elif roll < 0.65:
             w.inserted_payments.append(i)
-            w.ops.append(_op("PAYMENT_RECORDED", "payments", "insert",
-                             values={"id": i, "order_id": i, "amount": "12.34",
-                                     "paid_at": "2026-11-29T10:00:00Z"}))
+            w.ops.append(
+                _op(
+                    "PAYMENT_RECORDED",
+                    "payments",
+                    "insert",
+                    values={
+                        "id": i,
+                        "order_id": i,
+                        "amount": "12.34",
+                        "paid_at": "2026-11-29T10:00:00Z",
+                    },
+                )
+            )
         elif roll < 0.75:
             target = seeded.pop()
             w.updated.append(target)
-            w.ops.append(_op("ORDER_NOTED", "orders", "update",
-                             values={"note": f"n{target}"}, key={"id": target}))
+            w.ops.append(
+                _op(
+                    "ORDER_NOTED",
+                    "orders",
+                    "update",
+                    values={"note": f"n{target}"},
+                    key={"id": target},
+                )
+            )
         elif roll < 0.80:
             target = seeded.pop()
             w.deleted.append(target)
@@ -55,12 +78,18 @@ def build(n: int, *, seed: int = 7) -> Workload:
         elif roll < 0.90:
             name = f"u{i}"
             w.upserted[name] = i
-            w.ops.append(_op("COUNTER_SET", "counters", "upsert",
-                             values={"value": i}, key={"name": name}))
+            w.ops.append(
+                _op("COUNTER_SET", "counters", "upsert", values={"value": i}, key={"name": name})
+            )
         else:
             w.increments += 1
-            w.ops.append({"operationType": "COUNTER_BUMPED", "sql": INCREMENT_SQL,
-                          "params": [f"k{i % COUNTERS}"]})
+            w.ops.append(
+                {
+                    "operationType": "COUNTER_BUMPED",
+                    "sql": INCREMENT_SQL,
+                    "params": [f"k{i % COUNTERS}"],
+                }
+            )
     return w
 
 

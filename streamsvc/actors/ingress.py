@@ -25,11 +25,13 @@ from streamsvc.catalog import Catalog
 from streamsvc.errors import InvalidOperation
 from streamsvc.model import (
     Operation,
+    OperationView,
     Receipt,
     Rejection,
     Status,
     WorkOp,
     json_encoder,
+    operation_decoder,
     work_encoder,
 )
 from streamsvc.validate import Caller, UnknownToCatalog, validate
@@ -108,6 +110,21 @@ class Ingress:
             for i, receipt in zip(positions, ticket.receipts, strict=True):
                 results[i] = receipt
         return [r for r in results if r is not None]
+
+    async def get(self, op_id: str) -> OperationView | None:
+        """The stored operation ``op_id`` and where it stands, or None when unknown."""
+        try:
+            uuid.UUID(op_id)
+        except ValueError:
+            return None
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(queries.GET_OPERATION, op_id)
+        if row is None:
+            return None
+        fields = dict(row)
+        body = fields.pop("body")
+        fields["status"] = Status(fields["status"])
+        return OperationView(**fields, operation=operation_decoder.decode(body))
 
     async def check(self, op: Operation, caller: Caller) -> None:
         """Validate; when the loaded schema lacks a name, reload it once and look again."""

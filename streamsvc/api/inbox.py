@@ -117,7 +117,7 @@ class InboxConsumer:
     async def ingest(self, entries: list[rs.Entry]) -> None:
         """Store every acceptable operation of ``entries``; reject the rest; ack all."""
         names = self.streams.names
-        rejects: list[dict[str, bytes | str]] = []
+        rejects: list[dict[str, bytes]] = []
         by_caller: dict[Caller, tuple[list[Operation], list[str | None], list[bytes]]] = {}
         for entry_id, fields in entries:
             raw = fields.get(b"op")
@@ -141,6 +141,7 @@ class InboxConsumer:
                     entry_id = entry_ids[result.index]
                     rejects.append(_reject(entry_id, raw_by_id[entry_id], result))
         if rejects:
+            rejects.sort(key=lambda r: _order(r["entry"]))
             await self.streams.add(names.rejects, rejects)
             log.info("inbox.rejected", entries=len(rejects))
         await self.streams.ack(names.inbox, rs.INGRESS_GROUP, [eid for eid, _ in entries])
@@ -158,5 +159,9 @@ def _decode(raw: bytes) -> Operation:
         raise _Refused(decode_error(exc)) from None
 
 
-def _reject(entry_id: bytes, raw: bytes | None, rejection: Rejection) -> dict[str, bytes | str]:
-    return {"entry": entry_id, "op": raw or b"", "reason": rejection.message}
+def _order(entry_id: bytes) -> tuple[int, ...]:
+    return tuple(int(part) for part in entry_id.split(b"-"))
+
+
+def _reject(entry_id: bytes, raw: bytes | None, rejection: Rejection) -> dict[str, bytes]:
+    return {"entry": entry_id, "op": raw or b"", "reason": rejection.message.encode()}

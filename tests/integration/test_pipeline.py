@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from streamsvc.model import Receipt, Rejection, Status
+from streamsvc.model import Receipt
 from streamsvc.settings import Settings
 from streamsvc.validate import ANONYMOUS
 from tests import workload
@@ -32,13 +32,14 @@ async def test_mixed_operations_land_exactly_once_in_large_batches(settings: Set
                 assert all(isinstance(r, Receipt) and r.created for r in results)
             await drain(service)
         await workload.verify(conn, w)
-        statuses = dict(await conn.fetch(
-            'SELECT status, count(*) FROM "BatchOperations" GROUP BY status'
-        ))
+        statuses = dict(
+            await conn.fetch('SELECT status, count(*) FROM "BatchOperations" GROUP BY status')
+        )
         assert statuses == {"SUCCESS": 10_000}
-        sizes = [r[0] for r in await conn.fetch(
-            'SELECT count(*) FROM "BatchOperations" GROUP BY batch_id'
-        )]
+        sizes = [
+            r[0]
+            for r in await conn.fetch('SELECT count(*) FROM "BatchOperations" GROUP BY batch_id')
+        ]
         assert sum(sizes) == 10_000
         large = sum(s for s in sizes if s >= 250)
         assert large >= 0.9 * 10_000, f"most operations should land in large batches: {sizes}"

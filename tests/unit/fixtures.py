@@ -15,8 +15,17 @@ def _table(name: str, columns: dict[str, str], pk: tuple[str, ...], *unique: str
 
 def catalog(allow: str = "orders, payments, counters, limited(id, note)") -> Catalog:
     tables = [
-        _table("orders", {"id": "integer", "customer": "text", "amount": "numeric(12,2)",
-                          "note": "text", "total": "numeric"}, ("id",)),
+        _table(
+            "orders",
+            {
+                "id": "integer",
+                "customer": "text",
+                "amount": "numeric(12,2)",
+                "note": "text",
+                "total": "numeric",
+            },
+            ("id",),
+        ),
         _table("payments", {"id": "bigint", "order_id": "integer", "amount": "numeric"}, ("id",)),
         _table("counters", {"name": "text", "value": "integer", "code": "text"}, ("name",), "code"),
         _table("limited", {"id": "integer", "note": "text", "secret": "text"}, ("id",)),

@@ -24,7 +24,9 @@ def test_retry_decisions(transient: bool, attempt: int, stopping: bool, verdict:
     assert (decision.delay_s > 0) == (verdict is Verdict.RETRY)
 
 
-@pytest.mark.parametrize(("attempt", "ceiling_s"), [(1, 0.1), (2, 0.2), (3, 0.4), (4, 0.8), (9, 1.0)])
+@pytest.mark.parametrize(
+    ("attempt", "ceiling_s"), [(1, 0.1), (2, 0.2), (3, 0.4), (4, 0.8), (9, 1.0)]
+)
 def test_backoff_grows_exponentially_up_to_the_cap(attempt: int, ceiling_s: float) -> None:
     rng = random.Random(1)
     delays = [POLICY.backoff_s(attempt, rng) for _ in range(200)]
@@ -32,7 +34,9 @@ def test_backoff_grows_exponentially_up_to_the_cap(attempt: int, ceiling_s: floa
     assert min(delays) >= ceiling_s / 2 - 1e-9
 
 
-@pytest.mark.parametrize(("count", "expected"), [(1, (0, 1)), (2, (1, 1)), (7, (3, 4)), (1000, (500, 500))])
+@pytest.mark.parametrize(
+    ("count", "expected"), [(1, (0, 1)), (2, (1, 1)), (7, (3, 4)), (1000, (500, 500))]
+)
 def test_halves(count: int, expected: tuple[int, int]) -> None:
     assert halves(count) == expected
 

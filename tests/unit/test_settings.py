@@ -15,8 +15,12 @@ def test_defaults_reach_the_local_servers() -> None:
 
 def test_old_variable_names_are_read() -> None:
     s = settings.load(
-        {"DB_HOST": "db", "BATCH_PROCESS_OPERATION_LIMIT": "250",
-         "BATCH_PROCESS_OPERATION_INTERVAL": "1500", "LOG_LEVEL": "DEBUG"},
+        {
+            "DB_HOST": "db",
+            "BATCH_PROCESS_OPERATION_LIMIT": "250",
+            "BATCH_PROCESS_OPERATION_INTERVAL": "1500",
+            "LOG_LEVEL": "DEBUG",
+        },
         env_file=None,
     )
     assert (s.db_host, s.batch_limit, s.interval_ms, s.log_level) == ("db", 250, 1500, "debug")
@@ -34,7 +38,10 @@ def test_env_file_is_read_and_environment_wins(tmp_path: pytest.TempPathFactory)
     [
         ({"DB_PORT": "five"}, "DB_PORT: expected `int`"),
         ({"DB_PORT": "70000"}, "DB_PORT: expected `int` <= 65535"),
-        ({"BATCH_PROCESS_OPERATION_LIMIT": "0"}, "BATCH_PROCESS_OPERATION_LIMIT: expected `int` >= 1"),
+        (
+            {"BATCH_PROCESS_OPERATION_LIMIT": "0"},
+            "BATCH_PROCESS_OPERATION_LIMIT: expected `int` >= 1",
+        ),
         ({"STREAMSVC_AUTH": "maybe"}, "STREAMSVC_AUTH: invalid enum value 'maybe'"),
         ({"STREAMSVC_ALLOWED_TABLES": "orders, bad name"}, "STREAMSVC_ALLOWED_TABLES: 'bad name'"),
     ],

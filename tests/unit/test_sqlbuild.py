@@ -52,19 +52,23 @@ def test_a_row_touched_twice_keeps_submission_order() -> None:
 def test_an_operation_never_jumps_ahead_of_an_earlier_one_on_its_row() -> None:
     delete = item(2, table="orders", action="delete", key={"id": 7})
     # insert 7, delete 7, insert 7 again: the re-insert cannot join the first insert group
-    groups = plan([ins(7, customer="a"), delete, ins(7, customer="b"), ins(8, customer="c")], CATALOG)
+    groups = plan(
+        [ins(7, customer="a"), delete, ins(7, customer="b"), ins(8, customer="c")], CATALOG
+    )
     assert ids(groups) == [["id7"], ["id2"], ["id7", "id8"]]
 
 
 def test_insert_statement_takes_one_json_parameter() -> None:
-    statement = render(plan([ins(1, customer="a", amount=2), ins(2, customer="b", amount=3)],
-                            CATALOG)[0], CATALOG)
+    statement = render(
+        plan([ins(1, customer="a", amount=2), ins(2, customer="b", amount=3)], CATALOG)[0], CATALOG
+    )
     assert statement.sql == (
         'INSERT INTO "public"."orders" ("amount", "customer", "id") SELECT r.c0, r.c1, r.c2 '
         "FROM json_to_recordset($1::text::json) AS r(c0 numeric(12,2), c1 text, c2 integer)"
     )
     assert msgspec.json.decode(statement.args[0]) == [
-        {"c0": 2, "c1": "a", "c2": 1}, {"c0": 3, "c1": "b", "c2": 2},
+        {"c0": 2, "c1": "a", "c2": 1},
+        {"c0": 3, "c1": "b", "c2": 2},
     ]
 
 

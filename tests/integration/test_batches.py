@@ -1,0 +1,176 @@
+"""Batches with bad operations, repeated ids, lookups, and transient failures."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import anyio
+import asyncpg
+import pytest
+
+from streamsvc.model import Receipt, Rejection, Status
+from streamsvc.settings import Settings
+from streamsvc.validate import ANONYMOUS
+from tests.conftest import PG, make_settings
+from tests.pipeline import drain, eventually, ops, running, statuses
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+
+@pytest.fixture
+async def conn(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(database=settings.db_name, **PG)
+    yield connection
+    await connection.close()
+
+
+def order(i: int, amount: object = 1, **extra: object) -> dict[str, object]:
+    return {
+        "operationType": "ORDER_CREATED",
+        "table": "orders",
+        "action": "insert",
+        "values": {"id": i, "customer": "c", "amount": amount},
+        **extra,
+    }
+
+
+async def test_poison_operations_fail_alone_and_good_ones_land_together(
+    settings: Settings, conn: asyncpg.Connection
+) -> None:
+    await conn.execute("INSERT INTO orders (id, customer, amount) VALUES (5, 'old', 1)")
+    batch = [order(i) for i in range(100, 400)]
+    batch[10] = order(5)  # duplicate primary key
+    batch[50] = order(150_000, amount=-3)  # violates the CHECK constraint
+    batch[90] = order(160_000, amount="lots")  # wrong type for numeric
+    batch[200] = {
+        "operationType": "BUMP",
+        "sql": "UPDATE orders SET amount = $1 WHERE id = 1",
+        "params": ["not a number"],
+    }
+    async with running(settings) as service:
+        results = await service.ingress.submit(ops(batch), caller=ANONYMOUS, source="api")
+        await drain(service)
+    failed = {
+        r[0]: r[1]
+        for r in await conn.fetch(
+            """SELECT (body->'values'->>'id')::int, error FROM "BatchOperations"
+           WHERE status = 'FAIL' AND body ? 'values'"""
+        )
+    }
+    assert set(failed) == {5, 150_000, 160_000}
+    assert "duplicate key value violates unique constraint" in failed[5]
+    assert "violates check constraint" in failed[150_000]
+    assert 'invalid input syntax for type numeric: "lots"' in failed[160_000]
+    sql_error = await conn.fetchval(
+        """SELECT error FROM "BatchOperations" WHERE id = $1""", uuid.UUID(results[200].id)
+    )
+    assert "invalid input for query argument $1" in sql_error
+    assert await statuses(conn) == {"SUCCESS": 296, "FAIL": 4}
+    batches = await conn.fetchval(
+        """SELECT count(DISTINCT batch_id) FROM "BatchOperations" WHERE status = 'SUCCESS'"""
+    )
+    assert batches == 1, "every good operation lands in the one batch"
+    assert await conn.fetchval("SELECT count(*) FROM orders") == 1 + 296 - 0
+
+
+async def test_repeated_user_operation_id_is_applied_once(
+    settings: Settings, conn: asyncpg.Connection
+) -> None:
+    await conn.execute("INSERT INTO counters VALUES ('hits', 0)")
+    op_id = str(uuid.uuid4())
+    bump = {
+        "operationType": "BUMP",
+        "userOperationId": op_id,
+        "sql": "UPDATE counters SET value = value + 1 WHERE name = $1",
+        "params": ["hits"],
+    }
+    async with running(settings) as service:
+        first = await service.ingress.submit(ops([bump, bump]), caller=ANONYMOUS, source="api")
+        assert [r.created for r in first if isinstance(r, Receipt)] == [True, False]
+        await drain(service)
+        again = await service.ingress.submit(ops([bump]), caller=ANONYMOUS, source="api")
+        assert isinstance(again[0], Receipt)
+        assert (again[0].id, again[0].created, again[0].status) == (op_id, False, Status.SUCCESS)
+        await drain(service)
+        view = await service.ingress.get(op_id)
+    assert await conn.fetchval("SELECT value FROM counters WHERE name = 'hits'") == 1
+    assert view is not None
+    assert (view.status, view.attempts, view.source) == (Status.SUCCESS, 1, "api")
+    assert view.operation.params == ["hits"]
+
+
+async def test_get_operation_unknown_and_malformed_ids(settings: Settings) -> None:
+    async with running(settings) as service:
+        assert await service.ingress.get(str(uuid.uuid4())) is None
+        assert await service.ingress.get("not-a-uuid") is None
+
+
+async def test_refused_operations_store_nothing(
+    settings: Settings, conn: asyncpg.Connection
+) -> None:
+    bad = [
+        {"operationType": "X", "table": "secrets", "action": "insert", "values": {"id": 1}},
+        {"operationType": "X", "sql": "DROP TABLE orders"},
+        {"operationType": "X", "table": "orders", "action": "insert", "values": {"nope": 1}},
+    ]
+    async with running(settings) as service:
+        results = await service.ingress.submit(
+            ops([*bad, order(1)]), caller=ANONYMOUS, source="api"
+        )
+    assert [type(r) for r in results] == [Rejection, Rejection, Rejection, Receipt]
+    assert [r.field for r in results[:3] if isinstance(r, Rejection)] == [
+        "table",
+        "sql",
+        "values.nope",
+    ]
+    assert await statuses(conn) == {"UNPROCESSED": 1}
+
+
+async def test_a_column_added_while_running_is_picked_up(
+    settings: Settings, conn: asyncpg.Connection
+) -> None:
+    async with running(settings) as service:
+        await conn.execute("ALTER TABLE orders ADD COLUMN region text")
+        service.catalog.min_refresh_s = 0
+        with_region = {
+            **order(1),
+            "values": {"id": 1, "customer": "c", "amount": 1, "region": "eu"},
+        }
+        results = await service.ingress.submit(ops([with_region]), caller=ANONYMOUS, source="api")
+        assert isinstance(results[0], Receipt)
+        await drain(service)
+    assert await conn.fetchval("SELECT region FROM orders WHERE id = 1") == "eu"
+
+
+async def test_transient_errors_are_retried_until_they_pass(
+    database: str, prefix: str, conn: asyncpg.Connection
+) -> None:
+    settings = make_settings(database, prefix, STREAMSVC_STATEMENT_TIMEOUT_MS="200")
+    await conn.execute("INSERT INTO counters VALUES ('locked', 0)")
+    bump = {
+        "operationType": "BUMP",
+        "sql": "UPDATE counters SET value = value + 1 WHERE name = $1",
+        "params": ["locked"],
+    }
+    blocker = await asyncpg.connect(database=database, **PG)
+    try:
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute("SELECT * FROM counters WHERE name = 'locked' FOR UPDATE")
+        async with running(settings) as service, anyio.create_task_group() as tg:
+            await service.ingress.submit(ops([bump]), caller=ANONYMOUS, source="api")
+            tg.start_soon(drain, service)
+
+            async def retried() -> bool:
+                attempts = await conn.fetchval('SELECT attempts FROM "BatchOperations"')
+                return bool(attempts >= 2)
+
+            await eventually(retried)  # two attempts timed out on the lock
+            await tx.rollback()
+    finally:
+        await blocker.close()
+    row = await conn.fetchrow('SELECT status, attempts FROM "BatchOperations"')
+    assert row["status"] == "SUCCESS"
+    assert row["attempts"] >= 2
+    assert await conn.fetchval("SELECT value FROM counters WHERE name = 'locked'") == 1

@@ -1,0 +1,222 @@
+"""The inbox, the sweeper and racing flushers, on the real Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator
+
+import anyio
+import asyncpg
+import pytest
+
+from streamsvc.adapters import streams as rs
+from streamsvc.model import Receipt
+from streamsvc.settings import Settings
+from streamsvc.supervisor import Service
+from streamsvc.validate import ANONYMOUS
+from tests import workload
+from tests.conftest import PG, make_settings
+from tests.pipeline import drain, eventually, ops, running, statuses
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+
+@pytest.fixture
+async def conn(database: str) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(database=database, **PG)
+    yield connection
+    await connection.close()
+
+
+def order(i: int) -> dict[str, object]:
+    return {
+        "operationType": "ORDER_CREATED",
+        "table": "orders",
+        "action": "insert",
+        "values": {"id": i, "customer": "c", "amount": 1},
+    }
+
+
+async def test_inbox_rejects_malformed_entries_and_keeps_going(
+    settings: Settings, conn: asyncpg.Connection
+) -> None:
+    malformed = {
+        "{not json": "JSON is malformed",
+        json.dumps(
+            {"operationType": "X", "table": "nope", "action": "insert", "values": {"id": 1}}
+        ): "table: 'nope' is not an allowed table",
+        json.dumps(
+            {
+                "operationType": "X",
+                "table": "profiles",
+                "action": "insert",
+                "values": {"id": 1, "password_hash": "x"},
+            }
+        ): "values.password_hash: column not allowed",
+        json.dumps(
+            {"operationType": "X", "sql": "DELETE FROM orders; DELETE FROM payments"}
+        ): "sql: must be exactly one statement, got 2",
+        json.dumps({"operationType": "X", "sql": "DROP TABLE orders"}): "sql: only INSERT",
+        json.dumps({"operationType": "X", "sql": "COMMIT"}): "got COMMIT",
+    }
+    async with running(settings) as service:
+        inbox = service.streams.names.inbox
+        redis = service.streams.redis
+        await redis.xadd(inbox, {"op": json.dumps(order(1))})
+        for raw in malformed:
+            await redis.xadd(inbox, {"op": raw})
+        await redis.xadd(inbox, {"nothing": "here"})
+        await redis.xadd(inbox, {"op": json.dumps(order(2))})
+        await service.inbox.run(burst=True)
+        await drain(service)
+        rejects = await redis.xrange(service.streams.names.rejects)
+        assert await redis.xlen(inbox) == 0, "every entry is acked, good or bad"
+    reasons = [fields[b"reason"].decode() for _, fields in rejects]
+    assert len(reasons) == len(malformed) + 1
+    for expected, reason in zip(
+        [*malformed.values(), "op: entry has no `op` field"], reasons, strict=True
+    ):
+        assert expected in reason
+    assert [fields[b"op"].decode() for _, fields in rejects][:-1] == list(malformed)
+    assert await conn.fetchval("SELECT array_agg(id ORDER BY id) FROM orders") == [1, 2]
+
+
+async def test_inbox_entry_delivered_twice_is_stored_once(
+    database: str, prefix: str, conn: asyncpg.Connection
+) -> None:
+    settings = make_settings(database, prefix, STREAMSVC_CLAIM_IDLE_MS="1")
+    async with running(settings) as service:
+        names, redis = service.streams.names, service.streams.redis
+        for i in range(3):
+            await redis.xadd(names.inbox, {"op": json.dumps(order(i))})
+        await service.streams.ensure_group(names.inbox, rs.INGRESS_GROUP)
+        # a consumer stores the entries, then dies before its ack
+        taken = await service.streams.read(
+            names.inbox, rs.INGRESS_GROUP, "dead", count=10, block_ms=None
+        )
+        await service.ingress.submit(
+            ops([json.loads(f[b"op"]) for _, f in taken]),
+            caller=ANONYMOUS,
+            source="inbox",
+            ids=[service_id(service, eid) for eid, _ in taken],
+        )
+        await anyio.sleep(0.01)  # past the 1 ms idle threshold
+        await service.inbox.run(burst=True)  # takes the dead consumer's entries over
+        await drain(service)
+    assert await statuses(conn) == {"SUCCESS": 3}
+    assert await conn.fetchval("SELECT count(*) FROM orders") == 3
+
+
+def service_id(service: Service, entry_id: bytes) -> str:
+    import uuid
+
+    from streamsvc.api import inbox
+
+    return str(uuid.uuid5(inbox._NAMESPACE, f"{service.streams.names.inbox}:{entry_id.decode()}"))
+
+
+async def test_redis_losing_everything_loses_nothing(
+    settings: Settings, conn: asyncpg.Connection
+) -> None:
+    w = workload.build(2000)
+    await workload.seed(conn, w)
+    async with running(settings) as service:
+        await service.ingress.submit(ops(w.ops[:1000]), caller=ANONYMOUS, source="api")
+        await drain(service)
+        await service.ingress.submit(ops(w.ops[1000:]), caller=ANONYMOUS, source="api")
+        await service.streams.redis.flushall()  # the work stream and its group are gone
+
+        async def recovered() -> bool:
+            report = await service.sweeper.sweep()
+            return report.reenqueued_rows > 0
+
+        await eventually(recovered, within=10)
+        await drain(service)
+    await workload.verify(conn, w)
+    assert await statuses(conn) == {"SUCCESS": 2000}
+
+
+async def test_entries_of_a_dead_flusher_are_handed_out_again(
+    database: str, prefix: str, conn: asyncpg.Connection
+) -> None:
+    settings = make_settings(database, prefix, STREAMSVC_CLAIM_IDLE_MS="50")
+    async with running(settings) as service:
+        await service.ingress.submit(
+            ops([order(i) for i in range(10)]), caller=ANONYMOUS, source="api"
+        )
+        names = service.streams.names
+        taken = await service.streams.read(
+            names.work, rs.FLUSHER_GROUP, "dead", count=10, block_ms=None
+        )
+        assert taken, "the dead flusher took the entry and never acked it"
+
+        async def handed_out() -> bool:
+            return (await service.sweeper.sweep()).reenqueued_entries == 1
+
+        await eventually(handed_out, within=5)
+        await drain(service)
+    assert await statuses(conn) == {"SUCCESS": 10}
+
+
+async def test_an_operation_that_kills_its_flusher_is_cornered_and_dead_lettered(
+    database: str, prefix: str, conn: asyncpg.Connection
+) -> None:
+    settings = make_settings(
+        database, prefix, STREAMSVC_CLAIM_IDLE_MS="1", STREAMSVC_MAX_DELIVERIES="3"
+    )
+    async with running(settings) as service:
+        results = await service.ingress.submit(
+            ops([order(i) for i in range(8)]), caller=ANONYMOUS, source="api"
+        )
+        poison = results[5]
+        assert isinstance(poison, Receipt)
+        names, flusher = service.streams.names, service.flushers[0]
+        for _ in range(40):
+            entries = await service.streams.read(
+                names.work, rs.FLUSHER_GROUP, "crashy", count=10, block_ms=None
+            )
+            for entry in entries:
+                if poison.id.encode() not in entry[1][b"ops"]:
+                    await flusher.handle([entry])  # the flusher survives these
+            await anyio.sleep(0.005)
+            await service.sweeper.sweep()
+            if not await service.streams.length(names.work):
+                break
+        dead = await service.streams.redis.xrange(names.dead)
+    assert len(dead) == 1
+    assert re.fullmatch(
+        rb"dead-lettered after \d+ deliveries without an ack", dead[0][1][b"reason"]
+    )
+    assert poison.id.encode() in dead[0][1][b"ops"]
+    rows = dict(await conn.fetch('SELECT id::text, status FROM "BatchOperations"'))
+    assert rows.pop(poison.id) == "FAIL"
+    assert set(rows.values()) == {"SUCCESS"}
+    assert await conn.fetchval("SELECT count(*) FROM orders") == 7
+
+
+async def test_two_flushers_holding_the_same_entries_apply_them_once(
+    settings: Settings, conn: asyncpg.Connection
+) -> None:
+    w = workload.build(3000, seed=11)
+    await workload.seed(conn, w)
+    async with running(settings) as service:
+        await service.ingress.submit(ops(w.ops), caller=ANONYMOUS, source="api")
+        names = service.streams.names
+        a, b = service.flushers[0], service.flushers[1]
+        await service.streams.ensure_group(names.work, rs.FLUSHER_GROUP)
+        entries = await service.streams.read(
+            names.work, rs.FLUSHER_GROUP, a.name, count=100, block_ms=None
+        )
+        # b claims them as if a had gone quiet: both now hold the very same entries
+        claimed = await service.streams.claim(
+            names.work, rs.FLUSHER_GROUP, b.name, min_idle_ms=0, ids=[e[0] for e in entries]
+        )
+        assert len(claimed) == len(entries) == 3
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a.handle, entries)
+            tg.start_soon(b.handle, claimed)
+        outcomes = await service.streams.redis.xrange(names.outcomes)
+    await workload.verify(conn, w)
+    assert await statuses(conn) == {"SUCCESS": 3000}
+    assert len(outcomes) >= 2, "both report; the second only re-reports what the first did"
