@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
+from benchmarks import workload
 from streamsvc import settings as settings_module
 from streamsvc.adapters import postgres
 from streamsvc.adapters import streams as rs
@@ -20,29 +21,7 @@ PG = {
     "user": os.environ.get("DB_USERNAME", "postgres"),
 }
 
-TARGET_TABLES = """
-CREATE TABLE orders (
-    id integer PRIMARY KEY,
-    customer text NOT NULL,
-    amount numeric(12, 2) NOT NULL CHECK (amount >= 0),
-    note text,
-    created_at timestamptz NOT NULL DEFAULT now()
-);
-CREATE TABLE payments (
-    id bigint PRIMARY KEY,
-    order_id integer NOT NULL,
-    amount numeric(12, 2) NOT NULL,
-    paid_at timestamptz
-);
-CREATE TABLE counters (
-    name text PRIMARY KEY,
-    value integer NOT NULL
-);
-CREATE TABLE secrets (id integer PRIMARY KEY, secret text);
-CREATE TABLE profiles (id integer PRIMARY KEY, name text, password_hash text);
-"""
-
-ALLOWED = "orders, payments, counters, profiles(id, name)"
+ALLOWED = f"{workload.ALLOWED}, profiles(id, name)"
 
 
 @pytest.fixture
@@ -59,7 +38,7 @@ async def database() -> AsyncIterator[str]:
         await admin.execute(f'CREATE DATABASE "{name}"')
         conn = await asyncpg.connect(database=name, **PG)
         try:
-            await conn.execute(TARGET_TABLES)
+            await conn.execute(workload.SCHEMA)
             await postgres.migrate(conn)
         finally:
             await conn.close()
@@ -69,8 +48,9 @@ async def database() -> AsyncIterator[str]:
         await admin.close()
 
 
-def make_settings(database: str, prefix: str, **overrides: str) -> Settings:
-    env = {
+def settings_env(database: str, prefix: str, **overrides: str) -> dict[str, str]:
+    """The variables a test service runs with: its own database and Redis prefix."""
+    return {
         "DB_HOST": PG["host"],
         "DB_PORT": str(PG["port"]),
         "DB_USERNAME": PG["user"],
@@ -85,7 +65,10 @@ def make_settings(database: str, prefix: str, **overrides: str) -> Settings:
         "LOG_LEVEL": "warning",
         **overrides,
     }
-    return settings_module.load(env, env_file=None)
+
+
+def make_settings(database: str, prefix: str, **overrides: str) -> Settings:
+    return settings_module.load(settings_env(database, prefix, **overrides), env_file=None)
 
 
 @pytest.fixture

@@ -67,21 +67,32 @@ class Flusher:
     async def run(self, *, burst: bool = False) -> None:
         """Claim and apply batches until stopped (or, in burst mode, until nothing waits)."""
         names = self.streams.names
-        await self.streams.ensure_group(names.work, rs.FLUSHER_GROUP)
+        failures = 0
         while not self.stopping:
             count = max(1, min(self.limit, int(self.limit / self._ops_per_entry)))
-            entries = await self.streams.read(
-                names.work,
-                rs.FLUSHER_GROUP,
-                self.name,
-                count=count,
-                block_ms=None if burst else self.block_ms,
-            )
-            if not entries:
-                if burst:
-                    return
-                continue
-            await self.handle(entries)
+            try:
+                entries = await self.streams.read(
+                    names.work,
+                    rs.FLUSHER_GROUP,
+                    self.name,
+                    count=count,
+                    block_ms=None if burst else self.block_ms,
+                )
+                if not entries:
+                    if burst:
+                        return
+                    continue
+                await self.handle(entries)
+                failures = 0
+            except rs.CONNECTION_EXCEPTIONS as exc:
+                failures += 1
+                delay = self.retry.backoff_s(failures)
+                log.warning(
+                    "flusher.redis_unavailable",
+                    error=str(exc),
+                    next=f"reading again in {delay:.1f} s; unacked work is redelivered",
+                )
+                await anyio.sleep(delay)
 
     async def handle(self, entries: list[rs.Entry]) -> None:
         """Apply every operation of ``entries`` (in transactions of at most ``limit``), then

@@ -14,7 +14,7 @@ Re-enqueueing something a flusher still holds is harmless: flushers apply only p
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import anyio
 import asyncpg
@@ -68,7 +68,7 @@ class Sweeper:
             try:
                 report = await self.sweep()
                 if report != SweepReport():
-                    log.info("sweep.done", **report.__dict__)
+                    log.info("sweep.done", **asdict(report))
             except Exception as exc:
                 log.warning(
                     "sweep.failed",

@@ -35,7 +35,7 @@ def translate(exc: BaseException) -> StreamsvcError:
         return exc
     if isinstance(exc, asyncpg.PostgresError):
         state = exc.sqlstate or ""
-        message = _message(exc)
+        message = str(exc)  # asyncpg's text carries the DETAIL and HINT lines too
         if state[:2] in TRANSIENT_SQLSTATE_CLASSES or state in TRANSIENT_SQLSTATES:
             return TransientError(message)
         return PermanentError(message)
@@ -44,12 +44,6 @@ def translate(exc: BaseException) -> StreamsvcError:
     if isinstance(exc, CONNECTION_EXCEPTIONS):
         return TransientError(f"{type(exc).__name__}: {exc}")
     return PermanentError(f"{type(exc).__name__}: {exc}")
-
-
-def _message(exc: asyncpg.PostgresError) -> str:
-    detail = getattr(exc, "detail", None)
-    text = str(exc)
-    return f"{text} ({detail})" if detail else text
 
 
 def dsn_kwargs(settings: Settings) -> dict[str, Any]:

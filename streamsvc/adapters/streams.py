@@ -94,7 +94,9 @@ class Streams:
                     group, consumer, {stream: start}, count=count, block=block_ms
                 )
             except redis.exceptions.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                # NOGROUP: the group is gone; UNBLOCKED: the stream was deleted while we
+                # waited on it. Either way Redis lost it: recreate and read again.
+                if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
                     raise
                 await self.ensure_group(stream, group)
                 continue

@@ -63,30 +63,30 @@ class InboxConsumer:
         self.stopping = False
 
     async def run(self, *, burst: bool = False) -> None:
-        names = self.streams.names
-        await self.streams.ensure_group(names.inbox, rs.INGRESS_GROUP)
+        """Ingest until stopped (or, in burst mode, until the inbox has nothing for us).
+
+        Entries are acked only once stored, so any failure here (a server down) just
+        means reading our own unacked entries again after a pause."""
         own_pending, failures, next_claim = True, 0, 0.0
         while not self.stopping:
-            if time.monotonic() >= next_claim:
-                next_claim = time.monotonic() + self.claim_idle_ms / 2000
-                await self._take_over_idle()
-            entries = await self.streams.read(
-                names.inbox,
-                rs.INGRESS_GROUP,
-                self.name,
-                count=self.count,
-                block_ms=None if burst or own_pending else self.block_ms,
-                own_pending=own_pending,
-            )
-            if not entries:
-                if own_pending:
-                    own_pending = False
-                    continue
-                if burst:
-                    return
-                continue
             try:
-                await self.ingest(entries)
+                if time.monotonic() >= next_claim:
+                    next_claim = time.monotonic() + self.claim_idle_ms / 2000
+                    await self._take_over_idle()
+                entries = await self.streams.read(
+                    self.streams.names.inbox,
+                    rs.INGRESS_GROUP,
+                    self.name,
+                    count=self.count,
+                    block_ms=None if burst or own_pending else self.block_ms,
+                    own_pending=own_pending,
+                )
+                if entries:
+                    await self.ingest(entries)
+                elif own_pending:
+                    own_pending = False
+                elif burst:
+                    return
                 failures = 0
             except Exception as exc:
                 failures += 1
@@ -94,8 +94,7 @@ class InboxConsumer:
                 log.warning(
                     "inbox.ingest_failed",
                     error=str(translate(exc)),
-                    entries=len(entries),
-                    next=f"retrying in {delay:.1f} s",
+                    next=f"reading unacked entries again in {delay:.1f} s",
                 )
                 own_pending = True
                 await anyio.sleep(delay)

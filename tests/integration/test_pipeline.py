@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
+from benchmarks import workload
 from streamsvc.model import Receipt
 from streamsvc.settings import Settings
 from streamsvc.validate import ANONYMOUS
-from tests import workload
 from tests.conftest import PG
 from tests.pipeline import drain, ops, running
 

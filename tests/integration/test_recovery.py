@@ -10,12 +10,12 @@ import anyio
 import asyncpg
 import pytest
 
+from benchmarks import workload
 from streamsvc.adapters import streams as rs
 from streamsvc.model import Receipt
 from streamsvc.settings import Settings
 from streamsvc.supervisor import Service
 from streamsvc.validate import ANONYMOUS
-from tests import workload
 from tests.conftest import PG, make_settings
 from tests.pipeline import drain, eventually, ops, running, statuses
 

@@ -12,6 +12,30 @@ SEEDED_BASE = 1_000_000  # orders that exist before the run: updated or deleted 
 COUNTERS = 50
 INCREMENT_SQL = "UPDATE counters SET value = value + 1 WHERE name = $1"
 
+SCHEMA = """
+CREATE TABLE orders (
+    id integer PRIMARY KEY,
+    customer text NOT NULL,
+    amount numeric(12, 2) NOT NULL CHECK (amount >= 0),
+    note text,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE payments (
+    id bigint PRIMARY KEY,
+    order_id integer NOT NULL,
+    amount numeric(12, 2) NOT NULL,
+    paid_at timestamptz
+);
+CREATE TABLE counters (
+    name text PRIMARY KEY,
+    value integer NOT NULL
+);
+-- not on the allow-list: operations naming it are refused
+CREATE TABLE secrets (id integer PRIMARY KEY, secret text);
+CREATE TABLE profiles (id integer PRIMARY KEY, name text, password_hash text);
+"""
+ALLOWED = "orders, payments, counters"
+
 
 @dataclass
 class Workload:

@@ -1,0 +1,96 @@
+"""`streamsvc run` as a child process, driven and signalled as in production (tests, bench)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import asyncpg
+import msgspec
+
+
+class ServiceProcess:
+    def __init__(self, env: dict[str, str], workdir: Path) -> None:
+        self.env = {**os.environ, **env, "LOG_LEVEL": "info"}
+        self.workdir = workdir  # no .env there: the test's variables are all it reads
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"service-{self.starts}.log"
+
+    async def start(self) -> None:
+        self.spawn("run")
+        await self.wait_for_log('"service.started"')
+
+    def spawn(self, *args: str) -> subprocess.Popen[bytes]:
+        self.starts += 1
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "streamsvc", *args],
+                env=self.env,
+                cwd=self.workdir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        return self.proc
+
+    async def wait_for_log(self, needle: str, within: float = 20.0) -> None:
+        deadline = time.monotonic() + within
+        while needle not in self.log():
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"service exited {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{needle} not logged within {within} s:\n{self.log()}")
+            await anyio.sleep(0.05)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    async def terminate(self, within: float = 30.0) -> int:
+        """SIGTERM, then the exit code once it has drained."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + within
+        while self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError(f"did not stop within {within} s:\n{self.log()}")
+            await anyio.sleep(0.05)
+        return self.proc.returncode
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+async def produce(
+    redis: Any, inbox: str, ops: list[dict[str, Any]], *, pipeline: int = 1000
+) -> None:
+    """What a producer does: one XADD per operation to the inbox, pipelined."""
+    encode = msgspec.json.encode
+    for start in range(0, len(ops), pipeline):
+        async with redis.pipeline(transaction=False) as pipe:
+            for op in ops[start : start + pipeline]:
+                pipe.xadd(inbox, {"op": encode(op)})
+            await pipe.execute()
+
+
+async def count_status(conn: asyncpg.Connection, status: str) -> int:
+    return int(
+        await conn.fetchval('SELECT count(*) FROM "BatchOperations" WHERE status = $1', status)
+    )

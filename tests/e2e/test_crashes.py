@@ -1,0 +1,147 @@
+"""`streamsvc run` killed, stopped and robbed of its Redis data while under load."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from benchmarks import workload
+from benchmarks.harness import ServiceProcess, count_status, produce
+from streamsvc.adapters import streams as rs
+from tests.conftest import PG, settings_env
+from tests.pipeline import eventually, statuses
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+
+
+@pytest.fixture
+async def conn(database: str) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(database=database, **PG)
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[aioredis.Redis]:
+    client = rs.connect("redis://127.0.0.1:6379/0")
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def service(database: str, prefix: str, tmp_path: Path) -> AsyncIterator[ServiceProcess]:
+    env = settings_env(
+        database, prefix, STREAMSVC_CLAIM_IDLE_MS="1000", BATCH_PROCESS_OPERATION_LIMIT="500"
+    )
+    process = ServiceProcess(env, tmp_path)
+    yield process  # type: ignore[misc]
+    process.stop()
+
+
+def at_least(conn: asyncpg.Connection, status: str, n: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return await count_status(conn, status) >= n
+
+    return check
+
+
+async def test_sigkill_mid_flush_then_restart_applies_everything_exactly_once(
+    service: ServiceProcess, conn: asyncpg.Connection, redis: aioredis.Redis, prefix: str
+) -> None:
+    w = workload.build(20_000, seed=3)
+    await workload.seed(conn, w)
+    await service.start()
+    await produce(redis, rs.Names(prefix).inbox, w.ops)
+    for progress in (2_000, 8_000):  # kill twice, at different points of the run
+        await eventually(at_least(conn, "SUCCESS", progress), within=60)
+        service.kill()
+        done = (await statuses(conn)).get("SUCCESS", 0)
+        assert done < 20_000, "the kill must land while work is still in flight"
+        await service.start()
+    await eventually(at_least(conn, "SUCCESS", 20_000), within=90)
+    await workload.verify(conn, w)
+    assert await statuses(conn) == {"SUCCESS": 20_000}, "nothing left PROCESSING or lost"
+    assert await service.terminate() == 0
+
+
+async def test_sigterm_under_load_drains_and_exits_zero(
+    service: ServiceProcess, conn: asyncpg.Connection, redis: aioredis.Redis, prefix: str
+) -> None:
+    w = workload.build(20_000, seed=5)
+    await workload.seed(conn, w)
+    await service.start()
+    await produce(redis, rs.Names(prefix).inbox, w.ops)
+    await eventually(at_least(conn, "SUCCESS", 1_000), within=60)
+    assert await service.terminate() == 0
+    log = service.log()
+    assert '"service.stopping"' in log and '"service.stopped"' in log
+    assert "PROCESSING" not in await statuses(conn)
+    await service.start()  # whatever was not finished is picked up by the next run
+    await eventually(at_least(conn, "SUCCESS", 20_000), within=90)
+    await workload.verify(conn, w)
+    assert await service.terminate() == 0
+
+
+async def test_redis_flushall_during_a_run_loses_nothing(
+    database: str,
+    prefix: str,
+    tmp_path: Path,
+    conn: asyncpg.Connection,
+    redis: aioredis.Redis,
+) -> None:
+    env = settings_env(
+        database,
+        prefix,
+        BATCH_PROCESS_OPERATION_LIMIT="50",
+        STREAMSVC_FLUSHERS="1",
+        BATCH_PROCESS_OPERATION_INTERVAL="300",
+    )
+    service = ServiceProcess(env, tmp_path)
+    w = workload.build(10_000, seed=9)
+    await workload.seed(conn, w)
+    try:
+        await service.start()
+        await produce(redis, rs.Names(prefix).inbox, w.ops)
+        stored = await eventually_stored(conn, 10_000)
+        assert stored.get("SUCCESS", 0) < 10_000, "Redis must be wiped while work is pending"
+        await redis.flushall()
+        await eventually(at_least(conn, "SUCCESS", 10_000), within=90)
+        await workload.verify(conn, w)
+        assert '"sweep.rows_reenqueued"' in service.log()
+        assert await service.terminate() == 0
+    finally:
+        service.stop()
+
+
+async def eventually_stored(conn: asyncpg.Connection, n: int) -> dict[str, int]:
+    async def all_stored() -> bool:
+        return bool(await conn.fetchval('SELECT count(*) FROM "BatchOperations"') >= n)
+
+    await eventually(all_stored, within=60, every=0.01)
+    return await statuses(conn)
+
+
+async def test_malformed_inbox_entries_do_not_disturb_a_running_service(
+    service: ServiceProcess, conn: asyncpg.Connection, redis: aioredis.Redis, prefix: str
+) -> None:
+    await service.start()
+    good = {
+        "operationType": "ORDER_CREATED",
+        "table": "orders",
+        "action": "insert",
+        "values": {"id": 1, "customer": "c", "amount": 1},
+    }
+    bad = ["{", json.dumps({"operationType": "X", "sql": "TRUNCATE orders"}), json.dumps([1])]
+    inbox = rs.Names(prefix).inbox
+    for raw in bad:
+        await redis.xadd(inbox, {"op": raw})
+    await redis.xadd(inbox, {"op": json.dumps(good)})
+    await eventually(at_least(conn, "SUCCESS", 1))
+    assert await redis.xlen(rs.Names(prefix).rejects) == 3
+    assert service.proc is not None and service.proc.poll() is None
+    assert await service.terminate() == 0
