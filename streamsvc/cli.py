@@ -1,4 +1,4 @@
-"""``streamsvc``: run the service (or one role of it), or migrate its tables."""
+"""``streamsvc``: run the service (or one role of it), migrate its tables, manage API keys."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import asyncpg
 
 from streamsvc import logs, settings
 from streamsvc.adapters import postgres
-from streamsvc.errors import ConfigError, NotMigratedError
+from streamsvc.errors import ConfigError, InvalidOperation, NotMigratedError
+from streamsvc.keys import KeyStore
 from streamsvc.settings import Settings
 from streamsvc.supervisor import ROLES, run
 
@@ -22,6 +23,19 @@ def _parser() -> argparse.ArgumentParser:
     run_cmd = sub.add_parser("run", help="run every actor, or one role for scaling out")
     run_cmd.add_argument("--role", choices=ROLES, default="all")
     sub.add_parser("migrate", help="create or upgrade the service's own tables")
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys", required=True)
+    create = keys.add_parser("create", help="create a key and print it (shown only once)")
+    create.add_argument("--name", required=True)
+    create.add_argument("--tables", help="comma list of tables (default: every allowed table)")
+    create.add_argument(
+        "--actions",
+        default="insert,upsert,update,delete",
+        help="comma list of insert, upsert, update, delete",
+    )
+    create.add_argument("--allow-sql", action="store_true", help="may send SQL statements")
+    keys.add_parser("list", help="list keys (never the keys themselves)")
+    revoke = keys.add_parser("revoke", help="revoke a key; every process refuses it in seconds")
+    revoke.add_argument("name")
     return parser
 
 
@@ -34,6 +48,43 @@ async def _migrate(config: Settings) -> None:
     print("applied: " + ", ".join(applied) if applied else "database is up to date")
 
 
+async def _keys(config: Settings, args: argparse.Namespace) -> None:
+    if not config.api_key_secret:
+        raise ConfigError("API_KEY_ENCRYPTION_SECRET: required to create or check API keys")
+    store = KeyStore(config.api_key_secret, config.allow_list)
+    conn = await asyncpg.connect(**postgres.dsn_kwargs(config))
+    try:
+        await postgres.check_migrated(conn)
+        if args.keys == "create":
+            tables = _split(args.tables) if args.tables else None
+            key = await store.create(
+                conn,
+                args.name,
+                tables=tables,
+                actions=_split(args.actions),
+                allow_sql=args.allow_sql,
+            )
+            print(key)
+        elif args.keys == "list":
+            for info in await store.list(conn):
+                state = f"revoked {info.revoked_at:%Y-%m-%d %H:%M}" if info.revoked_at else "active"
+                scope = ",".join(info.tables) if info.tables is not None else "*"
+                sql = " sql" if info.allow_sql else ""
+                print(
+                    f"{info.name}\t{state}\ttables={scope}\tactions={','.join(info.actions)}{sql}"
+                )
+        elif not await store.revoke(conn, args.name):
+            raise InvalidOperation("name", f"no active key named {args.name!r}")
+        else:
+            print(f"revoked {args.name}")
+    finally:
+        await conn.close()
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -44,13 +95,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             async def job() -> None:
                 await _migrate(config)
+        elif args.command == "keys":
+
+            async def job() -> None:
+                await _keys(config, args)
         else:
 
             async def job() -> None:
                 await run(config, args.role)
 
         anyio.run(job, backend="asyncio", backend_options={"use_uvloop": True})
-    except (ConfigError, NotMigratedError) as exc:
+    except (ConfigError, NotMigratedError, InvalidOperation) as exc:
         print(f"streamsvc: {exc}", file=sys.stderr)
         return 2
     except (OSError, asyncpg.PostgresError) as exc:

@@ -67,6 +67,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def auth_on(self) -> bool:
         return self.auth == "on"
 
+    def check_auth(self) -> None:
+        """Refuse to serve callers with auth half set up, or off in production."""
+        if self.auth_on and not self.api_key_secret:
+            raise ConfigError(
+                "API_KEY_ENCRYPTION_SECRET: required while STREAMSVC_AUTH=on "
+                "(set a long random value, or STREAMSVC_AUTH=off outside production)"
+            )
+        if not self.auth_on and self.node_env == "production":
+            raise ConfigError("STREAMSVC_AUTH: cannot be off when NODE_ENV=production")
+
 
 def env_names() -> tuple[str, ...]:
     """Every variable the service reads, in declaration order."""

@@ -25,12 +25,11 @@ from streamsvc.actors.ingress import Ingress
 from streamsvc.actors.sweeper import Sweeper
 from streamsvc.adapters import postgres
 from streamsvc.adapters import streams as rs
-from streamsvc.api.inbox import Authenticator, InboxConsumer
+from streamsvc.api.inbox import InboxConsumer
 from streamsvc.catalog import Catalog
-from streamsvc.errors import ConfigError
+from streamsvc.keys import Authenticator, KeyStore
 from streamsvc.policy import RetryPolicy
 from streamsvc.settings import Settings
-from streamsvc.validate import ANONYMOUS
 
 log = structlog.get_logger("streamsvc.supervisor")
 
@@ -50,6 +49,7 @@ class Service:
     inbox: InboxConsumer
     flushers: list[Flusher]
     sweeper: Sweeper
+    keys: KeyStore | None
     stopping: anyio.Event = field(default_factory=anyio.Event)
 
     def stop_claiming(self) -> None:
@@ -66,11 +66,7 @@ def retry_policy(settings: Settings) -> RetryPolicy:
 @asynccontextmanager
 async def open_service(settings: Settings) -> AsyncIterator[Service]:
     """Connect, check the database, load the catalog, and build the actors."""
-    if settings.auth_on:
-        raise ConfigError(
-            "STREAMSVC_AUTH: API keys are not managed by this version yet; "
-            "set STREAMSVC_AUTH=off to accept every caller"
-        )
+    settings.check_auth()
     pool = await postgres.create_pool(settings)
     client = rs.connect(settings.redis_url)
     try:
@@ -78,6 +74,10 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
             await postgres.check_migrated(conn)
             catalog = Catalog(settings.allow_list)
             await catalog.load(conn)
+            keys = None
+            if settings.auth_on:
+                keys = KeyStore(settings.api_key_secret, settings.allow_list)
+                await keys.load(conn)
         _warn_about_allow_list(catalog)
         streams = rs.Streams(client, rs.Names(settings.redis_prefix))
         retry = retry_policy(settings)
@@ -87,7 +87,7 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
             f"{base}-inbox",
             ingress,
             streams,
-            Authenticator(ANONYMOUS),
+            Authenticator(keys),
             retry,
             count=settings.ingress_read_count,
             claim_idle_ms=settings.claim_idle_ms,
@@ -107,7 +107,7 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
             max_deliveries=settings.max_deliveries,
             chunk=settings.batch_limit,
         )
-        yield Service(settings, pool, streams, catalog, ingress, inbox, flushers, sweeper)
+        yield Service(settings, pool, streams, catalog, ingress, inbox, flushers, sweeper, keys)
     finally:
         await client.aclose()
         await pool.close()
@@ -137,6 +137,8 @@ async def run(settings: Settings, role: Role = "all") -> None:
             support.start_soon(service.ingress.run)
         if role in ("all", "sweeper"):
             support.start_soon(service.sweeper.run)
+        if service.keys is not None:
+            support.start_soon(service.keys.run, service.pool)
         async with anyio.create_task_group() as claimers:
             support.start_soon(_watch_signals, service, claimers.cancel_scope)
             if role in ("all", "ingress"):

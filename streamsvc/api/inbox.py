@@ -19,6 +19,8 @@ import structlog
 from streamsvc.actors.ingress import Ingress
 from streamsvc.adapters import streams as rs
 from streamsvc.adapters.postgres import translate
+from streamsvc.errors import InvalidOperation
+from streamsvc.keys import Authenticator
 from streamsvc.model import Operation, Rejection, decode_error, operation_decoder
 from streamsvc.policy import RetryPolicy
 from streamsvc.validate import Caller
@@ -27,16 +29,6 @@ log = structlog.get_logger("streamsvc.inbox")
 
 _NAMESPACE = uuid.UUID("6c1f0c52-3c1e-4c55-9a55-5f0d3e0c9b11")
 SOURCE = "inbox"
-
-
-class Authenticator:
-    """Who sent an inbox entry. With auth off every producer acts as ``anonymous``."""
-
-    def __init__(self, caller: Caller) -> None:
-        self.caller = caller
-
-    async def caller_for(self, key: bytes | None) -> Caller:
-        return self.caller
 
 
 class InboxConsumer:
@@ -124,9 +116,12 @@ class InboxConsumer:
                 if raw is None:
                     raise _Refused(Rejection("op", "entry has no `op` field"))
                 op = _decode(raw)
-                caller = await self.auth.caller_for(fields.get(b"key"))
+                caller = self.auth.caller_for(fields.get(b"key") or op.api_key)
             except _Refused as refused:
                 rejects.append(_reject(entry_id, raw, refused.rejection))
+                continue
+            except InvalidOperation as exc:
+                rejects.append(_reject(entry_id, raw, Rejection(exc.field, exc.reason)))
                 continue
             ops, ids, entry_ids = by_caller.setdefault(caller, ([], [], []))
             ops.append(op)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
 import asyncpg
 import pytest
 
@@ -15,15 +16,22 @@ from tests.conftest import PG, settings_env
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
 
-def streamsvc(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "streamsvc", *args],
-        env={"PATH": "/usr/bin:/bin", **env},
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def streamsvc(env: dict[str, str], cwd: Path, *args: str) -> Result:
+    with anyio.fail_after(60):
+        done = await anyio.run_process(
+            [sys.executable, "-m", "streamsvc", *args],
+            env={"PATH": "/usr/bin:/bin", **env},
+            cwd=cwd,
+            check=False,
+        )
+    return Result(done.returncode, done.stdout.decode(), done.stderr.decode())
 
 
 @pytest.fixture
@@ -42,10 +50,10 @@ async def test_migrate_creates_only_its_own_tables_and_is_safe_to_rerun(
     empty_database: str, tmp_path: Path
 ) -> None:
     env = settings_env(empty_database, "unused")
-    first = streamsvc(env, tmp_path, "migrate")
+    first = await streamsvc(env, tmp_path, "migrate")
     assert first.returncode == 0, first.stderr
-    assert "applied: 001_batch_operations.sql" in first.stdout
-    again = streamsvc(env, tmp_path, "migrate")
+    assert "applied: 001_batch_operations.sql, 002_api_keys.sql" in first.stdout
+    again = await streamsvc(env, tmp_path, "migrate")
     assert again.returncode == 0, again.stderr
     assert "database is up to date" in again.stdout
     conn = await asyncpg.connect(database=empty_database, **PG)
@@ -56,11 +64,11 @@ async def test_migrate_creates_only_its_own_tables_and_is_safe_to_rerun(
         }
     finally:
         await conn.close()
-    assert tables == {"BatchOperations", "streamsvc_migrations"}
+    assert tables == {"BatchOperations", "streamsvc_migrations", "streamsvc_api_keys"}
 
 
 async def test_run_refuses_an_unmigrated_database(empty_database: str, tmp_path: Path) -> None:
-    result = streamsvc(settings_env(empty_database, "unused"), tmp_path, "run")
+    result = await streamsvc(settings_env(empty_database, "unused"), tmp_path, "run")
     assert result.returncode == 2
     assert "database is not migrated" in result.stderr
     assert "streamsvc migrate" in result.stderr
@@ -74,16 +82,69 @@ async def test_run_refuses_an_unmigrated_database(empty_database: str, tmp_path:
         ("LOG_LEVEL", "loud", "streamsvc: LOG_LEVEL: invalid enum value 'loud'"),
     ],
 )
-def test_a_bad_setting_stops_start_up_with_one_line(
+async def test_a_bad_setting_stops_start_up_with_one_line(
     tmp_path: Path, variable: str, value: str, message: str
 ) -> None:
-    result = streamsvc({variable: value}, tmp_path, "run")
+    result = await streamsvc({variable: value}, tmp_path, "run")
     assert result.returncode == 2
     assert result.stderr.strip() == message
 
 
-def test_settings_come_from_a_dotenv_file(tmp_path: Path) -> None:
+async def test_settings_come_from_a_dotenv_file(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("DB_PORT=notaport\n")
-    result = streamsvc({}, tmp_path, "migrate")
+    result = await streamsvc({}, tmp_path, "migrate")
     assert result.returncode == 2
     assert "DB_PORT" in result.stderr
+
+
+async def test_keys_are_created_shown_once_listed_and_revoked(
+    database: str, tmp_path: Path
+) -> None:
+    env = {**settings_env(database, "unused"), "API_KEY_ENCRYPTION_SECRET": "s3cret"}
+    created = await streamsvc(
+        env,
+        tmp_path,
+        "keys",
+        "create",
+        "--name",
+        "orders",
+        "--tables",
+        "orders,payments",
+        "--actions",
+        "insert,update",
+    )
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert key.startswith("ssk_") and len(key) > 40
+    listed = await streamsvc(env, tmp_path, "keys", "list")
+    assert listed.stdout.split("\t")[:4] == [
+        "orders",
+        "active",
+        "tables=orders,payments",
+        "actions=insert,update\n",
+    ]
+    assert key not in listed.stdout
+    twice = await streamsvc(env, tmp_path, "keys", "create", "--name", "orders")
+    assert (twice.returncode, twice.stderr.strip()) == (
+        2,
+        "streamsvc: name: a key named 'orders' exists already",
+    )
+    revoked = await streamsvc(env, tmp_path, "keys", "revoke", "orders")
+    assert revoked.stdout.strip() == "revoked orders"
+    assert "\trevoked " in (await streamsvc(env, tmp_path, "keys", "list")).stdout
+
+
+async def test_auth_on_without_a_secret_is_one_clear_error(database: str, tmp_path: Path) -> None:
+    env = {**settings_env(database, "unused"), "STREAMSVC_AUTH": "on"}
+    result = await streamsvc(env, tmp_path, "run")
+    assert result.returncode == 2
+    assert result.stderr.startswith("streamsvc: API_KEY_ENCRYPTION_SECRET: required")
+
+
+async def test_production_refuses_auth_off(database: str, tmp_path: Path) -> None:
+    env = {**settings_env(database, "unused"), "NODE_ENV": "production"}
+    result = await streamsvc(env, tmp_path, "run")
+    assert (result.returncode, result.stderr.strip()) == (
+        2,
+        "streamsvc: STREAMSVC_AUTH: cannot be off when NODE_ENV=production",
+    )
