@@ -13,6 +13,7 @@ refusal is an InvalidOperation on ``sql`` or ``params`` with a reason the caller
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from typing import Any, Literal, NamedTuple
@@ -119,7 +120,14 @@ def check_statement(sql: str, params: list[Any] | None, allowed: AllowList) -> C
     """Accept sql only if it is exactly one INSERT, UPDATE or DELETE on an allowed table.
 
     Otherwise raise InvalidOperation(field, reason), the field being ``sql`` or ``params``.
+    The analysis of a text is remembered: callers send the same statements over and over.
     """
+    table, action, placeholders = _analyse(sql, allowed)
+    return CheckedStatement(table, action, _check_params(placeholders, params))
+
+
+@functools.lru_cache(maxsize=4096)
+def _analyse(sql: str, allowed: AllowList) -> tuple[TableRef, Action, frozenset[int]]:
     stmt = _parse_one(sql)
     if not isinstance(stmt, (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt)):
         raise _refuse(f"only INSERT, UPDATE or DELETE are allowed, got {_command(stmt)}")
@@ -128,7 +136,7 @@ def check_statement(sql: str, params: list[Any] | None, allowed: AllowList) -> C
     table = _allowed_table(stmt.relation, allowed)
     placeholders = _check_tree(stmt, allowed)
     _check_columns(stmt, table, allowed)
-    return CheckedStatement(table, action, _check_params(placeholders, params))
+    return table, action, frozenset(placeholders)
 
 
 def _refuse(reason: str) -> InvalidOperation:
@@ -268,7 +276,7 @@ def _listed(columns: frozenset[str]) -> str:
     return ", ".join(sorted(columns))
 
 
-def _check_params(placeholders: set[int], params: list[Any] | None) -> int:
+def _check_params(placeholders: frozenset[int], params: list[Any] | None) -> int:
     """The highest ``$n``, once it matches the params given."""
     if 0 in placeholders:
         raise _refuse("placeholders start at $1, got $0")
