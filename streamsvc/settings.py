@@ -22,6 +22,14 @@ NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 OnOff = Literal["on", "off"]
 LogLevel = Literal["debug", "info", "warning", "warn", "error", "critical"]
+NotifyMode = Literal["operation", "aggregate"]
+
+
+class Route(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Where outcomes of one operationType go besides the topic exchange."""
+
+    queue: str
+    pattern: str | None = None
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -58,10 +66,27 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     statement_timeout_ms: NonNegative = msgspec.field(
         default=60_000, name="STREAMSVC_STATEMENT_TIMEOUT_MS"
     )
+    rmq_queue_durable: bool = msgspec.field(default=True, name="STREAMSVC_RMQ_QUEUE_DURABLE")
+    rpc_prefetch: Positive = msgspec.field(default=256, name="STREAMSVC_RPC_PREFETCH")
+    events_exchange: str = msgspec.field(
+        default="batch_service.events", name="STREAMSVC_EVENTS_EXCHANGE"
+    )
+    notify_routes_json: str = msgspec.field(default="{}", name="STREAMSVC_NOTIFY_ROUTES")
+    notify_mode: NotifyMode = msgspec.field(default="aggregate", name="STREAMSVC_NOTIFY_MODE")
 
     @property
     def allow_list(self) -> AllowList:
         return AllowList.parse(self.allowed_tables)
+
+    @property
+    def notify_routes(self) -> dict[str, Route]:
+        try:
+            return msgspec.json.decode(self.notify_routes_json, type=dict[str, Route])
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise ConfigError(
+                f"STREAMSVC_NOTIFY_ROUTES: {exc}; expected "
+                '{"OPERATION_TYPE": {"queue": "name", "pattern": "optional"}}'
+            ) from None
 
     @property
     def auth_on(self) -> bool:
@@ -96,11 +121,12 @@ def load(environ: Mapping[str, str] | None = None, env_file: str | None = ".env"
         settings = msgspec.convert(picked, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(_explain(exc)) from None
-    settings.allow_list  # noqa: B018 - parse now so a bad list stops start-up
+    settings.allow_list  # noqa: B018 - parse now so a bad value stops start-up
+    settings.notify_routes  # noqa: B018
     return settings
 
 
-_LOWERED = {"LOG_LEVEL", "STREAMSVC_AUTH"}
+_LOWERED = {"LOG_LEVEL", "STREAMSVC_AUTH", "STREAMSVC_NOTIFY_MODE", "STREAMSVC_RMQ_QUEUE_DURABLE"}
 
 
 def _explain(exc: msgspec.ValidationError) -> str:
