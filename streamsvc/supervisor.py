@@ -22,10 +22,12 @@ import structlog
 
 from streamsvc.actors.flusher import Flusher
 from streamsvc.actors.ingress import Ingress
+from streamsvc.actors.notifier import Notifier
 from streamsvc.actors.sweeper import Sweeper
 from streamsvc.adapters import postgres
 from streamsvc.adapters import streams as rs
 from streamsvc.api.inbox import InboxConsumer
+from streamsvc.api.rpc import RpcServer
 from streamsvc.catalog import Catalog
 from streamsvc.keys import Authenticator, KeyStore
 from streamsvc.policy import RetryPolicy
@@ -33,8 +35,8 @@ from streamsvc.settings import Settings
 
 log = structlog.get_logger("streamsvc.supervisor")
 
-Role = Literal["all", "ingress", "flusher", "sweeper"]
-ROLES: tuple[Role, ...] = ("all", "ingress", "flusher", "sweeper")
+Role = Literal["all", "ingress", "flusher", "sweeper", "notifier"]
+ROLES: tuple[Role, ...] = ("all", "ingress", "flusher", "sweeper", "notifier")
 
 
 @dataclass
@@ -49,6 +51,8 @@ class Service:
     inbox: InboxConsumer
     flushers: list[Flusher]
     sweeper: Sweeper
+    rpc: RpcServer
+    notifier: Notifier
     keys: KeyStore | None
     stopping: anyio.Event = field(default_factory=anyio.Event)
 
@@ -56,6 +60,8 @@ class Service:
         self.inbox.stopping = True
         for flusher in self.flushers:
             flusher.stopping = True
+        self.rpc.stop()
+        self.notifier.stop()
         self.stopping.set()
 
 
@@ -107,7 +113,38 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
             max_deliveries=settings.max_deliveries,
             chunk=settings.batch_limit,
         )
-        yield Service(settings, pool, streams, catalog, ingress, inbox, flushers, sweeper, keys)
+        rpc = RpcServer(
+            ingress,
+            Authenticator(keys),
+            retry,
+            url=settings.rmq_url,
+            queue=settings.rmq_queue,
+            durable=settings.rmq_queue_durable,
+            prefetch=settings.rpc_prefetch,
+        )
+        notifier = Notifier(
+            f"{base}-notifier",
+            streams,
+            retry,
+            url=settings.rmq_url,
+            exchange=settings.events_exchange,
+            routes=settings.notify_routes,
+            mode=settings.notify_mode,
+            durable_queues=settings.rmq_queue_durable,
+        )
+        yield Service(
+            settings,
+            pool,
+            streams,
+            catalog,
+            ingress,
+            inbox,
+            flushers,
+            sweeper,
+            rpc,
+            notifier,
+            keys,
+        )
     finally:
         await client.aclose()
         await pool.close()
@@ -143,6 +180,9 @@ async def run(settings: Settings, role: Role = "all") -> None:
             support.start_soon(_watch_signals, service, claimers.cancel_scope)
             if role in ("all", "ingress"):
                 claimers.start_soon(service.inbox.run)
+                claimers.start_soon(service.rpc.run)
+            if role in ("all", "notifier"):
+                claimers.start_soon(service.notifier.run)
             if role in ("all", "flusher"):
                 for flusher in service.flushers:
                     claimers.start_soon(flusher.run)

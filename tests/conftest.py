@@ -6,6 +6,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 
+import aio_pika
 import asyncpg
 import pytest
 
@@ -21,6 +22,7 @@ PG = {
     "user": os.environ.get("DB_USERNAME", "postgres"),
 }
 
+RMQ_URL = os.environ.get("BATCH_SERVICE_RMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 ALLOWED = f"{workload.ALLOWED}, profiles(id, name)"
 
 
@@ -57,6 +59,8 @@ def settings_env(database: str, prefix: str, **overrides: str) -> dict[str, str]
         "DB_NAME": database,
         "REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
         "STREAMSVC_REDIS_PREFIX": prefix,
+        "BATCH_SERVICE_RMQ_QUEUE": f"{prefix}-rpc",
+        "STREAMSVC_EVENTS_EXCHANGE": f"{prefix}-events",
         "STREAMSVC_AUTH": "off",
         "STREAMSVC_ALLOWED_TABLES": ALLOWED,
         "BATCH_PROCESS_OPERATION_INTERVAL": "500",
@@ -83,6 +87,11 @@ async def prefix() -> AsyncIterator[str]:
             await client.delete(*keys)
     finally:
         await client.aclose()
+    connection = await aio_pika.connect(RMQ_URL)
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(f"{value}-rpc")
+        await channel.exchange_delete(f"{value}-events")
 
 
 @pytest.fixture

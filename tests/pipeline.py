@@ -52,3 +52,19 @@ async def statuses(conn: object) -> dict[str, int]:
         'SELECT status, count(*) FROM "BatchOperations" GROUP BY status'
     )
     return {r[0]: r[1] for r in rows}
+
+
+@asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[Service]:
+    """Everything but the signal watcher: committers, RPC, flushers and the notifier."""
+    async with open_service(settings) as service, anyio.create_task_group() as tg:
+        tg.start_soon(service.ingress.run)
+        tg.start_soon(service.rpc.run)
+        tg.start_soon(service.notifier.run)
+        for flusher in service.flushers:
+            tg.start_soon(flusher.run)
+        try:
+            yield service
+        finally:
+            service.stop_claiming()
+            tg.cancel_scope.cancel()

@@ -1,0 +1,227 @@
+"""Notifier: relay outcomes from the outcome stream to RabbitMQ, confirmed, then XACK.
+
+Messages are NestJS events (``{"pattern": ..., "data": ...}``, no ``id``) so a NestJS
+``@EventPattern`` handler receives them. Each outcome goes to the topic exchange under
+``<operationType>.<STATUS>``, and to the queue configured for its operationType. In
+``aggregate`` mode (the old service's grouping) the outcomes of one flush travel as one
+message per route; in ``operation`` mode one message per operation.
+
+Messages are persistent and published with confirms; the stream entry is acked only once
+RabbitMQ confirmed every message of it. While RabbitMQ is away, outcomes wait in the stream.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Literal
+
+import aio_pika
+import anyio
+import msgspec
+import structlog
+from aio_pika.abc import AbstractConnection, AbstractExchange
+
+from streamsvc import metrics
+from streamsvc.adapters import amqp
+from streamsvc.adapters import streams as rs
+from streamsvc.model import Outcome, Status, outcomes_decoder
+from streamsvc.policy import RetryPolicy
+from streamsvc.settings import Route
+
+log = structlog.get_logger("streamsvc.notifier")
+
+OPERATION_PATTERN = "batch_operation_finished"
+AGGREGATE_PATTERN = "batch_operations_finished"
+
+Mode = Literal["operation", "aggregate"]
+
+
+class Event(msgspec.Struct):
+    pattern: str
+    data: Any
+
+
+class Finished(msgspec.Struct, rename="camel"):
+    id: str
+    operation_type: str
+    status: Status
+    error: str | None
+    attempts: int
+    batch_id: str | None
+    meta: Any = None
+
+
+class Succeeded(msgspec.Struct):
+    id: str
+    meta: Any = None
+
+
+class Failed(msgspec.Struct):
+    id: str
+    error: str | None
+    meta: Any = None
+
+
+class Grouped(msgspec.Struct, rename="camel"):
+    operation_type: str
+    success: list[Succeeded]
+    failed: list[Failed]
+
+
+_encoder = msgspec.json.Encoder()
+Publication = tuple[str | None, str, bytes]  # (exchange name or None for default, key, body)
+
+
+def publications(
+    outcomes: list[Outcome], routes: dict[str, Route], mode: Mode, exchange: str
+) -> list[Publication]:
+    """Pure: the messages a batch of outcomes becomes (see the module docstring)."""
+    out: list[Publication] = []
+    if mode == "operation":
+        for o in outcomes:
+            data = Finished(
+                o.id, o.operation_type, o.status, o.error, o.attempts, o.batch_id, o.meta
+            )
+            out.append(
+                (
+                    exchange,
+                    f"{o.operation_type}.{o.status.value}",
+                    _encoder.encode(Event(OPERATION_PATTERN, data)),
+                )
+            )
+            route = routes.get(o.operation_type)
+            if route is not None:
+                event = Event(route.pattern or OPERATION_PATTERN, data)
+                out.append((None, route.queue, _encoder.encode(event)))
+        return out
+    by_type: dict[str, list[Outcome]] = defaultdict(list)
+    for o in outcomes:
+        by_type[o.operation_type].append(o)
+    for op_type, group in by_type.items():
+        for status in (Status.SUCCESS, Status.FAIL):
+            subset = [o for o in group if o.status is status]
+            if subset:
+                event = Event(AGGREGATE_PATTERN, _grouped(op_type, subset))
+                out.append((exchange, f"{op_type}.{status.value}", _encoder.encode(event)))
+        route = routes.get(op_type)
+        if route is not None:
+            event = Event(route.pattern or AGGREGATE_PATTERN, _grouped(op_type, group))
+            out.append((None, route.queue, _encoder.encode(event)))
+    return out
+
+
+def _grouped(op_type: str, outcomes: list[Outcome]) -> Grouped:
+    return Grouped(
+        op_type,
+        [Succeeded(o.id, o.meta) for o in outcomes if o.status is Status.SUCCESS],
+        [Failed(o.id, o.error, o.meta) for o in outcomes if o.status is not Status.SUCCESS],
+    )
+
+
+class Notifier:
+    def __init__(
+        self,
+        name: str,
+        streams: rs.Streams,
+        retry: RetryPolicy,
+        *,
+        url: str,
+        exchange: str,
+        routes: dict[str, Route],
+        mode: Mode,
+        durable_queues: bool,
+        count: int = 100,
+        block_ms: int = 1000,
+    ) -> None:
+        self.name = name
+        self.streams = streams
+        self.retry = retry
+        self.url = url
+        self.exchange_name = exchange
+        self.routes = routes
+        self.mode = mode
+        self.durable_queues = durable_queues
+        self.count = count
+        self.block_ms = block_ms
+        self.stopping = anyio.Event()
+
+    async def run(self) -> None:
+        await amqp.serve(
+            self.url, self.retry, self._session, who="notifier", stopping=self.stopping
+        )
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def _session(self, connection: AbstractConnection) -> None:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.declare_exchange(
+            self.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        for route in self.routes.values():
+            await channel.declare_queue(route.queue, durable=self.durable_queues)
+        exchanges: dict[str | None, AbstractExchange] = {
+            self.exchange_name: exchange,
+            None: channel.default_exchange,
+        }
+        own_pending, failures = True, 0
+        while not self.stopping.is_set():
+            try:
+                entries = await self.streams.read(
+                    self.streams.names.outcomes,
+                    rs.NOTIFIER_GROUP,
+                    self.name,
+                    count=self.count,
+                    block_ms=None if own_pending else self.block_ms,
+                    own_pending=own_pending,
+                )
+            except rs.CONNECTION_EXCEPTIONS as exc:
+                failures += 1
+                delay = self.retry.backoff_s(failures)
+                log.warning(
+                    "notifier.redis_unavailable",
+                    error=str(exc),
+                    next=f"reading again in {delay:.1f} s",
+                )
+                await anyio.sleep(delay)
+                continue
+            failures = 0
+            if not entries:
+                own_pending = False
+                continue
+            await self.relay(exchanges, entries)
+
+    async def relay(
+        self, exchanges: dict[str | None, AbstractExchange], entries: list[rs.Entry]
+    ) -> None:
+        """Publish every outcome of ``entries``, wait for the confirms, then ack them."""
+        messages: list[Publication] = []
+        for entry_id, fields in entries:
+            try:
+                outcomes = outcomes_decoder.decode(fields[b"o"])
+            except (msgspec.ValidationError, msgspec.DecodeError, KeyError) as exc:
+                log.error(
+                    "notifier.undecodable_entry",
+                    entry=entry_id.decode(),
+                    error=str(exc),
+                    next="acked and dropped",
+                )
+                continue
+            messages.extend(publications(outcomes, self.routes, self.mode, self.exchange_name))
+        async with anyio.create_task_group() as tg:
+            for exchange, key, body in messages:
+                message = aio_pika.Message(
+                    body,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    content_type="application/json",
+                )
+                tg.start_soon(_publish, exchanges[exchange], message, key)
+        metrics.notifications.labels(self.mode).inc(len(messages))
+        with anyio.CancelScope(shield=True):
+            await self.streams.ack(
+                self.streams.names.outcomes, rs.NOTIFIER_GROUP, [eid for eid, _ in entries]
+            )
+
+
+async def _publish(exchange: AbstractExchange, message: aio_pika.Message, key: str) -> None:
+    await exchange.publish(message, routing_key=key)  # returns once RabbitMQ confirmed it

@@ -1,0 +1,310 @@
+"""RabbitMQ RPC, wire-compatible with the NestJS ``@nestjs/microservices`` RMQ transport.
+
+A request is ``{"pattern": ..., "data": ..., "id": ...}`` on BATCH_SERVICE_RMQ_QUEUE with
+``replyTo`` and ``correlationId``; the reply goes to ``replyTo`` with the same
+correlationId and a body of exactly ``{"response": ..., "isDisposed": true}`` or
+``{"err": ..., "isDisposed": true}``. A body without ``id`` is an event: handled, never
+answered. Responses keep the old service's IResponse shape.
+
+Messages are acked manually: after the operation is durable in PostgreSQL, or after the
+error reply for refused input. When PostgreSQL cannot take it, the message is returned to
+the queue after a pause, so nothing is lost and the caller's request is answered later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aio_pika
+import anyio
+import msgspec
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+
+from streamsvc.actors.ingress import Ingress, Result
+from streamsvc.adapters import amqp
+from streamsvc.adapters.postgres import translate
+from streamsvc.errors import InvalidOperation
+from streamsvc.keys import Authenticator
+from streamsvc.model import Receipt, Rejection, decode_error, operation_decoder, operations_decoder
+from streamsvc.policy import RetryPolicy
+from streamsvc.validate import Caller
+
+log = structlog.get_logger("streamsvc.rpc")
+
+SOURCE = "rpc"
+NO_HANDLER = "There is no matching message handler defined in the remote service."
+
+
+class Request(msgspec.Struct):
+    """The NestJS packet; other keys newer clients add (e.g. ``metadata``) are ignored."""
+
+    pattern: Any
+    data: msgspec.Raw = msgspec.Raw(b"null")
+    id: str | None = None
+
+
+class IResponse(msgspec.Struct, omit_defaults=True, rename="camel"):
+    """The old service's response shape."""
+
+    status: bool
+    message: str
+    data: Any = msgspec.UNSET
+    error: str | msgspec.UnsetType = msgspec.UNSET
+    error_code: str | msgspec.UnsetType = msgspec.UNSET
+
+
+class Reply(msgspec.Struct, rename="camel"):
+    response: Any
+    is_disposed: bool = True
+
+
+class ErrorReply(msgspec.Struct, rename="camel"):
+    err: Any
+    is_disposed: bool = True
+
+
+class NoHandler(msgspec.Struct):
+    id: str | None
+    err: str = NO_HANDLER
+    status: str = "error"
+
+
+class OperationRef(msgspec.Struct, rename="camel"):
+    id: str | None = None
+    user_operation_id: str | None = None
+
+
+_request_decoder = msgspec.json.Decoder(Request)
+_ref_decoder = msgspec.json.Decoder(OperationRef | str)
+_encoder = msgspec.json.Encoder()
+
+Handler = Callable[[bytes, Caller | None], Awaitable[IResponse]]
+
+
+class Unavailable(Exception):
+    """The store could not take the request now; it goes back to the queue."""
+
+
+def route_key(pattern: Any) -> str:
+    """NestJS's key for a pattern: a string as is, an object as sorted compact JSON."""
+    if isinstance(pattern, str):
+        return pattern
+    return _encoder.encode(_sorted(pattern)).decode()
+
+
+def _sorted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _sorted(value[k]) for k in sorted(value)}
+    return value
+
+
+class RpcServer:
+    def __init__(
+        self,
+        ingress: Ingress,
+        auth: Authenticator,
+        retry: RetryPolicy,
+        *,
+        url: str,
+        queue: str,
+        durable: bool,
+        prefetch: int,
+    ) -> None:
+        self.ingress = ingress
+        self.auth = auth
+        self.retry = retry
+        self.url = url
+        self.queue = queue
+        self.durable = durable
+        self.prefetch = prefetch
+        self.stopping = anyio.Event()
+        self._consuming = anyio.CancelScope()
+        self.handlers: dict[str, Handler] = {
+            "create_operation": self.create_operation,
+            "createOperation": self.create_operation,
+            "create_operations": self.create_operations,
+            "get_operation": self.get_operation,
+            "getOperation": self.get_operation,
+        }
+
+    async def run(self) -> None:
+        await amqp.serve(self.url, self.retry, self._session, who="rpc", stopping=self.stopping)
+
+    def stop(self) -> None:
+        """Stop taking messages; those being handled finish, the rest go back to the queue."""
+        self.stopping.set()
+        self._consuming.cancel()
+
+    async def _session(self, connection: AbstractConnection) -> None:
+        """Consume until the connection drops or we stop; in-flight messages finish."""
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=self.prefetch)
+        queue = await channel.declare_queue(self.queue, durable=self.durable)
+        log.info("rpc.consuming", queue=self.queue, durable=self.durable)
+        async with anyio.create_task_group() as handlers:
+            with anyio.CancelScope() as self._consuming:
+                if self.stopping.is_set():
+                    return
+                async with queue.iterator() as messages:
+                    async for message in messages:
+                        handlers.start_soon(self.handle, channel, message)
+        if not self.stopping.is_set():
+            raise aio_pika.exceptions.AMQPConnectionError("consumer closed by the broker")
+
+    async def handle(self, channel: AbstractChannel, message: AbstractIncomingMessage) -> None:
+        """Answer one request (or handle one event), then ack it."""
+        try:
+            request = _request_decoder.decode(message.body)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            log.warning("rpc.malformed", error=str(exc))
+            await self._reply(channel, message, ErrorReply(f"malformed request: {exc}"))
+            await message.ack()
+            return
+        key = route_key(request.pattern)
+        handler = self.handlers.get(key)
+        if handler is None:
+            log.warning("rpc.no_handler", pattern=key)
+            if request.id is not None:
+                await self._reply(channel, message, NoHandler(request.id))
+            await message.ack()
+            return
+        try:
+            caller = self._caller(message, request)
+            response = await handler(request.data, caller)
+        except Unavailable as exc:
+            delay = self.retry.backoff_s(1 + (message.redelivered or 0))
+            log.warning(
+                "rpc.store_unavailable",
+                error=str(exc),
+                next=f"returning the message to the queue in {delay:.1f} s",
+            )
+            await anyio.sleep(delay)
+            await message.nack(requeue=True)
+            return
+        if request.id is not None:
+            await self._reply(channel, message, Reply(response))
+        elif not response.status:
+            log.warning("rpc.event_refused", pattern=key, error=response.error)
+        await message.ack()
+
+    def _caller(self, message: AbstractIncomingMessage, request: Request) -> Caller | None:
+        """The caller by header ``x-api-key`` or ``data.apiKey``; None when refused."""
+        header = (message.headers or {}).get("x-api-key")
+        key = header.decode() if isinstance(header, bytes) else header
+        if key is None:
+            key = _api_key_in(request.data)
+        try:
+            return self.auth.caller_for(key if isinstance(key, str) else None)
+        except InvalidOperation:
+            return None
+
+    async def _reply(
+        self, channel: AbstractChannel, message: AbstractIncomingMessage, body: msgspec.Struct
+    ) -> None:
+        if not message.reply_to:
+            return
+        await channel.default_exchange.publish(
+            aio_pika.Message(_encoder.encode(body), correlation_id=message.correlation_id),
+            routing_key=message.reply_to,
+        )
+
+    # -- patterns ------------------------------------------------------------------------
+    async def create_operation(self, data: bytes, caller: Caller | None) -> IResponse:
+        if caller is None:
+            return _unauthorized()
+        try:
+            op = operation_decoder.decode(data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            return _refused(decode_error(exc))
+        results = await self._submit([op], caller)
+        return _created(results[0])
+
+    async def create_operations(self, data: bytes, caller: Caller | None) -> IResponse:
+        if caller is None:
+            return _unauthorized()
+        try:
+            ops = operations_decoder.decode(data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            return _refused(decode_error(exc))
+        results = await self._submit(ops, caller)
+        refused = sum(isinstance(r, Rejection) for r in results)
+        created = sum(isinstance(r, Receipt) and r.created for r in results)
+        return IResponse(
+            status=refused == 0,
+            message=f"{created} created, {len(ops) - created - refused} existing, "
+            f"{refused} refused",
+            data=[_result_data(r) for r in results],
+            error_code="VALIDATION_ERROR" if refused else msgspec.UNSET,
+        )
+
+    async def get_operation(self, data: bytes, caller: Caller | None) -> IResponse:
+        if caller is None:
+            return _unauthorized()
+        try:
+            ref = _ref_decoder.decode(data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            return _refused(decode_error(exc))
+        op_id = ref if isinstance(ref, str) else ref.id or ref.user_operation_id
+        if not op_id:
+            return _refused(Rejection("id", "give the operation's id"))
+        try:
+            view = await self.ingress.get(op_id)
+        except Exception as exc:
+            raise Unavailable(str(translate(exc))) from exc
+        if view is None:
+            return IResponse(
+                status=False,
+                message="Operation not found",
+                error="Operation not found",
+                data=None,
+                error_code="NOT_FOUND",
+            )
+        return IResponse(status=True, message="Operation found", data=view)
+
+    async def _submit(self, ops: list[Any], caller: Caller) -> list[Result]:
+        try:
+            return await self.ingress.submit(ops, caller=caller, source=SOURCE)
+        except Exception as exc:
+            raise Unavailable(str(translate(exc))) from exc
+
+
+def _api_key_in(data: bytes) -> Any:
+    try:
+        decoded = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return None
+    return decoded.get("apiKey") if isinstance(decoded, dict) else None
+
+
+def _result_data(result: Result) -> Any:
+    if isinstance(result, Rejection):
+        return {"index": result.index, "field": result.field, "reason": result.reason}
+    return result
+
+
+def _created(result: Result) -> IResponse:
+    if isinstance(result, Rejection):
+        return _refused(result)
+    message = "Operation created" if result.created else "Operation already exists"
+    return IResponse(status=True, message=message, data=result)
+
+
+def _refused(rejection: Rejection) -> IResponse:
+    return IResponse(
+        status=False,
+        message="Operation refused",
+        error=rejection.message,
+        error_code="VALIDATION_ERROR",
+        data={"field": rejection.field, "reason": rejection.reason},
+    )
+
+
+def _unauthorized() -> IResponse:
+    return IResponse(
+        status=False,
+        message="Unauthorized",
+        error="key: a valid API key is required",
+        error_code="UNAUTHORIZED",
+    )
