@@ -18,6 +18,7 @@ log = structlog.get_logger("streamsvc.amqp")
 CONNECTION_EXCEPTIONS: tuple[type[BaseException], ...] = (
     aio_pika.exceptions.AMQPConnectionError,
     aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,  # a RuntimeError: the channel closed under us
     ConnectionError,
     OSError,
     TimeoutError,
@@ -44,15 +45,18 @@ async def serve(
             continue
         if failures:
             log.info("amqp.connected", who=who, after_failures=failures)
+        lost: BaseException | None = None
         try:
             await session(connection)
             failures = 0
-        except CONNECTION_EXCEPTIONS as exc:
-            failures += 1
-            await _pause("amqp.connection_lost", who, exc, retry.backoff_s(failures), stopping)
+        except* CONNECTION_EXCEPTIONS as group:  # sessions run task groups: errors come grouped
+            lost = group.exceptions[0]
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await _close_quietly(connection)
+        if lost is not None:
+            failures += 1
+            await _pause("amqp.connection_lost", who, lost, retry.backoff_s(failures), stopping)
 
 
 async def _pause(

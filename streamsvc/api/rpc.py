@@ -13,6 +13,7 @@ the queue after a pause, so nothing is lost and the caller's request is answered
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -80,7 +81,8 @@ _request_decoder = msgspec.json.Decoder(Request)
 _ref_decoder = msgspec.json.Decoder(OperationRef | str)
 _encoder = msgspec.json.Encoder()
 
-Handler = Callable[[bytes, Caller | None], Awaitable[IResponse]]
+Handler = Callable[[bytes, Caller | None, str | None], Awaitable[IResponse]]
+_NAMESPACE = uuid.UUID("0b7d3f4e-58a4-4d1b-9a3e-2f7c5d1e9a60")
 
 
 class Unavailable(Exception):
@@ -172,7 +174,7 @@ class RpcServer:
             return
         try:
             caller = self._caller(message, request)
-            response = await handler(request.data, caller)
+            response = await handler(request.data, caller, request.id)
         except Unavailable as exc:
             delay = self.retry.backoff_s(1 + (message.redelivered or 0))
             log.warning(
@@ -211,24 +213,28 @@ class RpcServer:
         )
 
     # -- patterns ------------------------------------------------------------------------
-    async def create_operation(self, data: bytes, caller: Caller | None) -> IResponse:
+    async def create_operation(
+        self, data: bytes, caller: Caller | None, request_id: str | None
+    ) -> IResponse:
         if caller is None:
             return _unauthorized()
         try:
             op = operation_decoder.decode(data)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             return _refused(decode_error(exc))
-        results = await self._submit([op], caller)
+        results = await self._submit([op], caller, request_id)
         return _created(results[0])
 
-    async def create_operations(self, data: bytes, caller: Caller | None) -> IResponse:
+    async def create_operations(
+        self, data: bytes, caller: Caller | None, request_id: str | None
+    ) -> IResponse:
         if caller is None:
             return _unauthorized()
         try:
             ops = operations_decoder.decode(data)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             return _refused(decode_error(exc))
-        results = await self._submit(ops, caller)
+        results = await self._submit(ops, caller, request_id)
         refused = sum(isinstance(r, Rejection) for r in results)
         created = sum(isinstance(r, Receipt) and r.created for r in results)
         return IResponse(
@@ -239,7 +245,9 @@ class RpcServer:
             error_code="VALIDATION_ERROR" if refused else msgspec.UNSET,
         )
 
-    async def get_operation(self, data: bytes, caller: Caller | None) -> IResponse:
+    async def get_operation(
+        self, data: bytes, caller: Caller | None, request_id: str | None
+    ) -> IResponse:
         if caller is None:
             return _unauthorized()
         try:
@@ -263,9 +271,14 @@ class RpcServer:
             )
         return IResponse(status=True, message="Operation found", data=view)
 
-    async def _submit(self, ops: list[Any], caller: Caller) -> list[Result]:
+    async def _submit(self, ops: list[Any], caller: Caller, request_id: str | None) -> list[Result]:
+        """Store ``ops``. Operations without a userOperationId get ids derived from the
+        request id, so a request redelivered after a lost ack is not stored twice."""
+        ids: list[str | None] | None = None
+        if request_id is not None:
+            ids = [str(uuid.uuid5(_NAMESPACE, f"{request_id}:{i}")) for i in range(len(ops))]
         try:
-            return await self.ingress.submit(ops, caller=caller, source=SOURCE)
+            return await self.ingress.submit(ops, caller=caller, source=SOURCE, ids=ids)
         except Exception as exc:
             raise Unavailable(str(translate(exc))) from exc
 
