@@ -148,7 +148,10 @@ class Flusher:
             metrics.flushes.labels(trigger).inc()
             started = time.perf_counter()
             try:
-                result = await self._transaction(items)
+                try:
+                    result = await self._transaction(items, careful=False)
+                except _Poisoned:  # rolled back: again, isolating the bad ones this time
+                    result = await self._transaction(items, careful=True)
             except Exception as exc:
                 error = translate(exc)
                 decision = self.retry.decide(
@@ -177,7 +180,9 @@ class Flusher:
             metrics.flush_size.observe(len(items))
             return result
 
-    async def _transaction(self, items: Sequence[WorkOp]) -> BatchResult:
+    async def _transaction(self, items: Sequence[WorkOp], *, careful: bool) -> BatchResult:
+        """One batch transaction. Optimistically every group runs bare; a permanent error
+        raises _Poisoned, and the careful run puts each group under a savepoint."""
         unique = list({item.id: item for item in items}.values())
         result = BatchResult(batch_id=str(uuid.uuid4()))
         async with self.pool.acquire() as conn, conn.transaction():
@@ -187,7 +192,10 @@ class Flusher:
             errors: dict[str, str] = {}
             groups = sqlbuild.plan(pending, self.catalog)
             for group in groups:
-                await self._apply(conn, group, errors)
+                if careful:
+                    await self._apply(conn, group, errors)
+                else:
+                    await self._run_bare(conn, group)
             finished: dict[str, int] = {}
             if pending:
                 finished = await self._finish(conn, pending, errors, result.batch_id)
@@ -227,6 +235,15 @@ class Flusher:
         metrics.last_success.set_to_current_time()
         return result
 
+    async def _run_bare(self, conn: asyncpg.Connection, group: sqlbuild.Group) -> None:
+        try:
+            await _execute(conn, sqlbuild.render(group, self.catalog))
+        except Exception as exc:
+            error = translate(exc)
+            if isinstance(error, TransientError):
+                raise error from exc
+            raise _Poisoned from exc
+
     async def _apply(
         self, conn: asyncpg.Connection, group: sqlbuild.Group, errors: dict[str, str]
     ) -> None:
@@ -234,10 +251,7 @@ class Flusher:
         try:
             statement = sqlbuild.render(group, self.catalog)
             async with conn.transaction():
-                if statement.many is not None:
-                    await conn.executemany(statement.sql, statement.many)
-                else:
-                    await conn.execute(statement.sql, *statement.args)
+                await _execute(conn, statement)
             return
         except Exception as exc:
             error = translate(exc)
@@ -291,6 +305,17 @@ class Flusher:
             )
         metrics.failed.inc(len(rows))
         return result
+
+
+class _Poisoned(Exception):
+    """A statement of the optimistic run failed for good: redo the batch carefully."""
+
+
+async def _execute(conn: asyncpg.Connection, statement: sqlbuild.Statement) -> None:
+    if statement.many is not None:
+        await conn.executemany(statement.sql, statement.many)
+    else:
+        await conn.execute(statement.sql, *statement.args)
 
 
 def _observe_latency(entries: list[rs.Entry], operations: int) -> None:

@@ -141,7 +141,8 @@ class RpcServer:
 
     async def _session(self, connection: AbstractConnection) -> None:
         """Consume until the connection drops or we stop; in-flight messages finish."""
-        channel = await connection.channel()
+        # Replies are answers to a waiting caller, not records: no publisher confirms.
+        channel = await connection.channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=self.prefetch)
         queue = await channel.declare_queue(self.queue, durable=self.durable)
         log.info("rpc.consuming", queue=self.queue, durable=self.durable)
