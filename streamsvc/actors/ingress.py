@@ -139,8 +139,9 @@ class Ingress:
     # -- the committer loop ------------------------------------------------------------
     async def run(self) -> None:
         while True:
-            if not self._queue:
-                self._wake = anyio.Event()
+            while not self._queue:  # every committer waits on the same event
+                if self._wake.is_set():
+                    self._wake = anyio.Event()
                 await self._wake.wait()
             tickets = self._take()
             with anyio.CancelScope(shield=True):
