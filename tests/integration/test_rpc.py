@@ -9,11 +9,12 @@ from typing import Any
 
 import aio_pika
 import anyio
+import asyncpg
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from streamsvc.settings import Settings
-from tests.conftest import RMQ_URL, make_settings
+from tests.conftest import PG, RMQ_URL, make_settings
 from tests.pipeline import eventually, serving
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -272,3 +273,56 @@ async def _next(queue: aio_pika.abc.AbstractQueue) -> AbstractIncomingMessage:
 
     await eventually(arrived, within=10)
     return got[0]
+
+
+async def test_api_key_in_header_or_data(database: str, prefix: str) -> None:
+    settings = make_settings(
+        database, prefix, STREAMSVC_AUTH="on", API_KEY_ENCRYPTION_SECRET="test-secret"
+    )
+    connection = await aio_pika.connect(RMQ_URL)
+    channel = await connection.channel()
+    await channel.declare_queue(settings.rmq_queue, durable=True)
+    replies = await channel.declare_queue(exclusive=True, auto_delete=True)
+    client = NestClient(channel, settings.rmq_queue, replies.name)
+    await replies.consume(client.on_reply, no_ack=True)
+    db = await asyncpg.connect(database=database, **PG)
+    try:
+        async with serving(settings) as service:
+            assert service.keys is not None
+            key = await service.keys.create(
+                db, "orders-svc", tables=["orders"], actions=["insert"], allow_sql=False
+            )
+            await service.keys.load(db)
+            in_data = await client.send("createOperation", {**order(30), "apiKey": key})
+            assert in_data["response"]["status"] is True
+            request_id = str(uuid.uuid4())
+            body = json.dumps(
+                {"pattern": "createOperation", "data": order(31), "id": request_id}
+            ).encode()
+            await channel.default_exchange.publish(
+                aio_pika.Message(
+                    body,
+                    correlation_id=request_id,
+                    reply_to=replies.name,
+                    headers={"x-api-key": key},
+                ),
+                routing_key=settings.rmq_queue,
+            )
+            assert (await client.reply(request_id))["response"]["status"] is True
+            for data in (order(32), {**order(33), "apiKey": "ssk_wrong"}):
+                refused = await client.send("createOperation", data)
+                assert refused["response"] == {
+                    "status": False,
+                    "message": "Unauthorized",
+                    "error": "key: a valid API key is required",
+                    "errorCode": "UNAUTHORIZED",
+                }
+        who = {r[0] for r in await db.fetch('SELECT submitted_by FROM "BatchOperations"')}
+        assert who == {"orders-svc"}
+        assert await db.fetchval('SELECT count(*) FROM "BatchOperations"') == 2
+        assert "ssk_" not in await db.fetchval(
+            """SELECT string_agg(body::text, '') FROM "BatchOperations\""""
+        )
+    finally:
+        await db.close()
+        await connection.close()
