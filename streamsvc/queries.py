@@ -28,6 +28,15 @@ ORDER BY id
 FOR UPDATE
 """
 
+# Batches writing the same table apply one after the other: each takes a transaction-level
+# advisory lock per table, all in one sorted order, so concurrent flushers never deadlock
+# on hot target rows (a deadlock costs PostgreSQL's deadlock_timeout, 1 s by default).
+LOCK_TABLES = """
+SELECT pg_advisory_xact_lock(hashtextextended('streamsvc:' || t.name, 0))
+FROM unnest($1::text[]) WITH ORDINALITY AS t(name, position)
+ORDER BY t.position
+"""
+
 FINISH_BATCH = f"""
 UPDATE {OPS} AS b
 SET status = u.status, error = u.error, attempts = b.attempts + 1, batch_id = $4::uuid,

@@ -17,9 +17,10 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from streamsvc import sqlguard
 from streamsvc.allowlist import TableRef, quote_ident
 from streamsvc.catalog import Catalog, Table
-from streamsvc.errors import PermanentError
+from streamsvc.errors import InvalidOperation, PermanentError
 from streamsvc.model import BodyKind, Operation, WorkOp, json_encoder
 
 Signature = tuple[Hashable, ...]
@@ -76,6 +77,24 @@ def plan(items: Sequence[WorkOp], catalog: Catalog) -> list[Group]:
             group.rows.add(row)
             last_touch[row] = index
     return groups
+
+
+def tables_of(groups: Sequence[Group], catalog: Catalog) -> list[str]:
+    """The tables the groups write to, sorted: the order the batch locks them in."""
+    names = set()
+    for group in groups:
+        op = group.members[0].op
+        if op.kind is BodyKind.STRUCTURED:
+            ref = catalog.allow.resolve(op.table or "")
+        else:
+            assert op.sql is not None
+            try:
+                ref = sqlguard.check_statement(op.sql, op.params, catalog.allow).table
+            except InvalidOperation:  # the allow-list changed since: its statement fails alone
+                ref = None
+        if ref is not None:
+            names.add(str(ref))
+    return sorted(names)
 
 
 def signature_of(op: Operation) -> Signature:

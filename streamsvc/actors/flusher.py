@@ -191,6 +191,8 @@ class Flusher:
             pending = [i for i in unique if i.id in state and state[i.id][1] in PENDING]
             errors: dict[str, str] = {}
             groups = sqlbuild.plan(pending, self.catalog)
+            if groups:
+                await conn.execute(queries.LOCK_TABLES, sqlbuild.tables_of(groups, self.catalog))
             for group in groups:
                 if careful:
                     await self._apply(conn, group, errors)

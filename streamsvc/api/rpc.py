@@ -208,9 +208,12 @@ class RpcServer:
     ) -> None:
         if not message.reply_to:
             return
+        # Not mandatory: with direct reply-to (amq.rabbitmq.reply-to.*, NestJS's default) the
+        # broker would also return every mandatory reply to us as unroutable.
         await channel.default_exchange.publish(
             aio_pika.Message(_encoder.encode(body), correlation_id=message.correlation_id),
             routing_key=message.reply_to,
+            mandatory=False,
         )
 
     # -- patterns ------------------------------------------------------------------------

@@ -220,3 +220,37 @@ async def test_two_flushers_holding_the_same_entries_apply_them_once(
     await workload.verify(conn, w)
     assert await statuses(conn) == {"SUCCESS": 3000}
     assert len(outcomes) >= 2, "both report; the second only re-reports what the first did"
+
+
+async def test_concurrent_batches_on_hot_rows_do_not_deadlock(
+    settings: Settings, conn: asyncpg.Connection
+) -> None:
+    await conn.executemany("INSERT INTO counters VALUES ($1, 0)", [(f"h{i}",) for i in range(40)])
+    # every update takes 5 ms, so the two batches surely hold locks at the same time
+    await conn.execute("""
+        CREATE FUNCTION slowly() RETURNS trigger LANGUAGE plpgsql AS
+        $$ BEGIN PERFORM pg_sleep(0.005); RETURN NEW; END $$;
+        CREATE TRIGGER slowly BEFORE UPDATE ON counters FOR EACH ROW EXECUTE FUNCTION slowly();
+    """)
+    bump = "UPDATE counters SET value = value + 1 WHERE name = $1"
+
+    def batch(names: list[str]) -> list[dict[str, object]]:
+        return [{"operationType": "BUMP", "sql": bump, "params": [n]} for n in names]
+
+    names = [f"h{i}" for i in range(40)]
+    async with running(settings) as service:
+        await service.ingress.submit(ops(batch(names)), caller=ANONYMOUS, source="api")
+        await service.ingress.submit(ops(batch(names[::-1])), caller=ANONYMOUS, source="api")
+        work = service.streams.names.work
+        a, b = service.flushers
+        await service.streams.ensure_group(work, rs.FLUSHER_GROUP)
+        first = await service.streams.read(work, rs.FLUSHER_GROUP, a.name, count=1, block_ms=None)
+        second = await service.streams.read(work, rs.FLUSHER_GROUP, b.name, count=1, block_ms=None)
+        async with service.pool.acquire(), service.pool.acquire():
+            pass  # two warm connections, so neither flusher waits for a connect
+        async with anyio.create_task_group() as tg:  # opposite lock orders, at the same time
+            tg.start_soon(a.handle, first)
+            tg.start_soon(b.handle, second)
+    assert await conn.fetchval("SELECT sum(value) FROM counters WHERE name LIKE 'h%'") == 80
+    attempts = {r[0] for r in await conn.fetch('SELECT attempts FROM "BatchOperations"')}
+    assert attempts == {1}, "no batch had to be retried after a deadlock"
