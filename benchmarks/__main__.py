@@ -50,7 +50,7 @@ class Stage:
     prefix: str
     conn: asyncpg.Connection
     redis: Any
-    service: ServiceProcess
+    services: list[ServiceProcess]
 
     @property
     def inbox(self) -> str:
@@ -62,14 +62,16 @@ class Stage:
 
 
 @asynccontextmanager
-async def stage(w: workload.Workload, flushers: int, limit: int) -> AsyncIterator[Stage]:
+async def stage(
+    w: workload.Workload, flushers: int, limit: int, roles: list[str]
+) -> AsyncIterator[Stage]:
     name = f"streamsvc_bench_{uuid.uuid4().hex[:8]}"
     prefix = f"streamsvc-bench-{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(database="postgres", **PG)
     await admin.execute(f'CREATE DATABASE "{name}"')
     redis = rs.connect(REDIS_URL)
     conn = await asyncpg.connect(database=name, **PG)
-    service: ServiceProcess | None = None
+    services: list[ServiceProcess] = []
     try:
         await conn.execute(workload.SCHEMA)
         await postgres.migrate(conn)
@@ -87,11 +89,13 @@ async def stage(w: workload.Workload, flushers: int, limit: int) -> AsyncIterato
             "BATCH_SERVICE_RMQ_QUEUE": f"{prefix}-rpc",
             "STREAMSVC_EVENTS_EXCHANGE": f"{prefix}-events",
         }
-        service = ServiceProcess(env, Path(tempfile.mkdtemp(prefix="streamsvc-bench-")))
-        await service.start()
-        yield Stage(name, prefix, conn, redis, service)
+        for role in roles:  # one process each: `all`, or a split such as ingress + flusher
+            service = ServiceProcess(env, Path(tempfile.mkdtemp(prefix="streamsvc-bench-")))
+            services.append(service)
+            await service.start("--role", role)
+        yield Stage(name, prefix, conn, redis, services)
     finally:
-        if service is not None:
+        for service in services:
             await service.terminate()
         await conn.close()
         keys = [k async for k in redis.scan_iter(match=f"{prefix}:*")]
@@ -123,9 +127,11 @@ async def finished(st: Stage, *, inbox: bool) -> None:
         await anyio.sleep(0.01)
 
 
-async def run_scenario(name: str, n: int, flushers: int, limit: int) -> dict[str, Any]:
+async def run_scenario(
+    name: str, n: int, flushers: int, limit: int, roles: list[str] | None = None
+) -> dict[str, Any]:
     w = workload.build(n)
-    async with stage(w, flushers, limit) as st:
+    async with stage(w, flushers, limit, roles or ["all"]) as st:
         submit: Callable[[], Awaitable[None]]
         if name == "inbox":
 
@@ -160,11 +166,13 @@ async def run_scenario(name: str, n: int, flushers: int, limit: int) -> dict[str
         }
 
 
-async def run_all(names: list[str], n: int, flushers: int, limit: int) -> list[dict[str, Any]]:
+async def run_all(
+    names: list[str], n: int, flushers: int, limit: int, roles: list[str]
+) -> list[dict[str, Any]]:
     results = []
     for name in names:
-        print(f"running {name} with {n} operations ...", flush=True)
-        results.append(await run_scenario(name, n, flushers, limit))
+        print(f"running {name} with {n} operations ({'+'.join(roles)}) ...", flush=True)
+        results.append(await run_scenario(name, n, flushers, limit, roles))
     return results
 
 
@@ -174,9 +182,16 @@ def main() -> None:
     parser.add_argument("--flushers", type=int, default=2, help="STREAMSVC_FLUSHERS")
     parser.add_argument("--limit", type=int, default=1000, help="BATCH_PROCESS_OPERATION_LIMIT")
     parser.add_argument("--only", choices=SCENARIOS, action="append", help="run just these")
+    parser.add_argument(
+        "--roles",
+        default="all",
+        help="service processes, one per role: `all`, or e.g. `ingress,flusher,notifier,sweeper`",
+    )
     parser.add_argument("--no-save", action="store_true", help="print only")
     args = parser.parse_args()
-    results = anyio.run(run_all, args.only or list(SCENARIOS), args.n, args.flushers, args.limit)
+    roles = args.roles.split(",")
+    names = args.only or list(SCENARIOS)
+    results = anyio.run(run_all, names, args.n, args.flushers, args.limit, roles)
     print(f"\n{'scenario':<12} {'ops':>8} {'seconds':>8} {'ops/s':>8} {'mean batch':>11}")
     for r in results:
         print(
@@ -191,6 +206,7 @@ def main() -> None:
             "python": platform.python_version(),
             "flushers": args.flushers,
             "limit": args.limit,
+            "roles": roles,
         }
         path.write_text(json.dumps({"machine": meta, "results": results}, indent=2) + "\n")
         print(f"saved {path}")

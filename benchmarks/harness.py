@@ -26,8 +26,8 @@ class ServiceProcess:
     def log_path(self) -> Path:
         return self.workdir / f"service-{self.starts}.log"
 
-    async def start(self) -> None:
-        self.spawn("run")
+    async def start(self, *args: str) -> None:
+        self.spawn("run", *args)
         await self.wait_for_log('"service.started"')
 
     def spawn(self, *args: str) -> subprocess.Popen[bytes]:

@@ -37,6 +37,7 @@ class AllowList:
 
     def __init__(self, tables: dict[TableRef, frozenset[str] | None]) -> None:
         self.tables = tables
+        self._resolved: dict[str, TableRef | None] = {}
 
     @classmethod
     def parse(cls, text: str) -> AllowList:
@@ -66,9 +67,16 @@ class AllowList:
 
     def resolve(self, name: str) -> TableRef | None:
         """The allowed table a caller's ``table`` string names, or None."""
+        try:
+            return self._resolved[name]
+        except KeyError:
+            pass
         schema, _, table = name.rpartition(".")
         ref = TableRef(schema or "public", table)
-        return ref if ref in self.tables else None
+        found = ref if ref in self.tables else None
+        if len(self._resolved) < 10_000:  # names callers send: few, but not trusted to be
+            self._resolved[name] = found
+        return found
 
     def column_allowed(self, table: TableRef, column: str) -> bool:
         cols = self.tables.get(table)

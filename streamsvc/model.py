@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import hashlib
 import re
 import uuid
 from typing import Annotated, Any, Literal
@@ -132,8 +133,13 @@ outcomes_decoder = msgspec.msgpack.Decoder(list[Outcome])
 json_encoder = msgspec.json.Encoder()
 
 
-def new_id() -> str:
-    return str(uuid.uuid4())
+def derived_id(namespace: uuid.UUID, name: str) -> str:
+    """``str(uuid.uuid5(namespace, name))``, without building UUID objects (a hot path)."""
+    digest = bytearray(hashlib.sha1(namespace.bytes + name.encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50
+    digest[8] = (digest[8] & 0x3F) | 0x80
+    x = digest.hex()
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
 
 
 def decode_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> Rejection:

@@ -204,4 +204,11 @@ def _row_key(op: Operation, catalog: Catalog) -> RowKey | None:
     columns = table.primary_key if op.action == "insert" else tuple(sorted(op.key or ()))
     if not source or not columns or any(c not in source for c in columns):
         return None
-    return ref, tuple((c, json_encoder.encode(source[c]).decode()) for c in columns)
+    return ref, tuple((c, _key_text(source[c])) for c in columns)
+
+
+def _key_text(value: Any) -> str:
+    """A key value as text; 1 and "1" name the same row, as PostgreSQL would read them."""
+    if isinstance(value, dict | list):
+        return json_encoder.encode(value).decode()
+    return str(value)

@@ -21,7 +21,7 @@ from streamsvc.adapters import streams as rs
 from streamsvc.adapters.postgres import translate
 from streamsvc.errors import InvalidOperation
 from streamsvc.keys import Authenticator
-from streamsvc.model import Operation, Rejection, decode_error, operation_decoder
+from streamsvc.model import Operation, Rejection, decode_error, derived_id, operation_decoder
 from streamsvc.policy import RetryPolicy
 from streamsvc.validate import Caller
 
@@ -125,7 +125,7 @@ class InboxConsumer:
                 continue
             ops, ids, entry_ids = by_caller.setdefault(caller, ([], [], []))
             ops.append(op)
-            ids.append(str(uuid.uuid5(_NAMESPACE, f"{names.inbox}:{entry_id.decode()}")))
+            ids.append(derived_id(_NAMESPACE, f"{names.inbox}:{entry_id.decode()}"))
             entry_ids.append(entry_id)
         raw_by_id = {entry_id: fields.get(b"op") for entry_id, fields in entries}
         for caller, (ops, ids, entry_ids) in by_caller.items():

@@ -28,7 +28,14 @@ from streamsvc.adapters import amqp
 from streamsvc.adapters.postgres import translate
 from streamsvc.errors import InvalidOperation
 from streamsvc.keys import Authenticator
-from streamsvc.model import Receipt, Rejection, decode_error, operation_decoder, operations_decoder
+from streamsvc.model import (
+    Receipt,
+    Rejection,
+    decode_error,
+    derived_id,
+    operation_decoder,
+    operations_decoder,
+)
 from streamsvc.policy import RetryPolicy
 from streamsvc.validate import Caller
 
@@ -280,7 +287,7 @@ class RpcServer:
         request id, so a request redelivered after a lost ack is not stored twice."""
         ids: list[str | None] | None = None
         if request_id is not None:
-            ids = [str(uuid.uuid5(_NAMESPACE, f"{request_id}:{i}")) for i in range(len(ops))]
+            ids = [derived_id(_NAMESPACE, f"{request_id}:{i}") for i in range(len(ops))]
         try:
             return await self.ingress.submit(ops, caller=caller, source=SOURCE, ids=ids)
         except Exception as exc:
