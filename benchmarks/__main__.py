@@ -25,7 +25,7 @@ import anyio
 import asyncpg
 
 from benchmarks import scenarios, workload
-from benchmarks.harness import ServiceProcess
+from benchmarks.harness import ServiceProcess, free_port
 from streamsvc.adapters import postgres
 from streamsvc.adapters import streams as rs
 
@@ -90,7 +90,10 @@ async def stage(
             "STREAMSVC_EVENTS_EXCHANGE": f"{prefix}-events",
         }
         for role in roles:  # one process each: `all`, or a split such as ingress + flusher
-            service = ServiceProcess(env, Path(tempfile.mkdtemp(prefix="streamsvc-bench-")))
+            service = ServiceProcess(
+                {**env, "STREAMSVC_HTTP_PORT": str(free_port())},
+                Path(tempfile.mkdtemp(prefix="streamsvc-bench-")),
+            )
             services.append(service)
             await service.start("--role", role)
         yield Stage(name, prefix, conn, redis, services)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,9 +16,17 @@ import asyncpg
 import msgspec
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a child's HTTP server."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 class ServiceProcess:
     def __init__(self, env: dict[str, str], workdir: Path) -> None:
         self.env = {**os.environ, **env, "LOG_LEVEL": "info"}
+        self.env.setdefault("STREAMSVC_HTTP_PORT", str(free_port()))
         self.workdir = workdir  # no .env there: the test's variables are all it reads
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0

@@ -147,8 +147,12 @@ def decode_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> Rejectio
     message = str(exc)
     head, sep, where = message.rpartition(" - at `$")
     path = where.rstrip("`").replace("[", ".").replace("]", "").strip(".") if sep else ""
-    if not sep:
-        head = message
+    return rejection(head if sep else message, path)
+
+
+def rejection(message: str, path: str = "") -> Rejection:
+    """A Rejection for msgspec's ``message`` about the value at ``path`` (dotted)."""
+    head = message
     named = _NAMED_FIELD.search(head)
     if named is not None:
         path = ".".join(p for p in (path, named["name"]) if p)

@@ -26,6 +26,7 @@ from streamsvc.actors.notifier import Notifier
 from streamsvc.actors.sweeper import Sweeper
 from streamsvc.adapters import postgres
 from streamsvc.adapters import streams as rs
+from streamsvc.api import http
 from streamsvc.api.inbox import InboxConsumer
 from streamsvc.api.rpc import RpcServer
 from streamsvc.catalog import Catalog
@@ -54,6 +55,7 @@ class Service:
     rpc: RpcServer
     notifier: Notifier
     keys: KeyStore | None
+    http: http.Server
     stopping: anyio.Event = field(default_factory=anyio.Event)
 
     def stop_claiming(self) -> None:
@@ -62,6 +64,7 @@ class Service:
             flusher.stopping = True
         self.rpc.stop()
         self.notifier.stop()
+        self.http.should_exit = True
         self.stopping.set()
 
 
@@ -132,6 +135,16 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
             mode=settings.notify_mode,
             durable_queues=settings.rmq_queue_durable,
         )
+
+        async def ready() -> None:
+            async with pool.acquire() as conn:
+                await conn.fetchval("SELECT 1")
+            await client.ping()
+
+        app = http.create_app(
+            ingress, Authenticator(keys), ready, max_body_bytes=settings.http_max_body_bytes
+        )
+        web = http.server(app, host=settings.http_host, port=settings.http_port)
         yield Service(
             settings,
             pool,
@@ -144,6 +157,7 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
             rpc,
             notifier,
             keys,
+            web,
         )
     finally:
         await client.aclose()
@@ -178,6 +192,7 @@ async def run(settings: Settings, role: Role = "all") -> None:
             support.start_soon(service.keys.run, service.pool)
         async with anyio.create_task_group() as claimers:
             support.start_soon(_watch_signals, service, claimers.cancel_scope)
+            claimers.start_soon(service.http.serve)  # every role: probes and /metrics
             if role in ("all", "ingress"):
                 claimers.start_soon(service.inbox.run)
                 claimers.start_soon(service.rpc.run)

@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 
 from benchmarks import workload
+from benchmarks.harness import free_port
 from streamsvc import settings as settings_module
 from streamsvc.adapters import postgres
 from streamsvc.adapters import streams as rs
@@ -61,6 +62,8 @@ def settings_env(database: str, prefix: str, **overrides: str) -> dict[str, str]
         "STREAMSVC_REDIS_PREFIX": prefix,
         "BATCH_SERVICE_RMQ_QUEUE": f"{prefix}-rpc",
         "STREAMSVC_EVENTS_EXCHANGE": f"{prefix}-events",
+        "STREAMSVC_HTTP_HOST": "127.0.0.1",
+        "STREAMSVC_HTTP_PORT": str(free_port()),
         "STREAMSVC_AUTH": "off",
         "STREAMSVC_ALLOWED_TABLES": ALLOWED,
         "BATCH_PROCESS_OPERATION_INTERVAL": "500",

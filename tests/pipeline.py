@@ -56,15 +56,31 @@ async def statuses(conn: object) -> dict[str, int]:
 
 @asynccontextmanager
 async def serving(settings: Settings) -> AsyncIterator[Service]:
-    """Everything but the signal watcher: committers, RPC, flushers and the notifier."""
+    """Everything but the signal watcher: committers, RPC, HTTP, flushers, notifier."""
     async with open_service(settings) as service, anyio.create_task_group() as tg:
         tg.start_soon(service.ingress.run)
         tg.start_soon(service.rpc.run)
         tg.start_soon(service.notifier.run)
+        http_done = anyio.Event()
+
+        async def serve_http() -> None:
+            try:
+                await service.http.serve()
+            finally:
+                http_done.set()
+
+        tg.start_soon(serve_http)
         for flusher in service.flushers:
             tg.start_soon(flusher.run)
+
+        async def listening() -> bool:
+            return bool(service.http.started)
+
+        await eventually(listening, within=10, every=0.01)
         try:
             yield service
         finally:
             service.stop_claiming()
+            with anyio.move_on_after(5):  # let uvicorn close its sockets
+                await http_done.wait()
             tg.cancel_scope.cancel()

@@ -167,4 +167,3 @@ def test_body_kinds() -> None:
     assert op(table="orders").kind is BodyKind.STRUCTURED
     assert op(sql="DELETE FROM orders WHERE id = $1", params=[1]).kind is BodyKind.STATEMENT
     assert op(sql="DELETE FROM orders").kind is BodyKind.LEGACY
-

@@ -1,0 +1,268 @@
+"""HTTP: the same operations over JSON, an OpenAPI document and Swagger UI served from local
+assets, Prometheus metrics, and liveness/readiness probes.
+
+Errors are RFC 9457 problem documents (``application/problem+json``) naming the field and
+the reason, the same words the other paths use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import prometheus_client
+import swagger_ui_bundle
+import uvicorn
+from litestar import Litestar, Request, Response, get, post
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.params import FromPath, JSONBody
+from litestar.static_files import create_static_files_router
+
+from streamsvc.actors.ingress import Ingress, Result
+from streamsvc.errors import InvalidOperation
+from streamsvc.keys import Authenticator
+from streamsvc.model import Operation, OperationView, Receipt, Rejection, rejection
+from streamsvc.validate import Caller
+
+SOURCE = "http"
+PROBLEM = "application/problem+json"
+ASSETS = "/api/docs/assets"
+
+
+class FieldError(msgspec.Struct):
+    field: str
+    reason: str
+
+
+class Problem(msgspec.Struct, omit_defaults=True):
+    """RFC 9457 problem details, with the offending fields."""
+
+    title: str
+    status: int
+    detail: str
+    type: str = "about:blank"
+    errors: list[FieldError] = []
+
+
+class BatchItem(msgspec.Struct, omit_defaults=True, rename="camel"):
+    """One operation's result in a bulk submission: a receipt, or why it was refused."""
+
+    index: int
+    id: str | None = None
+    operation_type: str | None = None
+    status: str | None = None
+    created: bool | None = None
+    error: FieldError | None = None
+
+
+class ProblemError(Exception):
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem.detail)
+        self.problem = problem
+
+
+def _problem_response(problem: Problem) -> Response[Problem]:
+    return Response(problem, status_code=problem.status, media_type=PROBLEM)
+
+
+def _refused(rejections: list[Rejection], status: int = 422) -> ProblemError:
+    first = rejections[0]
+    return ProblemError(
+        Problem(
+            title="Operation refused",
+            status=status,
+            detail=first.message,
+            errors=[FieldError(r.field, r.reason) for r in rejections],
+        )
+    )
+
+
+def create_app(
+    ingress: Ingress,
+    auth: Authenticator,
+    ready: Callable[[], Awaitable[None]],
+    *,
+    max_body_bytes: int,
+) -> Litestar:
+    """The HTTP API over one process's ingress; ``ready`` raises when a server is away."""
+
+    def caller_of(request: Request[Any, Any, Any]) -> Caller:
+        header = request.headers.get("authorization", "")
+        key = header[7:].strip() if header.lower().startswith("bearer ") else None
+        key = key or request.headers.get("x-api-key")
+        try:
+            return auth.caller_for(key)
+        except InvalidOperation as exc:
+            raise ProblemError(
+                Problem(
+                    title="Unauthorized",
+                    status=401,
+                    detail=f"{exc.field}: {exc.reason}",
+                    errors=[FieldError(exc.field, exc.reason)],
+                )
+            ) from None
+
+    @post(
+        "/api/operations",
+        status_code=201,
+        summary="Submit one operation",
+        description="201 when stored, 200 when an operation with this userOperationId "
+        "exists already (it is not applied twice).",
+    )
+    async def create_operation(
+        data: JSONBody[Operation], request: Request[Any, Any, Any]
+    ) -> Response[Receipt]:
+        result = (await ingress.submit([data], caller=caller_of(request), source=SOURCE))[0]
+        if isinstance(result, Rejection):
+            raise _refused([result])
+        return Response(result, status_code=201 if result.created else 200)
+
+    @post(
+        "/api/operations/batch",
+        status_code=200,
+        summary="Submit a list of operations",
+        description="Every valid operation is stored; each item says what became of it.",
+    )
+    async def create_operations(
+        data: JSONBody[list[Operation]], request: Request[Any, Any, Any]
+    ) -> list[BatchItem]:
+        results = await ingress.submit(data, caller=caller_of(request), source=SOURCE)
+        return [_item(i, r) for i, r in enumerate(results)]
+
+    @get("/api/operations/{operation_id:str}", summary="Look an operation up by id")
+    async def get_operation(
+        operation_id: FromPath[str], request: Request[Any, Any, Any]
+    ) -> OperationView:
+        caller_of(request)
+        view = await ingress.get(operation_id)
+        if view is None:
+            raise ProblemError(
+                Problem(
+                    title="Not found", status=404, detail=f"no operation with id {operation_id!r}"
+                )
+            )
+        return view
+
+    @get("/metrics", include_in_schema=False, media_type=prometheus_client.CONTENT_TYPE_LATEST)
+    async def metrics() -> bytes:
+        return prometheus_client.generate_latest()
+
+    @get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @get("/readyz", include_in_schema=False)
+    async def readyz() -> Response[dict[str, str]]:
+        try:
+            await ready()
+        except Exception as exc:
+            return Response({"status": "unavailable", "reason": str(exc)}, status_code=503)
+        return Response({"status": "ready"})
+
+    assets = create_static_files_router(
+        path=ASSETS,
+        directories=[Path(swagger_ui_bundle.swagger_ui_path)],
+        include_in_schema=False,
+    )
+    swagger = SwaggerRenderPlugin(
+        path="/docs",
+        js_url=f"{ASSETS}/swagger-ui-bundle.js",
+        css_url=f"{ASSETS}/swagger-ui.css",
+        standalone_preset_js_url=f"{ASSETS}/swagger-ui-standalone-preset.js",
+        favicon=f'<link rel="icon" type="image/png" href="{ASSETS}/favicon-32x32.png">',
+    )
+    return Litestar(
+        [create_operation, create_operations, get_operation, metrics, healthz, readyz, assets],
+        openapi_config=OpenAPIConfig(
+            title="streamsvc",
+            version="1",
+            path="/api",
+            render_plugins=[swagger],
+            description="Batch Service: operations stored, applied in batches, exactly once.",
+        ),
+        exception_handlers={
+            ProblemError: lambda _, exc: _problem_response(exc.problem),
+            ValidationException: _validation_problem,
+            HTTPException: _http_problem,
+        },
+        request_max_body_size=max_body_bytes,
+        debug=False,
+    )
+
+
+def _item(index: int, result: Result) -> BatchItem:
+    if isinstance(result, Rejection):
+        return BatchItem(index, error=FieldError(result.field, result.reason))
+    return BatchItem(index, result.id, result.operation_type, result.status.value, result.created)
+
+
+def _validation_problem(_: Request[Any, Any, Any], exc: ValidationException) -> Response[Problem]:
+    """Litestar decoded the body with msgspec; name the fields as the other paths do."""
+    errors = []
+    for extra in exc.extra if isinstance(exc.extra, list) else []:
+        key = str(extra.get("key", ""))
+        named = rejection(str(extra.get("message", "")), "" if key == "data" else key)
+        errors.append(FieldError(named.field, named.reason))
+    if not errors:
+        errors = [FieldError("body", _lower(exc.detail))]
+    first = errors[0]
+    return _problem_response(
+        Problem(
+            title="Operation refused",
+            status=422,
+            detail=f"{first.field}: {first.reason}",
+            errors=errors,
+        )
+    )
+
+
+def _http_problem(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Problem]:
+    status = exc.status_code
+    detail = _lower(exc.detail)
+    if status == 400 and "json" in detail.lower():
+        status = 422
+        return _problem_response(
+            Problem(
+                title="Operation refused",
+                status=status,
+                detail=f"body: {detail}",
+                errors=[FieldError("body", detail)],
+            )
+        )
+    return _problem_response(Problem(title=_title(status), status=status, detail=detail))
+
+
+def _title(status: int) -> str:
+    return {413: "Request body too large", 404: "Not found", 405: "Method not allowed"}.get(
+        status, "Request failed"
+    )
+
+
+def _lower(text: str) -> str:
+    return text[:1].lower() + text[1:] if text[1:2].islower() else text
+
+
+class Server(uvicorn.Server):
+    """uvicorn inside the service's task group: the supervisor owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def server(app: Litestar, *, host: str, port: int) -> Server:
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        server_header=False,
+    )
+    return Server(config)
