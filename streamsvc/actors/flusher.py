@@ -25,6 +25,7 @@ import structlog
 from streamsvc import metrics, queries, sqlbuild
 from streamsvc.adapters import streams as rs
 from streamsvc.adapters.postgres import translate
+from streamsvc.backoff import pause
 from streamsvc.catalog import Catalog
 from streamsvc.errors import TransientError
 from streamsvc.model import PENDING, Outcome, Status, WorkOp, work_decoder, work_encoder
@@ -84,15 +85,11 @@ class Flusher:
                     continue
                 await self.handle(entries)
                 failures = 0
-            except rs.CONNECTION_EXCEPTIONS as exc:
+            except rs.CONNECTION_EXCEPTIONS as exc:  # unacked work is redelivered later
                 failures += 1
-                delay = self.retry.backoff_s(failures)
-                log.warning(
-                    "flusher.redis_unavailable",
-                    error=str(exc),
-                    next=f"reading again in {delay:.1f} s; unacked work is redelivered",
+                await pause(
+                    log, "flusher.redis_unavailable", exc, self.retry, failures, "reading again"
                 )
-                await anyio.sleep(delay)
 
     async def handle(self, entries: list[rs.Entry]) -> None:
         """Apply every operation of ``entries`` (in transactions of at most ``limit``), then

@@ -24,6 +24,7 @@ from aio_pika.abc import AbstractConnection, AbstractExchange
 from streamsvc import metrics
 from streamsvc.adapters import amqp
 from streamsvc.adapters import streams as rs
+from streamsvc.backoff import pause
 from streamsvc.model import Outcome, Status, outcomes_decoder
 from streamsvc.policy import RetryPolicy
 from streamsvc.settings import Route
@@ -39,16 +40,6 @@ Mode = Literal["operation", "aggregate"]
 class Event(msgspec.Struct):
     pattern: str
     data: Any
-
-
-class Finished(msgspec.Struct, rename="camel"):
-    id: str
-    operation_type: str
-    status: Status
-    error: str | None
-    attempts: int
-    batch_id: str | None
-    meta: Any = None
 
 
 class Succeeded(msgspec.Struct):
@@ -79,9 +70,7 @@ def publications(
     out: list[Publication] = []
     if mode == "operation":
         for o in outcomes:
-            data = Finished(
-                o.id, o.operation_type, o.status, o.error, o.attempts, o.batch_id, o.meta
-            )
+            data = o  # the Outcome as it is: {id, operationType, status, error, ...}
             out.append(
                 (
                     exchange,
@@ -177,13 +166,9 @@ class Notifier:
                 )
             except rs.CONNECTION_EXCEPTIONS as exc:
                 failures += 1
-                delay = self.retry.backoff_s(failures)
-                log.warning(
-                    "notifier.redis_unavailable",
-                    error=str(exc),
-                    next=f"reading again in {delay:.1f} s",
+                await pause(
+                    log, "notifier.redis_unavailable", exc, self.retry, failures, "reading again"
                 )
-                await anyio.sleep(delay)
                 continue
             failures = 0
             if not entries:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import time
 import uuid
 
-import anyio
 import msgspec
 import structlog
 
 from streamsvc.actors.ingress import Ingress
 from streamsvc.adapters import streams as rs
 from streamsvc.adapters.postgres import translate
+from streamsvc.backoff import pause
 from streamsvc.errors import InvalidOperation
 from streamsvc.keys import Authenticator
 from streamsvc.model import Operation, Rejection, decode_error, derived_id, operation_decoder
@@ -82,14 +82,15 @@ class InboxConsumer:
                 failures = 0
             except Exception as exc:
                 failures += 1
-                delay = self.retry.backoff_s(failures)
-                log.warning(
-                    "inbox.ingest_failed",
-                    error=str(translate(exc)),
-                    next=f"reading unacked entries again in {delay:.1f} s",
-                )
                 own_pending = True
-                await anyio.sleep(delay)
+                await pause(
+                    log,
+                    "inbox.ingest_failed",
+                    translate(exc),
+                    self.retry,
+                    failures,
+                    "reading unacked entries again",
+                )
 
     async def _take_over_idle(self) -> None:
         """Entries a dead inbox consumer read and never acked become ours."""
