@@ -8,9 +8,12 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 import asyncpg
+from rich.console import Console
+from rich.live import Live
 
-from streamsvc import logs, settings
+from streamsvc import logs, settings, status
 from streamsvc.adapters import postgres
+from streamsvc.adapters import streams as rs
 from streamsvc.errors import ConfigError, InvalidOperation, NotMigratedError
 from streamsvc.keys import KeyStore
 from streamsvc.settings import Settings
@@ -23,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     run_cmd = sub.add_parser("run", help="run every actor, or one role for scaling out")
     run_cmd.add_argument("--role", choices=ROLES, default="all")
     sub.add_parser("migrate", help="create or upgrade the service's own tables")
+    status = sub.add_parser("status", help="stream depths, consumers, throughput, failures")
+    status.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    status.add_argument("--every", type=float, default=2.0, help="seconds between refreshes")
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys", required=True)
     create = keys.add_parser("create", help="create a key and print it (shown only once)")
     create.add_argument("--name", required=True)
@@ -81,6 +87,25 @@ async def _keys(config: Settings, args: argparse.Namespace) -> None:
         await conn.close()
 
 
+async def _status(config: Settings, args: argparse.Namespace) -> None:
+    conn = await asyncpg.connect(**postgres.dsn_kwargs(config))
+    client = rs.connect(config.redis_url)
+    streams = rs.Streams(client, rs.Names(config.redis_prefix))
+    console = Console()
+    try:
+        await postgres.check_migrated(conn)
+        if not args.watch:
+            console.print(status.render(await status.gather(conn, streams)))
+            return
+        with Live(console=console, auto_refresh=False) as live:
+            while True:
+                live.update(status.render(await status.gather(conn, streams)), refresh=True)
+                await anyio.sleep(args.every)
+    finally:
+        await client.aclose()
+        await conn.close()
+
+
 def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -99,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             async def job() -> None:
                 await _keys(config, args)
+        elif args.command == "status":
+
+            async def job() -> None:
+                await _status(config, args)
         else:
 
             async def job() -> None:
@@ -108,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, NotMigratedError, InvalidOperation) as exc:
         print(f"streamsvc: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 0
     except (OSError, asyncpg.PostgresError) as exc:
         print(f"streamsvc: cannot reach a server: {exc}", file=sys.stderr)
         return 1

@@ -86,3 +86,13 @@ FROM {OPS} WHERE id = $1::uuid
 """
 
 STATUS_COUNTS = f"SELECT status, count(*) FROM {OPS} GROUP BY status"
+
+RECENT_FAILURES = f"""
+SELECT id::text, operation_type, error, processed_at FROM {OPS}
+WHERE status = 'FAIL' ORDER BY processed_at DESC NULLS LAST LIMIT $1
+"""
+
+FINISHED_SINCE = f"""
+SELECT count(*) FROM {OPS}
+WHERE processed_at >= now() - make_interval(secs => $1) AND status IN ('SUCCESS', 'FAIL')
+"""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import uuid
 from dataclasses import dataclass
@@ -148,3 +149,32 @@ async def test_production_refuses_auth_off(database: str, tmp_path: Path) -> Non
         2,
         "streamsvc: STREAMSVC_AUTH: cannot be off when NODE_ENV=production",
     )
+
+
+async def test_status_shows_streams_counts_and_recent_failures(
+    database: str, prefix: str, tmp_path: Path
+) -> None:
+    from streamsvc.validate import ANONYMOUS
+    from tests.conftest import make_settings
+    from tests.pipeline import drain, ops, running
+
+    settings = make_settings(database, prefix)
+    good = {
+        "operationType": "OK",
+        "table": "orders",
+        "action": "insert",
+        "values": {"id": 1, "customer": "c", "amount": 1},
+    }
+    bad = {**good, "operationType": "BROKEN", "values": {"id": 2, "customer": "c", "amount": -1}}
+    async with running(settings) as service:
+        await service.ingress.submit(ops([good, bad]), caller=ANONYMOUS, source="api")
+        await drain(service)
+    env = {**settings_env(database, prefix), "COLUMNS": "240"}
+    result = await streamsvc(env, tmp_path, "status")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for heading in ("Streams", "Consumers", "Operations", "Recent failures"):
+        assert heading in out
+    assert "outcomes" in out and "flusher-0" in out
+    assert "BROKEN" in out and "violates check constraint" in out
+    assert re.search(r"SUCCESS\s*│\s*1\s*│", out) and re.search(r"FAIL\s*│\s*1\s*│", out)

@@ -1,0 +1,78 @@
+"""`streamsvc status`: where the work stands, read from Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+import asyncpg
+import redis.exceptions
+from rich.console import Group
+from rich.table import Table
+
+from streamsvc import queries
+from streamsvc.adapters import streams as rs
+
+WINDOW_S = 60
+GROUPS = {"inbox": rs.INGRESS_GROUP, "work": rs.FLUSHER_GROUP, "outcomes": rs.NOTIFIER_GROUP}
+
+
+@dataclass
+class Snapshot:
+    streams: dict[str, int] = field(default_factory=dict)  # name -> entries
+    consumers: list[tuple[str, str, int, int]] = field(default_factory=list)
+    statuses: dict[str, int] = field(default_factory=dict)
+    finished_per_s: float = 0.0
+    failures: list[tuple[str, str, str | None, dt.datetime | None]] = field(default_factory=list)
+
+
+async def gather(conn: asyncpg.Connection, streams: rs.Streams, *, failures: int = 10) -> Snapshot:
+    snap = Snapshot()
+    names = streams.names
+    for label in ("inbox", "work", "outcomes", "rejects", "dead"):
+        snap.streams[label] = await streams.length(getattr(names, label))
+    for label, group in GROUPS.items():
+        try:
+            consumers = await streams.redis.xinfo_consumers(getattr(names, label), group)
+        except redis.exceptions.ResponseError:  # no such stream or group yet
+            continue
+        for c in consumers:
+            name = c["name"].decode() if isinstance(c["name"], bytes) else str(c["name"])
+            snap.consumers.append((label, name, int(c["pending"]), int(c["idle"])))
+    snap.statuses = {row[0]: row[1] for row in await conn.fetch(queries.STATUS_COUNTS)}
+    snap.finished_per_s = (await conn.fetchval(queries.FINISHED_SINCE, WINDOW_S)) / WINDOW_S
+    snap.failures = [tuple(r) for r in await conn.fetch(queries.RECENT_FAILURES, failures)]
+    return snap
+
+
+def render(snap: Snapshot) -> Group:
+    depths = Table(title="Streams", title_justify="left")
+    depths.add_column("stream")
+    depths.add_column("entries", justify="right")
+    for name, length in snap.streams.items():
+        depths.add_row(name, str(length))
+
+    consumers = Table(title="Consumers (pending = taken, not yet acked)", title_justify="left")
+    for column in ("stream", "consumer", "pending", "idle s"):
+        consumers.add_column(
+            column, justify="left" if column in ("stream", "consumer") else "right"
+        )
+    for stream, name, pending, idle_ms in snap.consumers:
+        consumers.add_row(stream, name, str(pending), f"{idle_ms / 1000:.1f}")
+
+    statuses = Table(
+        title=f"Operations (finished in the last {WINDOW_S} s: {snap.finished_per_s:.1f}/s)",
+        title_justify="left",
+    )
+    statuses.add_column("status")
+    statuses.add_column("count", justify="right")
+    for status in ("UNPROCESSED", "PROCESSING", "SUCCESS", "FAIL"):
+        statuses.add_row(status, str(snap.statuses.get(status, 0)))
+
+    failures = Table(title="Recent failures", title_justify="left")
+    for column in ("when", "id", "operationType", "error"):
+        failures.add_column(column, overflow="fold")
+    for op_id, op_type, error, when in snap.failures:
+        stamp = when.strftime("%Y-%m-%d %H:%M:%S") if when else ""
+        failures.add_row(stamp, op_id, op_type, (error or "").splitlines()[0][:200])
+    return Group(depths, consumers, statuses, failures)
