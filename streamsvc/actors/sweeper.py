@@ -79,6 +79,11 @@ class Sweeper:
 
     async def sweep(self) -> SweepReport:
         report = SweepReport()
+        names = self.streams.names
+        for label in ("inbox", "work", "outcomes", "dead"):
+            metrics.stream_pending.labels(label).set(
+                await self.streams.length(getattr(names, label))
+            )
         await self._stuck_entries(report)
         await self._stale_rows(report)
         await self.streams.drop_idle_consumers(

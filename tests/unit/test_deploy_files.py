@@ -23,3 +23,30 @@ def test_compose_passes_only_settings_the_service_knows() -> None:
     assert {"postgres", "redis", "rabbitmq", "streamsvc"} <= set(services)
     assert all("healthcheck" in s for s in services.values())
     assert set(services["streamsvc"]["environment"]) <= set(env_names())
+
+
+def test_grafana_dashboard_queries_only_metrics_the_service_declares() -> None:
+    import json
+    import re
+
+    from prometheus_client import REGISTRY
+
+    from streamsvc import metrics  # noqa: F401 - declares them
+
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
+    declared = {
+        family.name + suffix
+        for family in REGISTRY.collect()
+        for suffix in suffixes.get(family.type, [""])
+    }
+    dashboard = json.loads((ROOT / "deploy/grafana/dashboards/streamsvc.json").read_text())
+    titles = {p["title"] for p in dashboard["panels"]}
+    assert any("Throughput" in t for t in titles) and any("Latency" in t for t in titles)
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            used = set(re.findall(r"streamsvc_[a-z_]+", target["expr"]))
+            assert used and used <= declared, (panel["title"], used - declared)
+    prometheus = yaml.safe_load((ROOT / "deploy/prometheus.yml").read_text())
+    assert prometheus["scrape_configs"][0]["static_configs"][0]["targets"] == ["streamsvc:3000"]
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    assert {"prometheus", "grafana"} <= set(compose["services"])
