@@ -98,5 +98,13 @@ async def prefix() -> AsyncIterator[str]:
 
 
 @pytest.fixture
+async def conn(database: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the test's own database."""
+    connection = await asyncpg.connect(database=database, **PG)
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture
 def settings(database: str, prefix: str) -> Settings:
     return make_settings(database, prefix)

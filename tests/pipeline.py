@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 import msgspec
@@ -84,3 +85,14 @@ async def serving(settings: Settings) -> AsyncIterator[Service]:
             with anyio.move_on_after(5):  # let uvicorn close its sockets
                 await http_done.wait()
             tg.cancel_scope.cancel()
+
+
+def order(i: int, **extra: Any) -> dict[str, Any]:
+    """A structured insert into the workload's orders table."""
+    return {
+        "operationType": "ORDER_CREATED",
+        "table": "orders",
+        "action": "insert",
+        "values": {"id": i, "customer": "c", "amount": 1},
+        **extra,
+    }

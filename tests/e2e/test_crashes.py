@@ -13,17 +13,10 @@ import redis.asyncio as aioredis
 from benchmarks import workload
 from benchmarks.harness import ServiceProcess, count_status, produce
 from streamsvc.adapters import streams as rs
-from tests.conftest import PG, settings_env
+from tests.conftest import settings_env
 from tests.pipeline import eventually, statuses
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
-
-
-@pytest.fixture
-async def conn(database: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(database=database, **PG)
-    yield connection
-    await connection.close()
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 
 import anyio
 import asyncpg
@@ -16,13 +15,6 @@ from tests.conftest import PG, make_settings
 from tests.pipeline import drain, eventually, ops, running, statuses
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
-
-
-@pytest.fixture
-async def conn(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(database=settings.db_name, **PG)
-    yield connection
-    await connection.close()
 
 
 def order(i: int, amount: object = 1, **extra: object) -> dict[str, object]:

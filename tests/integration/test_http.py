@@ -14,19 +14,9 @@ import pytest
 from streamsvc.settings import Settings
 from streamsvc.supervisor import Service
 from tests.conftest import PG, make_settings
-from tests.pipeline import eventually, serving
+from tests.pipeline import eventually, order, serving
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
-
-
-def order(i: int, **extra: Any) -> dict[str, Any]:
-    return {
-        "operationType": "ORDER_CREATED",
-        "table": "orders",
-        "action": "insert",
-        "values": {"id": i, "customer": "c", "amount": 1},
-        **extra,
-    }
 
 
 @asynccontextmanager

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
 
 import anyio
 import asyncpg
@@ -16,26 +15,10 @@ from streamsvc.model import Receipt
 from streamsvc.settings import Settings
 from streamsvc.supervisor import Service
 from streamsvc.validate import ANONYMOUS
-from tests.conftest import PG, make_settings
-from tests.pipeline import drain, eventually, ops, running, statuses
+from tests.conftest import make_settings
+from tests.pipeline import drain, eventually, ops, order, running, statuses
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
-
-
-@pytest.fixture
-async def conn(database: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(database=database, **PG)
-    yield connection
-    await connection.close()
-
-
-def order(i: int) -> dict[str, object]:
-    return {
-        "operationType": "ORDER_CREATED",
-        "table": "orders",
-        "action": "insert",
-        "values": {"id": i, "customer": "c", "amount": 1},
-    }
 
 
 async def test_inbox_rejects_malformed_entries_and_keeps_going(

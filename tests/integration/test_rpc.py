@@ -15,7 +15,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from streamsvc.settings import Settings
 from tests.conftest import PG, RMQ_URL, make_settings
-from tests.pipeline import eventually, serving
+from tests.pipeline import eventually, order, serving
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -87,16 +87,6 @@ async def client(settings: Settings) -> AsyncIterator[NestClient]:
     yield nest
     await channel.queue_delete(f"{settings.redis_prefix}-orders")
     await connection.close()
-
-
-def order(i: int, **extra: Any) -> dict[str, Any]:
-    return {
-        "operationType": "ORDER_CREATED",
-        "table": "orders",
-        "action": "insert",
-        "values": {"id": i, "customer": "c", "amount": 1},
-        **extra,
-    }
 
 
 async def test_create_and_get_operation_replies_exactly(
