@@ -55,9 +55,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     allowed_tables: str = msgspec.field(default="", name="STREAMSVC_ALLOWED_TABLES")
     http_port: Port = msgspec.field(default=3000, name="STREAMSVC_HTTP_PORT")
     http_host: str = msgspec.field(default="0.0.0.0", name="STREAMSVC_HTTP_HOST")
-    http_max_body_bytes: Positive = msgspec.field(
-        default=1_048_576, name="STREAMSVC_HTTP_MAX_BODY_BYTES"
-    )
+    max_body_bytes: Positive = msgspec.field(default=1_048_576, name="STREAMSVC_MAX_BODY_BYTES")
     flushers: Positive = msgspec.field(default=2, name="STREAMSVC_FLUSHERS")
     db_pool_size: Positive = msgspec.field(default=8, name="STREAMSVC_DB_POOL_SIZE")
     ingress_read_count: Positive = msgspec.field(default=2000, name="STREAMSVC_INGRESS_READ_COUNT")

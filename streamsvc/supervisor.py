@@ -100,6 +100,7 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
             retry,
             count=settings.ingress_read_count,
             claim_idle_ms=settings.claim_idle_ms,
+            max_body_bytes=settings.max_body_bytes,
         )
         flushers = [
             Flusher(
@@ -124,6 +125,7 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
             queue=settings.rmq_queue,
             durable=settings.rmq_queue_durable,
             prefetch=settings.rpc_prefetch,
+            max_body_bytes=settings.max_body_bytes,
         )
         notifier = Notifier(
             f"{base}-notifier",
@@ -142,7 +144,7 @@ async def open_service(settings: Settings) -> AsyncIterator[Service]:
             await client.ping()
 
         app = http.create_app(
-            ingress, Authenticator(keys), ready, max_body_bytes=settings.http_max_body_bytes
+            ingress, Authenticator(keys), ready, max_body_bytes=settings.max_body_bytes
         )
         web = http.server(app, host=settings.http_host, port=settings.http_port)
         yield Service(

@@ -188,7 +188,7 @@ def create_app(
         exception_handlers={
             ProblemError: lambda _, exc: _problem_response(exc.problem),
             ValidationException: _validation_problem,
-            HTTPException: _http_problem,
+            HTTPException: lambda _, exc: _http_problem(exc, max_body_bytes),
         },
         request_max_body_size=max_body_bytes,
         debug=False,
@@ -221,9 +221,11 @@ def _validation_problem(_: Request[Any, Any, Any], exc: ValidationException) -> 
     )
 
 
-def _http_problem(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Problem]:
+def _http_problem(exc: HTTPException, max_body_bytes: int) -> Response[Problem]:
     status = exc.status_code
     detail = _lower(exc.detail)
+    if status == 413:
+        detail = f"larger than the {max_body_bytes} bytes allowed"
     if status == 400 and "json" in detail.lower():
         status = 422
         return _problem_response(
@@ -234,7 +236,10 @@ def _http_problem(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Pro
                 errors=[FieldError("body", detail)],
             )
         )
-    return _problem_response(Problem(title=_title(status), status=status, detail=detail))
+    errors = [FieldError("body", detail)] if status == 413 else []
+    return _problem_response(
+        Problem(title=_title(status), status=status, detail=detail, errors=errors)
+    )
 
 
 def _title(status: int) -> str:

@@ -42,6 +42,7 @@ class InboxConsumer:
         *,
         count: int,
         claim_idle_ms: int,
+        max_body_bytes: int,
         block_ms: int = 1000,
     ) -> None:
         self.name = name
@@ -51,6 +52,7 @@ class InboxConsumer:
         self.retry = retry
         self.count = count
         self.claim_idle_ms = claim_idle_ms
+        self.max_body_bytes = max_body_bytes
         self.block_ms = block_ms
         self.stopping = False
 
@@ -116,6 +118,9 @@ class InboxConsumer:
             try:
                 if raw is None:
                     raise _Refused(Rejection("op", "entry has no `op` field"))
+                if len(raw) > self.max_body_bytes:
+                    reason = f"larger than the {self.max_body_bytes} bytes allowed"
+                    raise _Refused(Rejection("op", reason))
                 op = _decode(raw)
                 caller = self.auth.caller_for(fields.get(b"key") or op.api_key)
             except _Refused as refused:

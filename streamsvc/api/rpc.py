@@ -120,6 +120,7 @@ class RpcServer:
         queue: str,
         durable: bool,
         prefetch: int,
+        max_body_bytes: int,
     ) -> None:
         self.ingress = ingress
         self.auth = auth
@@ -128,6 +129,7 @@ class RpcServer:
         self.queue = queue
         self.durable = durable
         self.prefetch = prefetch
+        self.max_body_bytes = max_body_bytes
         self.stopping = anyio.Event()
         self._consuming = anyio.CancelScope()
         self.handlers: dict[str, Handler] = {
@@ -181,8 +183,13 @@ class RpcServer:
             await message.ack()
             return
         try:
-            caller = self._caller(message, request)
-            response = await handler(request.data, caller, request.id)
+            if len(message.body) > self.max_body_bytes:
+                response = _refused(
+                    Rejection("body", f"larger than the {self.max_body_bytes} bytes allowed")
+                )
+            else:
+                caller = self._caller(message, request)
+                response = await handler(request.data, caller, request.id)
         except Unavailable as exc:
             delay = self.retry.backoff_s(1 + (message.redelivered or 0))
             log.warning(

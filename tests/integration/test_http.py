@@ -145,7 +145,7 @@ async def test_metrics_count_what_happened(client: httpx.AsyncClient) -> None:
 
 
 async def test_body_size_limit(database: str, prefix: str) -> None:
-    settings = make_settings(database, prefix, STREAMSVC_HTTP_MAX_BODY_BYTES="1000")
+    settings = make_settings(database, prefix, STREAMSVC_MAX_BODY_BYTES="1000")
     async with http_client(settings) as (_, c):
         response = await c.post("/api/operations", json={**order(1), "meta": "x" * 5000})
     assert response.status_code == 413
