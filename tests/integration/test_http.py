@@ -129,19 +129,44 @@ async def test_openapi_docs_and_probes(client: httpx.AsyncClient) -> None:
     assert (await client.get("/readyz")).json() == {"status": "ready"}
 
 
-async def test_metrics_count_what_happened(client: httpx.AsyncClient) -> None:
+async def test_metrics_move_by_what_happened(client: httpx.AsyncClient) -> None:
     def value(text: str, sample: str) -> float:
         for line in text.splitlines():
             if line.startswith(sample + " "):
                 return float(line.split()[-1])
         return 0.0
 
-    sample = 'streamsvc_operations_received_total{source="http"}'
-    before = value((await client.get("/metrics")).text, sample)
-    await client.post("/api/operations/batch", json=[order(20), order(21), order(22)])
-    after = (await client.get("/metrics")).text
-    assert value(after, sample) == before + 3
-    assert "streamsvc_flush_duration_seconds_bucket" in after
+    samples = {
+        "received": 'streamsvc_operations_received_total{source="http"}',
+        "rejected": 'streamsvc_operations_rejected_total{source="http"}',
+        "succeeded": "streamsvc_operations_succeeded_total",
+        "failed": "streamsvc_operations_failed_total",
+        "flush_ops": "streamsvc_flush_size_operations_sum",
+        "flushes": "streamsvc_flush_size_operations_count",
+        "latency": "streamsvc_end_to_end_latency_seconds_count",
+    }
+    text = (await client.get("/metrics")).text
+    before = {k: value(text, v) for k, v in samples.items()}
+    duplicate = order(20)
+    response = await client.post(
+        "/api/operations/batch",
+        json=[order(20), order(21), duplicate, {**order(22), "values": {"nope": 1}}],
+    )
+    assert response.status_code == 200
+
+    async def flushed() -> bool:
+        text = (await client.get("/metrics")).text
+        return value(text, samples["succeeded"]) + value(text, samples["failed"]) >= (
+            before["succeeded"] + before["failed"] + 3
+        )
+
+    await eventually(flushed, within=10)
+    text = (await client.get("/metrics")).text
+    moved = {k: value(text, v) - before[k] for k, v in samples.items()}
+    assert (moved["received"], moved["rejected"]) == (3, 1)
+    assert (moved["succeeded"], moved["failed"]) == (2, 1)  # the duplicate key fails
+    assert moved["flush_ops"] == 3 and moved["flushes"] >= 1
+    assert moved["latency"] == 3
 
 
 async def test_body_size_limit(database: str, prefix: str) -> None:
