@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import msgspec
 import prometheus_client
-import swagger_ui_bundle
 import uvicorn
 from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.params import FromPath, JSONBody
 from litestar.static_files import create_static_files_router
 
 from streamsvc.actors.ingress import Ingress, Result
+from streamsvc.api.swagger import ASSETS_DIR, LocalSwagger
 from streamsvc.errors import InvalidOperation
 from streamsvc.keys import Authenticator
 from streamsvc.model import Operation, OperationView, Receipt, Rejection, rejection
@@ -165,17 +163,9 @@ def create_app(
         return Response({"status": "ready"})
 
     assets = create_static_files_router(
-        path=ASSETS,
-        directories=[Path(swagger_ui_bundle.swagger_ui_path)],
-        include_in_schema=False,
+        path=ASSETS, directories=[ASSETS_DIR], include_in_schema=False
     )
-    swagger = SwaggerRenderPlugin(
-        path="/docs",
-        js_url=f"{ASSETS}/swagger-ui-bundle.js",
-        css_url=f"{ASSETS}/swagger-ui.css",
-        standalone_preset_js_url=f"{ASSETS}/swagger-ui-standalone-preset.js",
-        favicon=f'<link rel="icon" type="image/png" href="{ASSETS}/favicon-32x32.png">',
-    )
+    swagger = LocalSwagger(path="/docs", assets=ASSETS)
     return Litestar(
         [create_operation, create_operations, get_operation, metrics, healthz, readyz, assets],
         openapi_config=OpenAPIConfig(
