@@ -4,12 +4,20 @@ from streamsvc.api.swagger import as_openapi_30
 def test_openapi_31_is_written_the_30_way_for_swagger_ui_4() -> None:
     document = {
         "openapi": "3.1.0",
-        "components": {"schemas": {"Op": {"properties": {
-            "id": {"type": ["string", "null"]},
-            "meta": {"oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/Meta"}]},
-            "kind": {"const": "insert"},
-            "any": {"type": ["integer", "string"]},
-        }}}},
+        "components": {
+            "schemas": {
+                "Op": {
+                    "properties": {
+                        "id": {"type": ["string", "null"]},
+                        "meta": {
+                            "oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/Meta"}]
+                        },
+                        "kind": {"const": "insert"},
+                        "any": {"type": ["integer", "string"]},
+                    }
+                }
+            }
+        },
     }
     converted = as_openapi_30(document)
     props = converted["components"]["schemas"]["Op"]["properties"]
