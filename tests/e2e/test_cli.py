@@ -178,3 +178,50 @@ async def test_status_shows_streams_counts_and_recent_failures(
     assert "outcomes" in out and "flusher-0" in out
     assert "BROKEN" in out and "violates check constraint" in out
     assert re.search(r"SUCCESS\s*│\s*1\s*│", out) and re.search(r"FAIL\s*│\s*1\s*│", out)
+
+
+async def test_a_revoked_key_is_refused_within_seconds_by_a_running_service(
+    database: str, prefix: str, tmp_path: Path
+) -> None:
+    import json
+    import time
+
+    from benchmarks.harness import ServiceProcess
+    from streamsvc.adapters import streams as rs
+
+    env = {
+        **settings_env(database, prefix),
+        "STREAMSVC_AUTH": "on",
+        "API_KEY_ENCRYPTION_SECRET": "s3cret",
+    }
+    key = (await streamsvc(env, tmp_path, "keys", "create", "--name", "app")).stdout.strip()
+    service = ServiceProcess(env, tmp_path)
+    redis = rs.connect("redis://127.0.0.1:6379/0")
+    names = rs.Names(prefix)
+    op = {
+        "operationType": "OK",
+        "table": "orders",
+        "action": "insert",
+        "values": {"id": 1, "customer": "c", "amount": 1},
+    }
+    try:
+        await service.start()
+        revoked = await streamsvc(env, tmp_path, "keys", "revoke", "app")
+        assert revoked.returncode == 0
+        started = time.monotonic()
+        while True:  # entries with the key are accepted until the service reloads its keys
+            entry = await redis.xadd(names.inbox, {"op": json.dumps(op), "key": key})
+            with anyio.fail_after(10):
+                while True:
+                    rejects = {e: f for e, f in await redis.xrange(names.rejects)}
+                    if entry in rejects or not await redis.xlen(names.inbox):
+                        break
+                    await anyio.sleep(0.05)
+            if entry in rejects:
+                assert rejects[entry][b"reason"] == b"key: unknown or revoked API key"
+                break
+            assert time.monotonic() - started < 5, "still accepted 5 s after revoking"
+            await anyio.sleep(0.2)
+    finally:
+        service.stop()
+        await redis.aclose()
