@@ -131,7 +131,8 @@ async def via_http(service: Service, key: str | None, op: dict[str, Any]) -> tup
     return error["field"], error["reason"]
 
 
-async def via_rpc(service: Service, key: str | None, op: dict[str, Any]) -> tuple[str, str]:
+async def rpc_create(service: Service, key: str | None, op: dict[str, Any]) -> dict[str, Any]:
+    """createOperation as a NestJS caller sends it; the IResponse it gets."""
     connection = await aio_pika.connect(RMQ_URL)
     async with connection:
         channel = await connection.channel()
@@ -139,7 +140,12 @@ async def via_rpc(service: Service, key: str | None, op: dict[str, Any]) -> tupl
         client = NestClient(channel, service.settings.rmq_queue, replies.name)
         await replies.consume(client.on_reply, no_ack=True)
         body = {**op, "apiKey": key} if key else op
-        response = (await client.send("createOperation", body))["response"]
+        response: dict[str, Any] = (await client.send("createOperation", body))["response"]
+    return response
+
+
+async def via_rpc(service: Service, key: str | None, op: dict[str, Any]) -> tuple[str, str]:
+    response = await rpc_create(service, key, op)
     assert response["status"] is False
     field, _, reason = response["error"].partition(": ")
     return field, reason
@@ -196,14 +202,7 @@ async def _accepted(service: Service, key: str, path: str) -> str:
             response = await c.post("/api/operations", json=op, headers={"x-api-key": key})
             assert response.status_code == 201
     elif path == "rpc":
-        connection = await aio_pika.connect(RMQ_URL)
-        async with connection:
-            channel = await connection.channel()
-            replies = await channel.declare_queue(exclusive=True, auto_delete=True)
-            client = NestClient(channel, service.settings.rmq_queue, replies.name)
-            await replies.consume(client.on_reply, no_ack=True)
-            reply = await client.send("createOperation", {**op, "apiKey": key})
-            assert reply["response"]["status"] is True
+        assert (await rpc_create(service, key, op))["status"] is True
     else:
         await service.streams.redis.xadd(
             service.streams.names.inbox, {"op": json.dumps(op), "key": key}
