@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import aio_pika
 import anyio
@@ -88,7 +88,8 @@ _request_decoder = msgspec.json.Decoder(Request)
 _ref_decoder = msgspec.json.Decoder(OperationRef | str)
 _encoder = msgspec.json.Encoder()
 
-Handler = Callable[[bytes, Caller | None, str | None], Awaitable[IResponse]]
+Handler = Callable[[bytes, Caller, str | None], Awaitable[IResponse]]
+T = TypeVar("T")
 _NAMESPACE = uuid.UUID("0b7d3f4e-58a4-4d1b-9a3e-2f7c5d1e9a60")
 
 
@@ -189,7 +190,11 @@ class RpcServer:
                 )
             else:
                 caller = self._caller(message, request)
-                response = await handler(request.data, caller, request.id)
+                response = (
+                    _unauthorized()
+                    if caller is None
+                    else await _answering_refusals(handler(request.data, caller, request.id))
+                )
         except Unavailable as exc:
             delay = self.retry.backoff_s(1 + (message.redelivered or 0))
             log.warning(
@@ -232,26 +237,16 @@ class RpcServer:
 
     # -- patterns ------------------------------------------------------------------------
     async def create_operation(
-        self, data: bytes, caller: Caller | None, request_id: str | None
+        self, data: bytes, caller: Caller, request_id: str | None
     ) -> IResponse:
-        if caller is None:
-            return _unauthorized()
-        try:
-            op = operation_decoder.decode(data)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            return _refused(decode_error(exc))
+        op = _decode(operation_decoder, data)
         results = await self._submit([op], caller, request_id)
         return _created(results[0])
 
     async def create_operations(
-        self, data: bytes, caller: Caller | None, request_id: str | None
+        self, data: bytes, caller: Caller, request_id: str | None
     ) -> IResponse:
-        if caller is None:
-            return _unauthorized()
-        try:
-            ops = operations_decoder.decode(data)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            return _refused(decode_error(exc))
+        ops = _decode(operations_decoder, data)
         results = await self._submit(ops, caller, request_id)
         refused = sum(isinstance(r, Rejection) for r in results)
         created = sum(isinstance(r, Receipt) and r.created for r in results)
@@ -263,18 +258,11 @@ class RpcServer:
             error_code="VALIDATION_ERROR" if refused else msgspec.UNSET,
         )
 
-    async def get_operation(
-        self, data: bytes, caller: Caller | None, request_id: str | None
-    ) -> IResponse:
-        if caller is None:
-            return _unauthorized()
-        try:
-            ref = _ref_decoder.decode(data)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            return _refused(decode_error(exc))
+    async def get_operation(self, data: bytes, caller: Caller, request_id: str | None) -> IResponse:
+        ref = _decode(_ref_decoder, data)
         op_id = ref if isinstance(ref, str) else ref.id or ref.user_operation_id
         if not op_id:
-            return _refused(Rejection("id", "give the operation's id"))
+            raise _Refusal(_refused(Rejection("id", "give the operation's id")))
         try:
             view = await self.ingress.get(op_id)
         except Exception as exc:
@@ -330,6 +318,28 @@ def _refused(rejection: Rejection) -> IResponse:
         error_code="VALIDATION_ERROR",
         data={"field": rejection.field, "reason": rejection.reason},
     )
+
+
+class _Refusal(Exception):
+    """A request that is answered with an error response instead of being handled."""
+
+    def __init__(self, response: IResponse) -> None:
+        super().__init__(response.error)
+        self.response = response
+
+
+def _decode(decoder: msgspec.json.Decoder[T], data: bytes) -> T:
+    try:
+        return decoder.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise _Refusal(_refused(decode_error(exc))) from None
+
+
+async def _answering_refusals(handling: Awaitable[IResponse]) -> IResponse:
+    try:
+        return await handling
+    except _Refusal as refusal:
+        return refusal.response
 
 
 def _unauthorized() -> IResponse:
