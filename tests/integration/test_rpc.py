@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 import aio_pika
 import anyio
 import asyncpg
 import pytest
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aio_pika.abc import AbstractIncomingMessage
 
 from streamsvc.settings import Settings
-from tests.conftest import PG, RMQ_URL, make_settings
+from tests.conftest import PG, make_settings
+from tests.nest import NestClient, nest_client
 from tests.pipeline import eventually, order, serving
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -22,54 +22,11 @@ pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 NO_HANDLER = "There is no matching message handler defined in the remote service."
 
 
-class NestClient:
-    """Sends what ClientRMQ sends; collects replies by correlationId."""
-
-    def __init__(self, channel: AbstractChannel, queue: str, reply_queue: str) -> None:
-        self.channel, self.queue, self.reply_queue = channel, queue, reply_queue
-        self.replies: dict[str, dict[str, Any]] = {}
-        self.arrived = anyio.Event()
-
-    async def on_reply(self, message: AbstractIncomingMessage) -> None:
-        assert message.correlation_id is not None
-        self.replies[message.correlation_id] = json.loads(message.body)
-        self.arrived.set()
-        self.arrived = anyio.Event()
-
-    async def publish(self, body: bytes, correlation_id: str | None = None) -> None:
-        await self.channel.default_exchange.publish(
-            aio_pika.Message(body, correlation_id=correlation_id, reply_to=self.reply_queue),
-            routing_key=self.queue,
-        )
-
-    async def send(self, pattern: Any, data: Any) -> dict[str, Any]:
-        """``client.send(pattern, data)``: compact JSON, id equal to the correlationId."""
-        request_id = str(uuid.uuid4())
-        body = json.dumps(
-            {"pattern": pattern, "data": data, "id": request_id}, separators=(",", ":")
-        ).encode()
-        await self.publish(body, request_id)
-        return await self.reply(request_id)
-
-    async def emit(self, pattern: str, data: Any) -> None:
-        """``client.emit(pattern, data)``: no id, no reply expected."""
-        body = json.dumps({"pattern": pattern, "data": data}, separators=(",", ":")).encode()
-        await self.channel.default_exchange.publish(aio_pika.Message(body), routing_key=self.queue)
-
-    async def reply(self, correlation_id: str) -> dict[str, Any]:
-        with anyio.fail_after(10):
-            while correlation_id not in self.replies:
-                await self.arrived.wait()
-        return self.replies[correlation_id]
-
-
 @pytest.fixture
 def settings(database: str, prefix: str) -> Settings:
     return make_settings(
         database,
         prefix,
-        BATCH_SERVICE_RMQ_QUEUE=f"{prefix}-rpc",
-        STREAMSVC_EVENTS_EXCHANGE=f"{prefix}-events",
         STREAMSVC_NOTIFY_ROUTES=json.dumps(
             {"ORDER_CREATED": {"queue": f"{prefix}-orders", "pattern": "order_done"}}
         ),
@@ -78,15 +35,9 @@ def settings(database: str, prefix: str) -> Settings:
 
 @pytest.fixture
 async def client(settings: Settings) -> AsyncIterator[NestClient]:
-    connection = await aio_pika.connect(RMQ_URL)
-    channel = await connection.channel()
-    await channel.declare_queue(settings.rmq_queue, durable=True)  # as ClientRMQ asserts it
-    replies = await channel.declare_queue(exclusive=True, auto_delete=True)
-    nest = NestClient(channel, settings.rmq_queue, replies.name)
-    await replies.consume(nest.on_reply, no_ack=True)
-    yield nest
-    await channel.queue_delete(f"{settings.redis_prefix}-orders")
-    await connection.close()
+    async with nest_client(settings.rmq_queue) as nest:
+        yield nest
+        await nest.channel.queue_delete(f"{settings.redis_prefix}-orders")
 
 
 async def test_create_and_get_operation_replies_exactly(
@@ -269,15 +220,9 @@ async def test_api_key_in_header_or_data(database: str, prefix: str) -> None:
     settings = make_settings(
         database, prefix, STREAMSVC_AUTH="on", API_KEY_ENCRYPTION_SECRET="test-secret"
     )
-    connection = await aio_pika.connect(RMQ_URL)
-    channel = await connection.channel()
-    await channel.declare_queue(settings.rmq_queue, durable=True)
-    replies = await channel.declare_queue(exclusive=True, auto_delete=True)
-    client = NestClient(channel, settings.rmq_queue, replies.name)
-    await replies.consume(client.on_reply, no_ack=True)
     db = await asyncpg.connect(database=database, **PG)
     try:
-        async with serving(settings) as service:
+        async with nest_client(settings.rmq_queue) as client, serving(settings) as service:
             assert service.keys is not None
             key = await service.keys.create(
                 db, "orders-svc", tables=["orders"], actions=["insert"], allow_sql=False
@@ -289,15 +234,7 @@ async def test_api_key_in_header_or_data(database: str, prefix: str) -> None:
             body = json.dumps(
                 {"pattern": "createOperation", "data": order(31), "id": request_id}
             ).encode()
-            await channel.default_exchange.publish(
-                aio_pika.Message(
-                    body,
-                    correlation_id=request_id,
-                    reply_to=replies.name,
-                    headers={"x-api-key": key},
-                ),
-                routing_key=settings.rmq_queue,
-            )
+            await client.publish(body, request_id, headers={"x-api-key": key})
             assert (await client.reply(request_id))["response"]["status"] is True
             for data in (order(32), {**order(33), "apiKey": "ssk_wrong"}):
                 refused = await client.send("createOperation", data)
@@ -315,4 +252,3 @@ async def test_api_key_in_header_or_data(database: str, prefix: str) -> None:
         )
     finally:
         await db.close()
-        await connection.close()

@@ -10,15 +10,14 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import aio_pika
 import anyio
 import asyncpg
 import httpx
 import pytest
 
 from streamsvc.supervisor import Service
-from tests.conftest import PG, RMQ_URL, make_settings
-from tests.integration.test_rpc import NestClient
+from tests.conftest import PG, make_settings
+from tests.nest import nest_client
 from tests.pipeline import eventually, order, serving
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -133,12 +132,7 @@ async def via_http(service: Service, key: str | None, op: dict[str, Any]) -> tup
 
 async def rpc_create(service: Service, key: str | None, op: dict[str, Any]) -> dict[str, Any]:
     """createOperation as a NestJS caller sends it; the IResponse it gets."""
-    connection = await aio_pika.connect(RMQ_URL)
-    async with connection:
-        channel = await connection.channel()
-        replies = await channel.declare_queue(exclusive=True, auto_delete=True)
-        client = NestClient(channel, service.settings.rmq_queue, replies.name)
-        await replies.consume(client.on_reply, no_ack=True)
+    async with nest_client(service.settings.rmq_queue) as client:
         body = {**op, "apiKey": key} if key else op
         response: dict[str, Any] = (await client.send("createOperation", body))["response"]
     return response
