@@ -220,7 +220,7 @@ async def test_a_revoked_key_is_refused_within_seconds_by_a_running_service(
             if entry in rejects:
                 assert rejects[entry][b"reason"] == b"key: unknown or revoked API key"
                 break
-            assert time.monotonic() - started < 5, "still accepted 5 s after revoking"
+            assert time.monotonic() - started < 10, "still accepted 10 s after revoking"
             await anyio.sleep(0.2)
     finally:
         service.stop()
