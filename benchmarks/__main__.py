@@ -155,6 +155,7 @@ async def run_scenario(
         await finished(st, inbox=name == "inbox")
         elapsed = time.perf_counter() - started
         await workload.verify(st.conn, w)
+        await workload.verify_statuses(st.conn, w)
         batches = await st.conn.fetchval(
             "SELECT count(DISTINCT batch_id) FROM \"BatchOperations\" WHERE status = 'SUCCESS'"
         )

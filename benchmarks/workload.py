@@ -10,6 +10,7 @@ import asyncpg
 
 SEEDED_BASE = 1_000_000  # orders that exist before the run: updated or deleted by it
 COUNTERS = 50
+POISON = 0.01  # share of operations that must fail: they break a CHECK constraint
 INCREMENT_SQL = "UPDATE counters SET value = value + 1 WHERE name = $1"
 
 SCHEMA = """
@@ -45,12 +46,14 @@ class Workload:
     updated: list[int] = field(default_factory=list)
     deleted: list[int] = field(default_factory=list)
     upserted: dict[str, int] = field(default_factory=dict)
+    poisoned: list[int] = field(default_factory=list)
     increments: int = 0
     seeded: int = 0
 
 
 def build(n: int, *, seed: int = 7) -> Workload:
-    """``n`` operations: inserts into two tables, updates, upserts, deletes, statements."""
+    """``n`` operations: inserts into two tables, updates, upserts, deletes, statements,
+    and 1% poison."""
     rng = random.Random(seed)
     w = Workload()
     w.seeded = max(1, n // 5)
@@ -58,7 +61,17 @@ def build(n: int, *, seed: int = 7) -> Workload:
     rng.shuffle(seeded)
     for i in range(n):
         roll = rng.random()
-        if roll < 0.5 or not seeded:
+        if roll < POISON:  # breaks the orders CHECK: must end FAIL, alone
+            w.poisoned.append(i)
+            w.ops.append(
+                _op(
+                    "ORDER_CREATED",
+                    "orders",
+                    "insert",
+                    values={"id": i, "customer": f"c{i % 97}", "amount": -1},
+                )
+            )
+        elif roll < 0.5 or not seeded:
             w.inserted_orders.append(i)
             w.ops.append(
                 _op(
@@ -134,7 +147,7 @@ async def seed(conn: asyncpg.Connection, w: Workload) -> None:
 async def verify(conn: asyncpg.Connection, w: Workload) -> None:
     """Assert every effect landed exactly once."""
     orders = {r[0] for r in await conn.fetch("SELECT id FROM orders WHERE id < $1", SEEDED_BASE)}
-    assert orders == set(w.inserted_orders)
+    assert orders == set(w.inserted_orders)  # and none of the poisoned ones
     payments = await conn.fetchval("SELECT count(*) FROM payments")
     assert payments == len(w.inserted_payments)
     noted = await conn.fetch("SELECT id, note FROM orders WHERE id = ANY($1::int[])", w.updated)
@@ -145,3 +158,12 @@ async def verify(conn: asyncpg.Connection, w: Workload) -> None:
     assert {r[0]: r[1] for r in upserted} == w.upserted
     bumped = await conn.fetchval("SELECT sum(value) FROM counters WHERE name LIKE 'k%'")
     assert bumped == w.increments
+
+
+async def verify_statuses(conn: asyncpg.Connection, w: Workload) -> None:
+    """Assert streamsvc finished every operation: the poisoned ones FAIL, the rest SUCCESS."""
+    rows = await conn.fetch('SELECT status, count(*) FROM "BatchOperations" GROUP BY status')
+    counts = {r[0]: r[1] for r in rows}
+    assert counts == {"SUCCESS": len(w.ops) - len(w.poisoned), "FAIL": len(w.poisoned)} or (
+        not w.poisoned and counts == {"SUCCESS": len(w.ops)}
+    ), counts
