@@ -25,18 +25,11 @@ import anyio
 import asyncpg
 
 from benchmarks import scenarios, workload
-from benchmarks.harness import ServiceProcess, free_port
+from benchmarks.harness import PG, REDIS_URL, RMQ_URL, ServiceProcess, free_port
 from streamsvc.adapters import postgres
 from streamsvc.adapters import streams as rs
 
 RESULTS = Path(__file__).parent / "results"
-PG = {
-    "host": os.environ.get("DB_HOST", "127.0.0.1"),
-    "port": int(os.environ.get("DB_PORT", 5432)),
-    "user": os.environ.get("DB_USERNAME", "postgres"),
-}
-RMQ_URL = os.environ.get("BATCH_SERVICE_RMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 SCENARIOS = ("inbox", "rpc-single", "rpc-bulk")
 PENDING_LEFT = """SELECT EXISTS (SELECT 1 FROM "BatchOperations"
                   WHERE status IN ('UNPROCESSED', 'PROCESSING'))"""

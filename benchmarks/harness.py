@@ -15,6 +15,15 @@ import anyio
 import asyncpg
 import msgspec
 
+# The local servers every benchmark runs against (the service's own variable names).
+PG = {
+    "host": os.environ.get("DB_HOST", "127.0.0.1"),
+    "port": int(os.environ.get("DB_PORT", 5432)),
+    "user": os.environ.get("DB_USERNAME", "postgres"),
+}
+RMQ_URL = os.environ.get("BATCH_SERVICE_RMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
 
 def free_port() -> int:
     """A TCP port nothing listens on now, for a child's HTTP server."""

@@ -15,7 +15,7 @@ import aio_pika
 import anyio
 from aio_pika.abc import AbstractIncomingMessage
 
-from benchmarks.__main__ import RMQ_URL
+from benchmarks.harness import RMQ_URL
 from benchmarks.scenarios import rpc_client
 
 
