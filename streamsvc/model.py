@@ -28,9 +28,6 @@ class Status(enum.StrEnum):
     FAIL = "FAIL"
 
 
-PENDING = (Status.UNPROCESSED, Status.PROCESSING)
-
-
 class BodyKind(enum.StrEnum):
     STRUCTURED = "structured"
     STATEMENT = "statement"

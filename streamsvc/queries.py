@@ -19,13 +19,27 @@ STATUS_OF = f"""
 SELECT id::text, operation_type, status FROM {OPS} WHERE id = ANY($1::uuid[])
 """
 
-# Lock the batch's own rows in a fixed order (no deadlock between flushers); rows another
-# flusher finished meanwhile come back no longer pending and are skipped.
-LOCK_BATCH = f"""
-SELECT id::text, status, error, attempts, batch_id::text
-FROM {OPS} WHERE id = ANY($1::uuid[])
-ORDER BY id
-FOR UPDATE
+# Claim the batch's rows still pending, marking them SUCCESS; the effects and this mark
+# commit together (the few that fail are marked FAIL before the commit). A row another
+# flusher is finishing is waited for, then skipped as no longer pending. `id = ANY($1)`
+# finds the rows by primary key (joined to an unnest alone, a batch of 1,000 is planned
+# as a hash join over a scan of the whole table).
+CLAIM_BATCH = f"""
+UPDATE {OPS}
+SET status = 'SUCCESS', error = NULL, attempts = attempts + 1, batch_id = $2::uuid,
+    processed_at = clock_timestamp(), updated_at = now()
+WHERE id = ANY($1::uuid[]) AND status IN ('UNPROCESSED', 'PROCESSING')
+RETURNING id::text, attempts
+"""
+
+MARK_FAILED = f"""
+UPDATE {OPS} AS b SET status = 'FAIL', error = u.error
+FROM unnest($1::uuid[], $2::text[]) AS u(id, error)
+WHERE b.id = u.id AND b.id = ANY($1::uuid[])
+"""
+
+STATE_OF = f"""
+SELECT id::text, status, error, attempts, batch_id::text FROM {OPS} WHERE id = ANY($1::uuid[])
 """
 
 # Batches writing the same table apply one after the other: each takes a transaction-level
@@ -35,15 +49,6 @@ LOCK_TABLES = """
 SELECT pg_advisory_xact_lock(hashtextextended('streamsvc:' || t.name, 0))
 FROM unnest($1::text[]) WITH ORDINALITY AS t(name, position)
 ORDER BY t.position
-"""
-
-FINISH_BATCH = f"""
-UPDATE {OPS} AS b
-SET status = u.status, error = u.error, attempts = b.attempts + 1, batch_id = $4::uuid,
-    processed_at = now(), updated_at = now()
-FROM unnest($1::uuid[], $2::text[], $3::text[]) AS u(id, status, error)
-WHERE b.id = u.id
-RETURNING b.id::text, b.attempts
 """
 
 # Count a transient failure on rows still pending; they stay in the stream for a retry.
@@ -60,7 +65,7 @@ WHERE id = ANY($1::uuid[]) AND status IN ('UNPROCESSED', 'PROCESSING')
 
 # End rows still pending as FAIL (retries exhausted, or dead-lettered).
 FAIL_PENDING = f"""
-UPDATE {OPS} SET status = 'FAIL', error = $2, processed_at = now(), updated_at = now()
+UPDATE {OPS} SET status = 'FAIL', error = $2, processed_at = clock_timestamp(), updated_at = now()
 WHERE id = ANY($1::uuid[]) AND status IN ('UNPROCESSED', 'PROCESSING')
 RETURNING id::text, operation_type, attempts, body -> 'meta'
 """

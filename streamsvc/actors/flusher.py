@@ -28,7 +28,7 @@ from streamsvc.adapters.postgres import translate
 from streamsvc.backoff import pause
 from streamsvc.catalog import Catalog
 from streamsvc.errors import TransientError
-from streamsvc.model import PENDING, Outcome, Status, WorkOp, work_decoder, work_encoder
+from streamsvc.model import Outcome, Status, WorkOp, work_decoder, work_encoder
 from streamsvc.policy import RetryPolicy, Verdict
 
 log = structlog.get_logger("streamsvc.flusher")
@@ -145,10 +145,7 @@ class Flusher:
             metrics.flushes.labels(trigger).inc()
             started = time.perf_counter()
             try:
-                try:
-                    result = await self._transaction(items, careful=False)
-                except _Poisoned:  # rolled back: again, isolating the bad ones this time
-                    result = await self._transaction(items, careful=True)
+                result = await self._transaction(items)
             except Exception as exc:
                 error = translate(exc)
                 decision = self.retry.decide(
@@ -177,28 +174,35 @@ class Flusher:
             metrics.flush_size.observe(len(items))
             return result
 
-    async def _transaction(self, items: Sequence[WorkOp], *, careful: bool) -> BatchResult:
-        """One batch transaction. Optimistically every group runs bare; a permanent error
-        raises _Poisoned, and the careful run puts each group under a savepoint."""
+    async def _transaction(self, items: Sequence[WorkOp]) -> BatchResult:
+        """One batch transaction.
+
+        It first claims the batch's pending rows (marking them SUCCESS), then takes the
+        table locks and applies the effects, each group under a savepoint so a bad
+        operation costs the bisection of its own group only; the few that failed are
+        marked FAIL before the commit. Statements are rendered before the transaction and
+        the bookkeeping runs before the table locks: batches on the same tables wait on
+        each other only while their effects run."""
         unique = list({item.id: item for item in items}.values())
         result = BatchResult(batch_id=str(uuid.uuid4()))
+        prepared = self._prepare(unique)
+        errors: dict[str, str] = {}
         async with self.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(queries.LOCK_BATCH, [i.id for i in unique])
-            state = {row[0]: row for row in rows}
-            pending = [i for i in unique if i.id in state and state[i.id][1] in PENDING]
-            errors: dict[str, str] = {}
-            groups = sqlbuild.plan(pending, self.catalog)
-            if groups:
-                await conn.execute(queries.LOCK_TABLES, sqlbuild.tables_of(groups, self.catalog))
-            for group in groups:
-                if careful:
-                    await self._apply(conn, group, errors)
-                else:
-                    await self._run_bare(conn, group)
-            finished: dict[str, int] = {}
-            if pending:
-                finished = await self._finish(conn, pending, errors, result.batch_id)
-        by_id = {i.id: i for i in unique}
+            rows = await conn.fetch(queries.CLAIM_BATCH, [i.id for i in unique], result.batch_id)
+            attempts: dict[str, int] = {row[0]: row[1] for row in rows}
+            pending = [i for i in unique if i.id in attempts]
+            if len(pending) < len(unique):  # some finished earlier: plan without them
+                prepared = self._prepare(pending)
+                earlier = [i.id for i in unique if i.id not in attempts]
+                result.outcomes.extend(await self._earlier(conn, earlier, unique))
+            if prepared:
+                tables = sqlbuild.tables_of([g for g, _ in prepared], self.catalog)
+                await conn.execute(queries.LOCK_TABLES, tables)
+            for group, statement in prepared:
+                await self._apply(conn, group, errors, statement)
+            if errors:
+                failed = list(errors)
+                await conn.execute(queries.MARK_FAILED, failed, [errors[i] for i in failed])
         for item in pending:
             error = errors.get(item.id)
             result.outcomes.append(
@@ -207,50 +211,70 @@ class Flusher:
                     item.op.operation_type,
                     Status.FAIL if error else Status.SUCCESS,
                     error,
-                    finished.get(item.id, 0),
+                    attempts[item.id],
                     result.batch_id,
                     item.op.meta,
                 )
             )
-        for op_id, row in state.items():
-            if row[1] not in PENDING:  # finished earlier: report it again, apply nothing
-                item = by_id[op_id]
-                result.outcomes.append(
-                    Outcome(
-                        op_id,
-                        item.op.operation_type,
-                        Status(row[1]),
-                        row[2],
-                        row[3],
-                        row[4],
-                        item.op.meta,
-                    )
-                )
-        unknown = len(unique) - len(state)
-        if unknown:
-            log.warning("flush.unknown_operations", count=unknown, next="acked and dropped")
         metrics.succeeded.inc(len(pending) - len(errors))
         metrics.failed.inc(len(errors))
         metrics.last_success.set_to_current_time()
         return result
 
-    async def _run_bare(self, conn: asyncpg.Connection, group: sqlbuild.Group) -> None:
-        try:
-            await _execute(conn, sqlbuild.render(group, self.catalog))
-        except Exception as exc:
-            error = translate(exc)
-            if isinstance(error, TransientError):
-                raise error from exc
-            raise _Poisoned from exc
+    def _prepare(
+        self, items: Sequence[WorkOp]
+    ) -> list[tuple[sqlbuild.Group, sqlbuild.Statement | None]]:
+        """The groups of ``items`` with their statements (None: rendering failed, and
+        ``_apply`` finds out for which members)."""
+        prepared: list[tuple[sqlbuild.Group, sqlbuild.Statement | None]] = []
+        for group in sqlbuild.plan(items, self.catalog):
+            try:
+                prepared.append((group, sqlbuild.render(group, self.catalog)))
+            except Exception:
+                prepared.append((group, None))
+        return prepared
+
+    async def _earlier(
+        self, conn: asyncpg.Connection, ids: list[str], items: Sequence[WorkOp]
+    ) -> list[Outcome]:
+        """Operations finished by an earlier batch: reported again, applied never."""
+        rows = await conn.fetch(queries.STATE_OF, ids)
+        by_id = {i.id: i for i in items}
+        unknown = len(ids) - len(rows)
+        if unknown:
+            log.warning("flush.unknown_operations", count=unknown, next="acked and dropped")
+        return [
+            Outcome(
+                op_id,
+                by_id[op_id].op.operation_type,
+                Status(status),
+                error,
+                attempts,
+                batch_id,
+                by_id[op_id].op.meta,
+            )
+            for op_id, status, error, attempts, batch_id in rows
+        ]
 
     async def _apply(
-        self, conn: asyncpg.Connection, group: sqlbuild.Group, errors: dict[str, str]
+        self,
+        conn: asyncpg.Connection,
+        group: sqlbuild.Group,
+        errors: dict[str, str],
+        statement: sqlbuild.Statement | None = None,
     ) -> None:
-        """Run one group under a savepoint; on a permanent error bisect it."""
+        """Run one group under a savepoint; on a permanent error bisect it.
+
+        A savepoint that succeeded is left open (the commit releases them all): one round
+        trip fewer per group."""
         try:
-            statement = sqlbuild.render(group, self.catalog)
-            async with conn.transaction():
+            statement = statement or sqlbuild.render(group, self.catalog)
+            await conn.execute(_SAVEPOINT)
+            try:
                 await _execute(conn, statement)
+            except Exception:
+                await conn.execute(_ROLLBACK_TO_SAVEPOINT)
+                raise
             return
         except Exception as exc:
             error = translate(exc)
@@ -264,19 +288,6 @@ class Flusher:
         first, second = group.split()
         await self._apply(conn, first, errors)
         await self._apply(conn, second, errors)
-
-    async def _finish(
-        self,
-        conn: asyncpg.Connection,
-        pending: list[WorkOp],
-        errors: dict[str, str],
-        batch_id: str,
-    ) -> dict[str, int]:
-        ids = [i.id for i in pending]
-        statuses = [Status.FAIL.value if i.id in errors else Status.SUCCESS.value for i in pending]
-        texts = [errors.get(i.id) for i in pending]
-        rows = await conn.fetch(queries.FINISH_BATCH, ids, statuses, texts, batch_id)
-        return {row[0]: row[1] for row in rows}
 
     async def _count_attempt(self, items: Sequence[WorkOp], error: str) -> None:
         try:
@@ -306,8 +317,9 @@ class Flusher:
         return result
 
 
-class _Poisoned(Exception):
-    """A statement of the optimistic run failed for good: redo the batch carefully."""
+# One name for every group's savepoint: rolling back to it returns to the newest one.
+_SAVEPOINT = "SAVEPOINT streamsvc_group"
+_ROLLBACK_TO_SAVEPOINT = "ROLLBACK TO SAVEPOINT streamsvc_group"
 
 
 async def _execute(conn: asyncpg.Connection, statement: sqlbuild.Statement) -> None:

@@ -180,10 +180,10 @@ class Notifier:
         self, exchanges: dict[str | None, AbstractExchange], entries: list[rs.Entry]
     ) -> None:
         """Publish every outcome of ``entries``, wait for the confirms, then ack them."""
-        messages: list[Publication] = []
+        outcomes: list[Outcome] = []
         for entry_id, fields in entries:
             try:
-                outcomes = outcomes_decoder.decode(fields[b"o"])
+                outcomes.extend(outcomes_decoder.decode(fields[b"o"]))
             except (msgspec.ValidationError, msgspec.DecodeError, KeyError) as exc:
                 log.error(
                     "notifier.undecodable_entry",
@@ -191,8 +191,9 @@ class Notifier:
                     error=str(exc),
                     next="acked and dropped",
                 )
-                continue
-            messages.extend(publications(outcomes, self.routes, self.mode, self.exchange_name))
+        # Every entry read together aggregates into the same messages: a notifier that
+        # fell behind catches up with fewer, larger ones.
+        messages = publications(outcomes, self.routes, self.mode, self.exchange_name)
         async with anyio.create_task_group() as tg:
             for exchange, key, body in messages:
                 message = aio_pika.Message(
@@ -209,4 +210,6 @@ class Notifier:
 
 
 async def _publish(exchange: AbstractExchange, message: aio_pika.Message, key: str) -> None:
-    await exchange.publish(message, routing_key=key)  # returns once RabbitMQ confirmed it
+    # Returns once RabbitMQ confirmed it. Not mandatory: a topic event nobody subscribed to
+    # is dropped by design, and each route's queue is declared before publishing.
+    await exchange.publish(message, routing_key=key, mandatory=False)

@@ -56,6 +56,15 @@ def dsn_kwargs(settings: Settings) -> dict[str, Any]:
     }
 
 
+async def _reset_connection(conn: asyncpg.Connection) -> None:
+    """Only end a transaction left open. asyncpg's default reset (unlock advisory locks,
+    CLOSE ALL, UNLISTEN *, RESET ALL) costs a round trip per release, and the service leaves
+    none of that behind: it takes transaction-level locks only, and sqlguard refuses the
+    functions that could set session state (advisory locks, set_config)."""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for name in ("json", "jsonb"):
         await conn.set_type_codec(
@@ -76,6 +85,7 @@ async def create_pool(settings: Settings, *, size: int | None = None) -> asyncpg
         min_size=1,
         max_size=size or settings.db_pool_size,
         init=_init_connection,
+        reset=_reset_connection,
         server_settings=server_settings,
     )
     assert pool is not None
