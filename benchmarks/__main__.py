@@ -1,181 +1,202 @@
-"""`just bench`: streamsvc end to end through each ingress, side by side, in one run.
+"""`just bench`: streamsvc end to end through each ingress, beside its baselines and
+ceilings, in one run on the same servers.
 
-Each scenario gets a fresh database with the workload's tables and a fresh `streamsvc run`
-child process. Time runs from the first submission until every operation is finished
-(SUCCESS, or FAIL for poison) in BatchOperations and its row checked in its table.
-Figures are printed, and written as JSON under benchmarks/results/.
+Each streamsvc scenario gets a fresh database with the workload's tables and fresh
+`streamsvc run` child processes. Throughput runs from the first submission until every
+operation is finished (SUCCESS, or FAIL for poison) in BatchOperations, with every effect
+then checked in its table; the service's RSS is sampled meanwhile. Latency is measured
+afterwards on a fresh stage, open loop at half that ingress's throughput. Baselines and
+ceilings come from benchmarks.baselines and benchmarks.rpc_ceiling; the old service's
+design cap is arithmetic. A table is printed; JSON and a PNG chart go to benchmarks/results/.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import tempfile
+import sys
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
-import asyncpg
+from rich.console import Console
 
-from benchmarks import scenarios, workload
-from benchmarks.harness import PG, REDIS_URL, RMQ_URL, ServiceProcess, free_port
-from streamsvc.adapters import postgres
-from streamsvc.adapters import streams as rs
+from benchmarks import baselines, latency, report, rpc_ceiling, scenarios, workload
+from benchmarks.stage import finished, rss_mb, sample_rss, stage, watch
+from streamsvc import settings
 
 RESULTS = Path(__file__).parent / "results"
-SCENARIOS = ("inbox", "rpc-single", "rpc-bulk")
-PENDING_LEFT = """SELECT EXISTS (SELECT 1 FROM "BatchOperations"
-                  WHERE status IN ('UNPROCESSED', 'PROCESSING'))"""
+BASELINES: dict[str, Callable[[workload.Workload], Awaitable[dict[str, Any]]]] = {
+    "naive": baselines.naive,
+    "pgqueuer": baselines.peer,
+    "copy": baselines.copy_ceiling,
+    "copy+update": baselines.copy_update_ceiling,
+}
+PER_OPERATION = ("naive", "pgqueuer")  # a few hundred to a few thousand ops/s: --n-baseline
+OLD_CAP, BROKER = "old-cap", "broker"  # --only names of "old design cap", "broker ceiling"
+SCENARIOS = (*scenarios.INGRESSES, *BASELINES, OLD_CAP, BROKER)
+IN_FLIGHT = 64  # rpc-single's requests outstanding, and the broker ceiling's
+
+Result = dict[str, Any]
 
 
-@dataclass
-class Stage:
-    """A fresh database, Redis prefix and queue, and the service running on them."""
+@dataclass(frozen=True)
+class Options:
+    names: list[str]
+    n: int  # operations per scenario
+    n_single: int  # operations for rpc-single, which is far slower
+    n_baseline: int  # operations for naive and pgqueuer, one transaction each
+    n_ceiling: int  # requests for the broker ceiling
+    latency_s: float  # offered load per latency run; 0 skips latency
+    flushers: int
+    limit: int
+    roles: list[str]
 
-    name: str
-    prefix: str
-    conn: asyncpg.Connection
-    redis: Any
-    services: list[ServiceProcess]
-
-    @property
-    def inbox(self) -> str:
-        return rs.Names(self.prefix).inbox
-
-    @property
-    def queue(self) -> str:
-        return f"{self.prefix}-rpc"
-
-
-@asynccontextmanager
-async def stage(
-    w: workload.Workload, flushers: int, limit: int, roles: list[str]
-) -> AsyncIterator[Stage]:
-    name = f"streamsvc_bench_{uuid.uuid4().hex[:8]}"
-    prefix = f"streamsvc-bench-{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(database="postgres", **PG)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    redis = rs.connect(REDIS_URL)
-    conn = await asyncpg.connect(database=name, **PG)
-    services: list[ServiceProcess] = []
-    try:
-        await conn.execute(workload.SCHEMA)
-        await postgres.migrate(conn)
-        await workload.seed(conn, w)
-        env = {
-            "DB_HOST": PG["host"],
-            "DB_PORT": str(PG["port"]),
-            "DB_USERNAME": PG["user"],
-            "DB_NAME": name,
-            "STREAMSVC_REDIS_PREFIX": prefix,
-            "STREAMSVC_AUTH": "off",
-            "STREAMSVC_ALLOWED_TABLES": workload.ALLOWED,
-            "STREAMSVC_FLUSHERS": str(flushers),
-            "BATCH_PROCESS_OPERATION_LIMIT": str(limit),
-            "BATCH_SERVICE_RMQ_QUEUE": f"{prefix}-rpc",
-            "STREAMSVC_EVENTS_EXCHANGE": f"{prefix}-events",
-        }
-        for role in roles:  # one process each: `all`, or a split such as ingress + flusher
-            service = ServiceProcess(
-                {**env, "STREAMSVC_HTTP_PORT": str(free_port())},
-                Path(tempfile.mkdtemp(prefix="streamsvc-bench-")),
-            )
-            services.append(service)
-            await service.start("--role", role)
-        yield Stage(name, prefix, conn, redis, services)
-    finally:
-        for service in services:
-            await service.terminate()
-        await conn.close()
-        keys = [k async for k in redis.scan_iter(match=f"{prefix}:*")]
-        if keys:
-            await redis.delete(*keys)
-        await redis.aclose()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
-        await _drop_rabbitmq(prefix)
+    def count(self, name: str) -> int:
+        if name == "rpc-single":
+            return self.n_single
+        return self.n_baseline if name in PER_OPERATION else self.n
 
 
-async def _drop_rabbitmq(prefix: str) -> None:
-    import aio_pika
-
-    connection = await aio_pika.connect(RMQ_URL)
-    async with connection:
-        channel = await connection.channel()
-        await channel.queue_delete(f"{prefix}-rpc")
-        await channel.exchange_delete(f"{prefix}-events")
-
-
-async def finished(st: Stage, *, inbox: bool) -> None:
-    """Cheap to ask: nothing left in the inbox (entries are acked only once stored) and no
-    stored operation pending (a partial index answers that)."""
-    while True:
-        empty = not inbox or not await st.redis.xlen(st.inbox)
-        if empty and not await st.conn.fetchval(PENDING_LEFT):
-            return
-        await anyio.sleep(0.01)
-
-
-async def run_scenario(
-    name: str, n: int, flushers: int, limit: int, roles: list[str] | None = None
-) -> dict[str, Any]:
+async def throughput(name: str, n: int, opts: Options, progress: report.Progress) -> Result:
+    """Ingress ``name`` closed loop with ``n`` operations, from first submission until none
+    is pending; every effect and status checked afterwards."""
     w = workload.build(n)
-    async with stage(w, flushers, limit, roles or ["all"]) as st:
-        submit: Callable[[], Awaitable[None]]
-        if name == "inbox":
-
-            async def submit() -> None:
-                await scenarios.inbox(st.redis, st.inbox, w.ops)
-        else:
-
-            async def submit() -> None:
-                async with scenarios.rpc_client(RMQ_URL, st.queue) as client:
-                    if name == "rpc-single":
-                        await scenarios.rpc_single(client, w.ops)
-                    else:
-                        await scenarios.rpc_bulk(client, w.ops)
-
-        started = time.perf_counter()
-        await submit()
-        submitted = time.perf_counter() - started
-        await finished(st, inbox=name == "inbox")
-        elapsed = time.perf_counter() - started
+    rss: list[list[float]] = []
+    async with stage(w, opts.flushers, opts.limit, opts.roles) as st:
+        update = progress.task(f"{name}: {n:,} operations", n)
+        async with scenarios.connect(name, **st.ingress()) as ingress:
+            started = time.perf_counter()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch, st, update)
+                tg.start_soon(sample_rss, st.pids, rss, started)
+                await scenarios.drive(ingress, w.ops)
+                submitted = time.perf_counter() - started
+                await finished(st, inbox=name == "inbox")
+                elapsed = time.perf_counter() - started
+                tg.cancel_scope.cancel()
+            rss.append([round(elapsed, 2), rss_mb(st.pids)])
+        update(n)
         await workload.verify(st.conn, w)
         await workload.verify_statuses(st.conn, w)
         batches = await st.conn.fetchval(
             "SELECT count(DISTINCT batch_id) FROM \"BatchOperations\" WHERE status = 'SUCCESS'"
         )
-        return {
-            "scenario": name,
-            "operations": n,
-            "seconds": round(elapsed, 3),
-            "ops_per_s": round(n / elapsed),
-            "submit_seconds": round(submitted, 3),
-            "batches": batches,
-            "mean_batch": round(n / max(1, batches), 1),
-        }
+    return {
+        "scenario": name,
+        "kind": "streamsvc",
+        "operations": n,
+        "seconds": round(elapsed, 3),
+        "ops_per_s": round(n / elapsed),
+        "submit_seconds": round(submitted, 3),
+        "batches": batches,
+        "mean_batch": round(n / max(1, batches), 1),
+        "rss_mb": rss,
+    }
 
 
-async def run_all(
-    names: list[str], n: int, flushers: int, limit: int, roles: list[str]
-) -> list[dict[str, Any]]:
+async def ingress(name: str, opts: Options, progress: report.Progress) -> Result:
+    """Throughput, then latency at half of it."""
+    result = await throughput(name, opts.count(name), opts, progress)
+    if opts.latency_s > 0:
+        result["latency_ms"] = await latency.measure(
+            name,
+            result["ops_per_s"] / 2,
+            opts.latency_s,
+            flushers=opts.flushers,
+            limit=opts.limit,
+            roles=opts.roles,
+            progress=progress.task,
+        )
+    return result
+
+
+async def baseline(name: str, n: int, progress: report.Progress) -> Result:
+    update = progress.task(f"{name}: {n:,} operations", n)
+    result = await BASELINES[name](workload.build(n))
+    update(n)
+    return result
+
+
+def old_design_cap() -> Result:
+    """The old NestJS service took at most LIMIT operations every INTERVAL: its defaults,
+    which are the settings' defaults."""
+    old = settings.load({}, env_file=None)
+    per_s = old.batch_limit * 1000 / old.interval_ms
+    return {
+        "scenario": "old design cap",
+        "kind": "arithmetic",
+        "ops_per_s": int(per_s) if per_s.is_integer() else round(per_s, 1),
+        "note": f"LIMIT {old.batch_limit} / INTERVAL {old.interval_ms} ms",
+    }
+
+
+async def broker_ceiling(requests: int, progress: report.Progress) -> Result:
+    update = progress.task(f"broker ceiling: {requests:,} requests", requests)
+    per_s, via = await rpc_ceiling.ceiling(requests, IN_FLIGHT)
+    update(requests)
+    return {
+        "scenario": "broker ceiling",
+        "kind": "ceiling",
+        "operations": requests,
+        "seconds": round(requests / per_s, 3),
+        "ops_per_s": round(per_s),
+        "note": f"request/reply, no work, {IN_FLIGHT} in flight",
+        "via": via,
+    }
+
+
+async def run_scenario(name: str, opts: Options, progress: report.Progress) -> Result:
+    if name in scenarios.INGRESSES:
+        return await ingress(name, opts, progress)
+    if name in BASELINES:
+        return await baseline(name, opts.count(name), progress)
+    if name == OLD_CAP:
+        return old_design_cap()
+    if name == BROKER:
+        return await broker_ceiling(opts.n_ceiling, progress)
+    raise ValueError(f"unknown scenario {name!r}; expected one of {', '.join(SCENARIOS)}")
+
+
+async def bench(opts: Options, progress: report.Progress) -> list[Result]:
+    """Every scenario of ``opts``, one after another, in SCENARIOS order."""
     results = []
-    for name in names:
-        print(f"running {name} with {n} operations ({'+'.join(roles)}) ...", flush=True)
-        results.append(await run_scenario(name, n, flushers, limit, roles))
+    for name in [s for s in SCENARIOS if s in opts.names]:
+        result = await run_scenario(name, opts, progress)
+        progress.note(summary(result))
+        results.append(result)
     return results
 
 
-def main() -> None:
+def summary(r: Result) -> str:
+    line = f"{r['scenario']}: {r['ops_per_s']:,} ops/s"
+    if lat := r.get("latency_ms"):
+        line += f"; at {lat['rate']:,} ops/s p50 {lat['p50']} p95 {lat['p95']} p99 {lat['p99']} ms"
+    return line
+
+
+def machine(opts: Options) -> dict[str, Any]:
+    """The setup a result file was measured on."""
+    setup = asdict(opts)
+    del setup["names"]
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), **setup}
+
+
+def parse(argv: list[str] | None = None) -> tuple[Options, Path | None]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--n", type=int, default=50_000, help="operations per scenario")
+    parser.add_argument("--n", type=int, default=30_000, help="operations per scenario")
+    parser.add_argument("--n-single", type=int, default=3000, help="operations for rpc-single")
+    parser.add_argument(
+        "--n-baseline", type=int, default=5000, help="operations for naive and pgqueuer"
+    )
+    parser.add_argument("--n-ceiling", type=int, default=6400, help="broker ceiling requests")
+    parser.add_argument(
+        "--latency-s", type=float, default=4.0, help="seconds of offered load per latency run"
+    )
     parser.add_argument("--flushers", type=int, default=2, help="STREAMSVC_FLUSHERS")
     parser.add_argument("--limit", type=int, default=1000, help="BATCH_PROCESS_OPERATION_LIMIT")
     parser.add_argument("--only", choices=SCENARIOS, action="append", help="run just these")
@@ -184,29 +205,34 @@ def main() -> None:
         default="all",
         help="service processes, one per role: `all`, or e.g. `ingress,flusher,notifier,sweeper`",
     )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where JSON and PNG go")
     parser.add_argument("--no-save", action="store_true", help="print only")
-    args = parser.parse_args()
-    roles = args.roles.split(",")
-    names = args.only or list(SCENARIOS)
-    results = anyio.run(run_all, names, args.n, args.flushers, args.limit, roles)
-    print(f"\n{'scenario':<12} {'ops':>8} {'seconds':>8} {'ops/s':>8} {'mean batch':>11}")
-    for r in results:
-        print(
-            f"{r['scenario']:<12} {r['operations']:>8} {r['seconds']:>8} {r['ops_per_s']:>8} "
-            f"{r['mean_batch']:>11}"
-        )
-    if not args.no_save:
-        RESULTS.mkdir(exist_ok=True)
-        path = RESULTS / f"bench-{time.strftime('%Y%m%dT%H%M%S')}.json"
-        meta = {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "flushers": args.flushers,
-            "limit": args.limit,
-            "roles": roles,
-        }
-        path.write_text(json.dumps({"machine": meta, "results": results}, indent=2) + "\n")
-        print(f"saved {path}")
+    args = parser.parse_args(argv)
+    opts = Options(
+        names=args.only or list(SCENARIOS),
+        n=args.n,
+        n_single=args.n_single,
+        n_baseline=args.n_baseline,
+        n_ceiling=args.n_ceiling,
+        latency_s=args.latency_s,
+        flushers=args.flushers,
+        limit=args.limit,
+        roles=args.roles.split(","),
+    )
+    return opts, None if args.no_save else args.out
+
+
+def main() -> None:
+    opts, out = parse()
+    started = time.perf_counter()
+    with report.Progress() as progress:
+        results = anyio.run(bench, opts, progress, backend_options={"use_uvloop": True})
+    console = Console(width=None if sys.stdout.isatty() else 200)  # a file gets whole rows
+    console.print(report.table(results))
+    console.print(f"took {time.perf_counter() - started:.0f} s")
+    if out is not None:
+        for path in report.save(results, machine(opts), out):
+            console.print(f"saved {path}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,133 @@
+"""Latency at a fixed offered rate: submit -> SUCCESS, per operation, in milliseconds.
+
+Open loop: request i is sent i * size / rate seconds after the start, answered or not, so
+a slow answer delays no later submission (a closed loop would hide queueing). Every
+operation carries a userOperationId; its submit wall time (time.time()) is kept here.
+SUCCESS is when a caller learns of it: the arrival of the outcome event that names it, on
+a queue bound to the service's events exchange. That is after the commit (a time taken
+inside the transaction would be too early), and includes the notifier's relay.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import aio_pika
+import anyio
+import msgspec
+from aio_pika.abc import AbstractIncomingMessage
+
+from benchmarks import scenarios, workload
+from benchmarks.harness import RMQ_URL
+from benchmarks.scenarios import Ingress, Op
+from benchmarks.stage import finished, stage, watch
+
+_events = msgspec.json.Decoder()
+
+
+async def offer(ingress: Ingress, ops: list[Op], rate: float) -> dict[str, float]:
+    """Submit ``ops`` at ``rate`` operations a second; the submit wall time of each, by
+    userOperationId. Returns once every request was answered."""
+    size = 1 if ingress.coalesce else ingress.size
+    units = list(scenarios.chunks(ops, size))
+    submitted: dict[str, float] = {}
+    started = time.perf_counter()
+    sent = 0
+    async with anyio.create_task_group() as tg:
+        while sent < len(units):
+            due = min(len(units), math.floor((time.perf_counter() - started) * rate / size) + 1)
+            batch, sent = units[sent:due], due
+            wall = time.time()
+            submitted.update((op["userOperationId"], wall) for unit in batch for op in unit)
+            if ingress.coalesce:  # one inbox pipeline for everything due now
+                tg.start_soon(ingress.request, [op for unit in batch for op in unit])
+            else:
+                for unit in batch:
+                    tg.start_soon(ingress.request, unit)
+            next_due = started + sent * size / rate
+            await anyio.sleep(max(0.0, next_due - time.perf_counter()))
+    return submitted
+
+
+def percentiles(ms: list[float]) -> dict[str, float]:
+    """p50, p95 and p99 (inclusive method: they lie within the data)."""
+    if len(ms) < 2:
+        return dict.fromkeys(("p50", "p95", "p99"), round(ms[0], 1) if ms else math.nan)
+    cuts = statistics.quantiles(ms, n=100, method="inclusive")
+    return {"p50": round(cuts[49], 1), "p95": round(cuts[94], 1), "p99": round(cuts[98], 1)}
+
+
+async def measure(
+    name: str,
+    rate: float,
+    seconds: float,
+    *,
+    flushers: int,
+    limit: int,
+    roles: list[str],
+    progress: Callable[[str, int], Callable[[int], None]],
+) -> dict[str, float]:
+    """Offer ingress ``name`` ``rate`` operations a second for ``seconds`` on a fresh stage;
+    {"rate", "p50", "p95", "p99"} of submit -> SUCCESS in ms."""
+    w = workload.build(max(2, round(rate * seconds)))
+    ops = [{**op, "userOperationId": str(uuid.uuid4())} for op in w.ops]
+    async with stage(w, flushers, limit, roles) as st:
+        update = progress(f"{name} latency at {rate:,.0f} ops/s", len(ops))
+        expected = len(ops) - len(w.poisoned)
+        async with (
+            succeeded(f"{st.prefix}-events", expected) as arrivals,
+            scenarios.connect(name, **st.ingress()) as ingress,
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(watch, st, update)
+            submitted = await offer(ingress, ops, rate)
+            await finished(st, inbox=name == "inbox")
+            with anyio.move_on_after(30):  # the last events are still on their way
+                await arrivals.complete.wait()
+            tg.cancel_scope.cancel()
+        update(len(ops))
+        await workload.verify(st.conn, w)
+        await workload.verify_statuses(st.conn, w)
+    arrived = arrivals.times
+    assert len(arrived) == expected, f"{expected - len(arrived)} outcome events never came"
+    ms = [(arrived[op_id] - submitted[op_id]) * 1000 for op_id in arrived]
+    return {"rate": round(rate), **percentiles(ms)}
+
+
+@dataclass
+class Arrivals:
+    """Arrival wall time of every operation id reported as succeeded."""
+
+    expected: int
+    times: dict[str, float] = field(default_factory=dict)
+    complete: anyio.Event = field(default_factory=anyio.Event)
+
+    async def on_event(self, message: AbstractIncomingMessage) -> None:
+        now = time.time()
+        data = _events.decode(message.body)["data"]
+        self.times.update((s["id"], now) for s in data.get("success", ()))
+        if len(self.times) >= self.expected:
+            self.complete.set()
+
+
+@asynccontextmanager
+async def succeeded(exchange_name: str, expected: int) -> AsyncIterator[Arrivals]:
+    """The service's outcome events, on a queue of our own bound to its exchange, while
+    the context is open."""
+    arrivals = Arrivals(expected)
+    connection = await aio_pika.connect(RMQ_URL)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(
+            exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(exchange, routing_key="#")
+        await queue.consume(arrivals.on_event, no_ack=True)
+        yield arrivals

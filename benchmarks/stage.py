@@ -1,0 +1,172 @@
+"""Where a streamsvc run happens: a fresh database with the workload, a fresh Redis prefix
+and RabbitMQ names, and `streamsvc run` child processes on them. Also what a run watches
+while it goes: finished operations (for the progress bar, and to notice a stall), the
+service's memory, and the moment nothing is left pending.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import anyio
+import asyncpg
+
+from benchmarks import baselines, workload
+from benchmarks.harness import PG, REDIS_URL, RMQ_URL, ServiceProcess, free_port
+from streamsvc.adapters import streams as rs
+
+PENDING_LEFT = """SELECT EXISTS (SELECT 1 FROM "BatchOperations"
+                  WHERE status IN ('UNPROCESSED', 'PROCESSING'))"""
+FINISHED = """SELECT count(*) FROM "BatchOperations" WHERE status IN ('SUCCESS', 'FAIL')"""
+SUBMITTING_ROLES = ("all", "ingress")  # the processes that take submissions over HTTP
+
+
+@dataclass
+class Stage:
+    name: str  # the database
+    prefix: str  # Redis keys and RabbitMQ names
+    conn: asyncpg.Connection
+    redis: Any
+    services: list[tuple[str, ServiceProcess]]  # (role, process)
+
+    @property
+    def inbox(self) -> str:
+        return rs.Names(self.prefix).inbox
+
+    @property
+    def queue(self) -> str:
+        return f"{self.prefix}-rpc"
+
+    @property
+    def http_url(self) -> str:
+        """The HTTP API of the first process taking submissions ("" when none does)."""
+        ports = [s.env["STREAMSVC_HTTP_PORT"] for r, s in self.services if r in SUBMITTING_ROLES]
+        return f"http://127.0.0.1:{ports[0]}" if ports else ""
+
+    @property
+    def pids(self) -> list[int]:
+        return [s.proc.pid for _, s in self.services if s.proc is not None]
+
+    def ingress(self) -> dict[str, Any]:
+        """What `scenarios.connect` needs to reach this stage's service."""
+        return {
+            "redis": self.redis,
+            "inbox": self.inbox,
+            "queue": self.queue,
+            "http_url": self.http_url,
+        }
+
+
+@asynccontextmanager
+async def stage(
+    w: workload.Workload, flushers: int, limit: int, roles: list[str]
+) -> AsyncIterator[Stage]:
+    """``w``'s database, and one `streamsvc run --role <role>` per role, running on it."""
+    prefix = f"streamsvc-bench-{uuid.uuid4().hex[:8]}"
+    env = {
+        "DB_HOST": str(PG["host"]),
+        "DB_PORT": str(PG["port"]),
+        "DB_USERNAME": str(PG["user"]),
+        "STREAMSVC_REDIS_PREFIX": prefix,
+        "STREAMSVC_AUTH": "off",
+        "STREAMSVC_ALLOWED_TABLES": workload.ALLOWED,
+        "STREAMSVC_FLUSHERS": str(flushers),
+        "BATCH_PROCESS_OPERATION_LIMIT": str(limit),
+        "BATCH_SERVICE_RMQ_QUEUE": f"{prefix}-rpc",
+        "STREAMSVC_EVENTS_EXCHANGE": f"{prefix}-events",
+    }
+    async with baselines.fresh_database(w, migrate=True) as (name, conn):
+        redis = rs.connect(REDIS_URL)
+        services: list[tuple[str, ServiceProcess]] = []
+        try:
+            for role in roles:  # `all`, or a split such as ingress + flusher
+                service = ServiceProcess(
+                    {**env, "DB_NAME": name, "STREAMSVC_HTTP_PORT": str(free_port())},
+                    Path(tempfile.mkdtemp(prefix="streamsvc-bench-")),
+                )
+                services.append((role, service))
+                await service.start("--role", role)
+            yield Stage(name, prefix, conn, redis, services)
+        finally:
+            for _, service in services:
+                await service.terminate()
+            keys = [k async for k in redis.scan_iter(match=f"{prefix}:*")]
+            if keys:
+                await redis.delete(*keys)
+            await redis.aclose()
+            await _drop_rabbitmq(prefix)
+        for _, service in services:  # kept when something failed: the log says why
+            shutil.rmtree(service.workdir, ignore_errors=True)
+
+
+async def _drop_rabbitmq(prefix: str) -> None:
+    connection = await aio_pika.connect(RMQ_URL)
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(f"{prefix}-rpc")
+        await channel.exchange_delete(f"{prefix}-events")
+
+
+async def finished(st: Stage, *, inbox: bool) -> None:
+    """Return once every submitted operation is finished. Cheap to ask: nothing left in the
+    inbox (entries are acked only once stored) and no stored operation pending (a partial
+    index answers that)."""
+    while True:
+        empty = not inbox or not await st.redis.xlen(st.inbox)
+        if empty and not await st.conn.fetchval(PENDING_LEFT):
+            return
+        await anyio.sleep(0.01)
+
+
+async def watch(
+    st: Stage, update: Callable[[int], None], *, every_s: float = 0.25, stall_s: float = 30.0
+) -> None:
+    """Report the count of finished operations until cancelled; raise when it stops moving
+    for ``stall_s`` (the service is stuck: its log says why)."""
+    conn = await asyncpg.connect(database=st.name, **PG)
+    try:
+        done, moved = -1, time.monotonic()
+        while True:
+            now = int(await conn.fetchval(FINISHED))
+            if now != done:
+                done, moved = now, time.monotonic()
+                update(done)
+            elif time.monotonic() - moved > stall_s:
+                logs = ", ".join(str(s.log_path) for _, s in st.services)
+                raise TimeoutError(f"no operation finished for {stall_s:.0f} s; see {logs}")
+            await anyio.sleep(every_s)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await conn.close()
+
+
+def rss_mb(pids: list[int]) -> float:
+    """Resident memory of these processes together, in MB (VmRSS in /proc/<pid>/status)."""
+    total_kb = 0
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                total_kb += int(line.split()[1])
+    return round(total_kb / 1024, 1)
+
+
+async def sample_rss(
+    pids: list[int], into: list[list[float]], started: float, *, every_s: float = 0.5
+) -> None:
+    """Append [seconds since ``started``, MB] to ``into`` every ``every_s`` until cancelled."""
+    while True:
+        into.append([round(time.perf_counter() - started, 2), rss_mb(pids)])
+        await anyio.sleep(every_s)
