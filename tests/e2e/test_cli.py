@@ -213,7 +213,7 @@ async def test_a_revoked_key_is_refused_within_seconds_by_a_running_service(
             entry = await redis.xadd(names.inbox, {"op": json.dumps(op), "key": key})
             with anyio.fail_after(10):
                 while True:
-                    rejects = {e: f for e, f in await redis.xrange(names.rejects)}
+                    rejects = {f[b"entry"]: f for _, f in await redis.xrange(names.rejects)}
                     if entry in rejects or not await redis.xlen(names.inbox):
                         break
                     await anyio.sleep(0.05)
