@@ -40,6 +40,7 @@ PER_OPERATION = ("naive", "pgqueuer")  # a few hundred to a few thousand ops/s: 
 OLD_CAP, BROKER = "old-cap", "broker"  # --only names of "old design cap", "broker ceiling"
 SCENARIOS = (*scenarios.INGRESSES, *BASELINES, OLD_CAP, BROKER)
 IN_FLIGHT = 64  # rpc-single's requests outstanding, and the broker ceiling's
+SPLIT_ROLES = ("ingress", "flusher", "notifier", "sweeper")
 
 Result = dict[str, Any]
 
@@ -202,8 +203,9 @@ def parse(argv: list[str] | None = None) -> tuple[Options, Path | None]:
     parser.add_argument("--only", choices=SCENARIOS, action="append", help="run just these")
     parser.add_argument(
         "--roles",
-        default="all",
-        help="service processes, one per role: `all`, or e.g. `ingress,flusher,notifier,sweeper`",
+        default=",".join(SPLIT_ROLES),
+        help="service processes, one per role given (default: one per role, the deployment "
+        "for a host with more than one core); `all` runs every role in one process",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="where JSON and PNG go")
     parser.add_argument("--no-save", action="store_true", help="print only")
