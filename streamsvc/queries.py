@@ -51,6 +51,13 @@ FROM unnest($1::text[]) WITH ORDINALITY AS t(name, position)
 ORDER BY t.position
 """
 
+# A failed multi-row statement again, bisected inside PostgreSQL (sql/apply_rows.sql, which
+# every pool connection creates): the rows it accepts are applied, the refused come back.
+APPLY_ROWS = """
+SELECT row_position, error_state, error_message
+FROM pg_temp.streamsvc_apply_rows($1::text, $2::text::json)
+"""
+
 # Count a transient failure on rows still pending; they stay in the stream for a retry.
 COUNT_ATTEMPT = f"""
 UPDATE {OPS} SET status = 'PROCESSING', attempts = attempts + 1, error = $2, updated_at = now()

@@ -24,7 +24,7 @@ import structlog
 
 from streamsvc import metrics, queries, sqlbuild
 from streamsvc.adapters import streams as rs
-from streamsvc.adapters.postgres import translate
+from streamsvc.adapters.postgres import is_transient, translate
 from streamsvc.backoff import pause
 from streamsvc.catalog import Catalog
 from streamsvc.errors import TransientError
@@ -263,7 +263,9 @@ class Flusher:
         errors: dict[str, str],
         statement: sqlbuild.Statement | None = None,
     ) -> None:
-        """Run one group under a savepoint; on a permanent error bisect it.
+        """Run one group under a savepoint; on a permanent error bisect it until the bad
+        members stand alone: inside PostgreSQL when the group is fed by one JSON parameter
+        (one round trip), else here, half by half.
 
         A savepoint that succeeded is left open (the commit releases them all): one round
         trip fewer per group."""
@@ -285,9 +287,29 @@ class Flusher:
             if len(group.members) == 1:
                 errors[group.members[0].id] = str(error)
                 return
+        if statement is not None and statement.many is None:  # fed by one JSON parameter
+            await self._apply_rows(conn, group, statement, errors)
+            return
         first, second = group.split()
         await self._apply(conn, first, errors)
         await self._apply(conn, second, errors)
+
+    async def _apply_rows(
+        self,
+        conn: asyncpg.Connection,
+        group: sqlbuild.Group,
+        statement: sqlbuild.Statement,
+        errors: dict[str, str],
+    ) -> None:
+        """Bisect a failed JSON-fed group inside PostgreSQL, in one round trip: the
+        members it accepts are applied, the refused ones recorded."""
+        refused = await conn.fetch(queries.APPLY_ROWS, statement.sql, *statement.args)
+        for position, state, message in refused:
+            if is_transient(state):
+                raise TransientError(message)
+            errors[group.members[position - 1].id] = message
+        if any(state in _SCHEMA_CHANGED for _, state, _ in refused):
+            await self.catalog.refresh(conn)
 
     async def _count_attempt(self, items: Sequence[WorkOp], error: str) -> None:
         try:
@@ -316,6 +338,8 @@ class Flusher:
         metrics.failed.inc(len(rows))
         return result
 
+
+_SCHEMA_CHANGED = ("42703", "42P01")  # undefined column, undefined table
 
 # One name for every group's savepoint: rolling back to it returns to the newest one.
 _SAVEPOINT = "SAVEPOINT streamsvc_group"

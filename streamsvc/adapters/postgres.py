@@ -29,6 +29,10 @@ _MIGRATION_FILE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 _LOCK_KEY = 0x5354524D  # advisory lock serialising concurrent `streamsvc migrate`
 
 
+def is_transient(sqlstate: str) -> bool:
+    return sqlstate[:2] in TRANSIENT_SQLSTATE_CLASSES or sqlstate in TRANSIENT_SQLSTATES
+
+
 def translate(exc: BaseException) -> StreamsvcError:
     """The project's error for a driver exception: transient or permanent."""
     if isinstance(exc, StreamsvcError):
@@ -36,7 +40,7 @@ def translate(exc: BaseException) -> StreamsvcError:
     if isinstance(exc, asyncpg.PostgresError):
         state = exc.sqlstate or ""
         message = str(exc)  # asyncpg's text carries the DETAIL and HINT lines too
-        if state[:2] in TRANSIENT_SQLSTATE_CLASSES or state in TRANSIENT_SQLSTATES:
+        if is_transient(state):
             return TransientError(message)
         return PermanentError(message)
     if isinstance(exc, asyncpg.exceptions.DataError):  # bad parameter, caught client-side
@@ -65,7 +69,11 @@ async def _reset_connection(conn: asyncpg.Connection) -> None:
         await conn.execute("ROLLBACK")
 
 
+_APPLY_ROWS_FUNCTION = resources.files("streamsvc.sql").joinpath("apply_rows.sql").read_text()
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.execute(_APPLY_ROWS_FUNCTION)
     for name in ("json", "jsonb"):
         await conn.set_type_codec(
             name,

@@ -66,6 +66,31 @@ async def test_poison_operations_fail_alone_and_good_ones_land_together(
     assert await conn.fetchval("SELECT count(*) FROM orders") == 1 + 296 - 0
 
 
+async def test_bad_rows_read_the_same_whether_alone_or_found_in_a_group(
+    settings: Settings, conn: asyncpg.Connection
+) -> None:
+    """A bad member of a multi-row statement is isolated inside PostgreSQL; one alone in
+    its statement fails as the client reports it. Callers see the same text either way."""
+    await conn.execute("INSERT INTO orders (id, customer, amount) VALUES (5, 'a', 1), (6, 'b', 1)")
+    alone = {**order(6), "values": {"id": 6, "customer": "c", "amount": 1, "note": "n"}}
+    batch = [order(i) for i in range(100, 140)] + [order(5), alone]
+    async with running(settings) as service:
+        await service.ingress.submit(ops(batch), caller=ANONYMOUS, source="api")
+        await drain(service)
+    failed = dict(
+        await conn.fetch(
+            """SELECT (body->'values'->>'id')::int, error FROM "BatchOperations"
+               WHERE status = 'FAIL'"""
+        )
+    )
+    message = 'duplicate key value violates unique constraint "orders_pkey"\nDETAIL:  Key (id)=({})'
+    assert failed == {
+        5: message.format(5) + " already exists.",
+        6: message.format(6) + " already exists.",
+    }
+    assert await conn.fetchval("SELECT count(*) FROM orders") == 2 + 40
+
+
 async def test_repeated_user_operation_id_is_applied_once(
     settings: Settings, conn: asyncpg.Connection
 ) -> None:
