@@ -263,14 +263,16 @@ class Flusher:
         errors: dict[str, str],
         statement: sqlbuild.Statement | None = None,
     ) -> None:
-        """Run one group under a savepoint; on a permanent error bisect it until the bad
-        members stand alone: inside PostgreSQL when the group is fed by one JSON parameter
-        (one round trip), else here, half by half.
-
-        A savepoint that succeeded is left open (the commit releases them all): one round
-        trip fewer per group."""
+        """Run one group so that a permanent error bisects it until the bad members stand
+        alone. A group fed by one JSON parameter goes to PostgreSQL's side in one round
+        trip (``_apply_rows``). Any other group runs under a savepoint here, and is halved
+        here when it fails; a savepoint that succeeded is left open (the commit releases
+        them all), a round trip fewer."""
         try:
             statement = statement or sqlbuild.render(group, self.catalog)
+            if statement.many is None and len(group.members) > 1:  # one JSON parameter
+                await self._apply_rows(conn, group, statement, errors)
+                return
             await conn.execute(_SAVEPOINT)
             try:
                 await _execute(conn, statement)
@@ -287,9 +289,6 @@ class Flusher:
             if len(group.members) == 1:
                 errors[group.members[0].id] = str(error)
                 return
-        if statement is not None and statement.many is None:  # fed by one JSON parameter
-            await self._apply_rows(conn, group, statement, errors)
-            return
         first, second = group.split()
         await self._apply(conn, first, errors)
         await self._apply(conn, second, errors)
@@ -301,8 +300,9 @@ class Flusher:
         statement: sqlbuild.Statement,
         errors: dict[str, str],
     ) -> None:
-        """Bisect a failed JSON-fed group inside PostgreSQL, in one round trip: the
-        members it accepts are applied, the refused ones recorded."""
+        """Apply a JSON-fed group inside PostgreSQL, in one round trip: as one statement
+        in a subtransaction, bisected there when it fails; the members it accepts are
+        applied, the refused ones recorded."""
         refused = await conn.fetch(queries.APPLY_ROWS, statement.sql, *statement.args)
         for position, state, message in refused:
             if is_transient(state):
