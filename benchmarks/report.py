@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -117,7 +118,7 @@ def save(
     data = directory / f"bench-{stamp}.json"
     data.write_text(json.dumps({"machine": machine, "results": ratios(results)}, indent=2) + "\n")
     picture = directory / f"bench-{stamp}.png"
-    setup = "  ".join(f"{k}={_plain(v)}" for k, v in machine.items())
+    setup = textwrap.fill("  ".join(f"{k}={_plain(v)}" for k, v in machine.items()), 120)
     chart(results, picture, title=f"streamsvc bench {stamp}\n{setup}")
     return data, picture
 
