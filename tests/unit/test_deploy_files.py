@@ -20,9 +20,18 @@ def test_env_example_lists_every_setting_with_its_default() -> None:
 def test_compose_passes_only_settings_the_service_knows() -> None:
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     services = compose["services"]
-    assert {"postgres", "redis", "rabbitmq", "streamsvc"} <= set(services)
+    roles = {"streamsvc", "streamsvc-flusher", "streamsvc-notifier", "streamsvc-sweeper"}
+    assert {"postgres", "redis", "rabbitmq", *roles} <= set(services)
     assert all("healthcheck" in s for s in services.values())
-    assert set(services["streamsvc"]["environment"]) <= set(env_names())
+    for name in roles:
+        assert set(services[name]["environment"]) <= set(env_names()), name
+    commands = [services[name]["command"][0] for name in sorted(roles)]
+    assert [c.split("--role ")[1] for c in commands] == [
+        "ingress",
+        "flusher",
+        "notifier",
+        "sweeper",
+    ]
 
 
 def test_grafana_dashboard_queries_only_metrics_the_service_declares() -> None:
@@ -47,6 +56,7 @@ def test_grafana_dashboard_queries_only_metrics_the_service_declares() -> None:
             used = set(re.findall(r"streamsvc_[a-z_]+", target["expr"]))
             assert used and used <= declared, (panel["title"], used - declared)
     prometheus = yaml.safe_load((ROOT / "deploy/prometheus.yml").read_text())
-    assert prometheus["scrape_configs"][0]["static_configs"][0]["targets"] == ["streamsvc:3000"]
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    ours = sorted(f"{name}:3000" for name in compose["services"] if name.startswith("streamsvc"))
+    assert sorted(prometheus["scrape_configs"][0]["static_configs"][0]["targets"]) == ours
     assert {"prometheus", "grafana"} <= set(compose["services"])
