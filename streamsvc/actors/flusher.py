@@ -1,13 +1,14 @@
 """Flusher: claim a batch from the work stream, apply it in ONE transaction, then ack.
 
-Exactly once: the transaction first locks the batch's own BatchOperations rows (in id
-order, so two flushers never deadlock on them), applies only those still pending, and
-flips them to SUCCESS or FAIL in the same commit. A redelivered or doubly-claimed entry
-therefore finds its operations finished and applies nothing; it only re-reports them.
+Exactly once: the transaction first claims the batch's own BatchOperations rows that are
+still pending (one UPDATE marking them SUCCESS), applies only those, and marks the refused
+ones FAIL before the same commit. A redelivered or doubly-claimed entry therefore finds
+its operations finished and applies nothing; it only re-reports them.
 
-A statement that fails is bisected inside the transaction (savepoints) until the bad
-operations stand alone; they end as FAIL with the database's message while every good
-one still lands in the same batch. Transient errors roll back and retry with backoff.
+A statement that fails is bisected inside the transaction until the bad operations stand
+alone (inside PostgreSQL for the JSON-fed statements, see sql/apply_rows.sql); they end
+as FAIL with the database's message while every good one still lands in the same batch.
+Transient errors roll back and retry with backoff.
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ class Flusher:
         """One batch transaction.
 
         It first claims the batch's pending rows (marking them SUCCESS), then takes the
-        table locks and applies the effects, each group under a savepoint so a bad
+        table locks and applies the effects, each group in a subtransaction so a bad
         operation costs the bisection of its own group only; the few that failed are
         marked FAIL before the commit. Statements are rendered before the transaction and
         the bookkeeping runs before the table locks: batches on the same tables wait on
