@@ -304,7 +304,13 @@ class Flusher:
         """Apply a JSON-fed group inside PostgreSQL, in one round trip: as one statement
         in a subtransaction, bisected there when it fails; the members it accepts are
         applied, the refused ones recorded."""
-        refused = await conn.fetch(queries.APPLY_ROWS, statement.sql, *statement.args)
+        try:
+            refused = await conn.fetch(queries.APPLY_ROWS, statement.sql, *statement.args)
+        except asyncpg.PostgresError as exc:
+            # The call itself failed, not a row: the transaction is aborted, so the batch
+            # must start again; refused rows never end up here.
+            error = translate(exc)
+            raise TransientError(f"isolating refused rows failed: {error}") from exc
         for position, state, message in refused:
             if is_transient(state):
                 raise TransientError(message)
