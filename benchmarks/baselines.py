@@ -16,7 +16,8 @@ exactly once and no poisoned operation left a trace.
   clean data.
 - copy+update (ceiling): copy plus the bookkeeping streamsvc cannot skip. Per chunk, a
   transaction COPYs every operation into "BatchOperations"; then the effect transaction
-  of copy also marks those rows SUCCESS (FAIL for poison) in the same commit.
+  of copy also marks those rows SUCCESS (FAIL for poison) in the same commit, with
+  streamsvc's own statements.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pgqueuer.domain.types import QueueExecutionMode
 
 from benchmarks import workload
 from benchmarks.harness import PG
+from streamsvc import queries
 from streamsvc.adapters import postgres
 from streamsvc.allowlist import quote_ident
 
@@ -57,15 +59,9 @@ BUMP_COUNTERS = """
 UPDATE counters AS c SET value = c.value + u.n
 FROM unnest($1::text[], $2::integer[]) AS u(name, n) WHERE c.name = u.name
 """
-# streamsvc's own record: the columns it writes on intake, and how it ends a batch.
+# streamsvc's own record: the columns it writes on intake (it ends a batch with its own
+# statements, streamsvc.queries.CLAIM_BATCH and MARK_FAILED).
 INTAKE_COLUMNS = ("id", "operation_type", "body", "source", "submitted_by")
-FINISH_OPERATIONS = """
-UPDATE "BatchOperations" AS b
-SET status = u.status, error = u.error, attempts = b.attempts + 1, batch_id = $4::uuid,
-    processed_at = clock_timestamp(), updated_at = now()
-FROM unnest($1::uuid[], $2::text[], $3::text[]) AS u(id, status, error)
-WHERE b.id = u.id
-"""
 POISON_ERROR = 'new row for relation "orders" violates check constraint "orders_amount_check"'
 
 
@@ -216,11 +212,11 @@ async def copy_update_ceiling(w: workload.Workload, *, chunk: int = 10_000) -> d
                 await conn.copy_records_to_table(
                     "BatchOperations", records=intake, columns=INTAKE_COLUMNS
                 )
-            statuses = ["FAIL" if bad else "SUCCESS" for bad in poisoned]
-            errors = [POISON_ERROR if bad else None for bad in poisoned]
+            failed = [id_ for id_, bad in zip(ids, poisoned, strict=True) if bad]
             async with conn.transaction():
+                await conn.execute(queries.CLAIM_BATCH, ids, uuid.uuid4())
                 await _land(conn, _clean(ops, poisoned))
-                await conn.execute(FINISH_OPERATIONS, ids, statuses, errors, uuid.uuid4())
+                await conn.execute(queries.MARK_FAILED, failed, [POISON_ERROR] * len(failed))
         elapsed = time.perf_counter() - started
         await workload.verify(conn, w)
         await workload.verify_statuses(conn, w)
