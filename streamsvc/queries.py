@@ -51,8 +51,8 @@ FROM unnest($1::text[]) WITH ORDINALITY AS t(name, position)
 ORDER BY t.position
 """
 
-# A failed multi-row statement again, bisected inside PostgreSQL (sql/apply_rows.sql, which
-# every pool connection creates): the rows it accepts are applied, the refused come back.
+# A multi-row statement, its refused rows searched out inside PostgreSQL (sql/apply_rows.sql,
+# which every pool connection creates): the rows it accepts are applied, the refused return.
 APPLY_ROWS = """
 SELECT row_position, error_state, error_message
 FROM pg_temp.streamsvc_apply_rows($1::text, $2::text::json)

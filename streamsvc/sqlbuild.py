@@ -143,11 +143,18 @@ def _recordset(table: Table, columns: list[str]) -> str:
     return f"json_to_recordset($1::text::json) AS r({defs})"
 
 
+# Counts the rows an INSERT reaches, so a refused row is found without bisecting
+# (sql/apply_rows.sql, which every pool connection creates, says how).
+# The condition holds for every row: it filters nothing.
+COUNT_ROWS = "nextval('pg_temp.streamsvc_rows_reached') IS NOT NULL"
+
+
 def _insert_sql(table: Table, columns: list[str], conflict: list[str] | None) -> str:
     names = ", ".join(quote_ident(c) for c in columns)
     picks = ", ".join(f"r.c{i}" for i in range(len(columns)))
     source = _recordset(table, columns)
-    sql = f"INSERT INTO {table.ref.quoted} ({names}) SELECT {picks} FROM {source}"
+    sql = f"INSERT INTO {table.ref.quoted} ({names}) SELECT {picks} FROM {source} "
+    sql += f"WHERE {COUNT_ROWS}"
     if conflict is None:
         return sql
     target = ", ".join(quote_ident(c) for c in conflict)

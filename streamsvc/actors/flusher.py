@@ -5,7 +5,7 @@ still pending (one UPDATE marking them SUCCESS), applies only those, and marks t
 ones FAIL before the same commit. A redelivered or doubly-claimed entry therefore finds
 its operations finished and applies nothing; it only re-reports them.
 
-A statement that fails is bisected inside the transaction until the bad operations stand
+A statement that fails is searched inside the transaction until the bad operations stand
 alone (inside PostgreSQL for the JSON-fed statements, see sql/apply_rows.sql); they end
 as FAIL with the database's message while every good one still lands in the same batch.
 Transient errors roll back and retry with backoff.
@@ -180,7 +180,7 @@ class Flusher:
 
         It first claims the batch's pending rows (marking them SUCCESS), then takes the
         table locks and applies the effects, each group in a subtransaction so a bad
-        operation costs the bisection of its own group only; the few that failed are
+        operation costs the search of its own group only; the few that failed are
         marked FAIL before the commit. Statements are rendered before the transaction and
         the bookkeeping runs before the table locks: batches on the same tables wait on
         each other only while their effects run."""
@@ -264,7 +264,7 @@ class Flusher:
         errors: dict[str, str],
         statement: sqlbuild.Statement | None = None,
     ) -> None:
-        """Run one group so that a permanent error bisects it until the bad members stand
+        """Run one group so that a permanent error splits it until the bad members stand
         alone. A group fed by one JSON parameter goes to PostgreSQL's side in one round
         trip (``_apply_rows``). Any other group runs under a savepoint here, and is halved
         here when it fails; a savepoint that succeeded is left open (the commit releases
@@ -302,7 +302,7 @@ class Flusher:
         errors: dict[str, str],
     ) -> None:
         """Apply a JSON-fed group inside PostgreSQL, in one round trip: as one statement
-        in a subtransaction, bisected there when it fails; the members it accepts are
+        in a subtransaction, searched there when it fails; the members it accepts are
         applied, the refused ones recorded."""
         try:
             refused = await conn.fetch(queries.APPLY_ROWS, statement.sql, *statement.args)

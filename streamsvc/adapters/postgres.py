@@ -72,7 +72,9 @@ async def _reset_connection(conn: asyncpg.Connection) -> None:
 _APPLY_ROWS_FUNCTION = resources.files("streamsvc.sql").joinpath("apply_rows.sql").read_text()
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
+async def init_connection(conn: asyncpg.Connection) -> None:
+    """What every pool connection holds: the row-isolating functions in its pg_temp
+    (sql/apply_rows.sql), and JSON values bound natively."""
     await conn.execute(_APPLY_ROWS_FUNCTION)
     for name in ("json", "jsonb"):
         await conn.set_type_codec(
@@ -92,7 +94,7 @@ async def create_pool(settings: Settings, *, size: int | None = None) -> asyncpg
         **dsn_kwargs(settings),
         min_size=1,
         max_size=size or settings.db_pool_size,
-        init=_init_connection,
+        init=init_connection,
         reset=_reset_connection,
         server_settings=server_settings,
     )

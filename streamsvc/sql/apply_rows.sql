@@ -1,6 +1,6 @@
 -- Isolating the rows a multi-row statement refuses, inside PostgreSQL: one round trip
--- instead of one per probe. Not a migration: every pool connection creates it in its own
--- temporary schema (pg_temp), so the database keeps no object of it.
+-- instead of one per probe. Not a migration: every pool connection creates these in its
+-- own temporary schema (pg_temp), so the database keeps no object of them.
 --
 -- `statement` takes its rows as $1, a JSON array in text (the flusher's json_to_recordset
 -- statements). Every row the statement accepts is applied; each refused row is returned
@@ -8,39 +8,124 @@
 -- library shows them). Each probe is a subtransaction (a BEGIN ... EXCEPTION block), so the
 -- caller's transaction keeps what succeeded. QUERY_CANCELED (statement_timeout) is not
 -- caught: it ends the whole call.
-CREATE FUNCTION pg_temp.streamsvc_apply_rows(statement text, rows json, first integer DEFAULT 1)
-RETURNS TABLE (row_position integer, error_state text, error_message text)
+--
+-- Finding the refused rows: an INSERT counts the rows it reaches in streamsvc_rows_reached
+-- (a sequence, which a rolled-back subtransaction does not undo). When a probe stops at row
+-- k before reaching the rest, row k was refused as it went in, and rows 1..k-1 went in
+-- before it: they are applied again as one probe, and the rows after k as another, so a
+-- refused row costs about two probes. When the count says nothing (no row reached: a
+-- value did not convert; or no counter: UPDATE and DELETE), or the rows before k fail
+-- after all (a check that runs at the end of the statement, such as a foreign key), the
+-- probe is halved instead.
+CREATE SEQUENCE pg_temp.streamsvc_rows_reached MINVALUE 0 CACHE 64;
+
+-- One probe: the statement over `rows`, in a subtransaction. On success every OUT is
+-- NULL; on failure, the error and how many rows the statement reached.
+CREATE FUNCTION pg_temp.streamsvc_try_rows(
+    statement text, rows text,
+    OUT error_state text, OUT error_message text, OUT reached bigint)
 LANGUAGE plpgsql AS $$
 DECLARE
-    n integer := json_array_length(rows);
-    half integer := n / 2;
     detail text;
     hint text;
 BEGIN
-    BEGIN
-        EXECUTE statement USING rows::text;
-        RETURN;
-    EXCEPTION WHEN OTHERS THEN
-        IF n = 1 THEN
-            GET STACKED DIAGNOSTICS detail = PG_EXCEPTION_DETAIL, hint = PG_EXCEPTION_HINT;
-            row_position := first;
-            error_state := SQLSTATE;
-            error_message := SQLERRM
-                || coalesce(E'\nDETAIL:  ' || nullif(detail, ''), '')
-                || coalesce(E'\nHINT:  ' || nullif(hint, ''), '');
-            RETURN NEXT;
+    PERFORM setval('pg_temp.streamsvc_rows_reached', 0);
+    EXECUTE statement USING rows;
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS detail = PG_EXCEPTION_DETAIL, hint = PG_EXCEPTION_HINT;
+    error_state := SQLSTATE;
+    error_message := SQLERRM
+        || coalesce(E'\nDETAIL:  ' || nullif(detail, ''), '')
+        || coalesce(E'\nHINT:  ' || nullif(hint, ''), '');
+    reached := currval('pg_temp.streamsvc_rows_reached');
+END
+$$;
+
+-- `rows` (positions `first`..) failed as one probe with this error, having reached row
+-- `reached`: apply what can be applied, return the refused. `trust` is false once the
+-- count has misled, and the rest is halved. Going on after a refused row is a loop, not a
+-- call, so that a batch of nothing but refused rows does not nest one call per row.
+CREATE FUNCTION pg_temp.streamsvc_isolate_rows(
+    statement text, rows json[], first integer, trust boolean,
+    state text, message text, reached bigint)
+RETURNS TABLE (row_position integer, error_state text, error_message text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    n integer := cardinality(rows);
+    lo integer := 1;  -- rows[lo:n] failed as one probe, with state, message and reached
+    k integer;
+    probe record;
+BEGIN
+    LOOP
+        IF lo = n THEN
+            RETURN QUERY SELECT first + lo - 1, state, message;
             RETURN;
         END IF;
-    END;
-    RETURN QUERY SELECT * FROM pg_temp.streamsvc_apply_rows(
-        statement,
-        (SELECT json_agg(e ORDER BY i) FROM json_array_elements(rows) WITH ORDINALITY AS t(e, i)
-         WHERE i <= half),
-        first);
-    RETURN QUERY SELECT * FROM pg_temp.streamsvc_apply_rows(
-        statement,
-        (SELECT json_agg(e ORDER BY i) FROM json_array_elements(rows) WITH ORDINALITY AS t(e, i)
-         WHERE i > half),
-        first + half);
+        IF NOT trust OR reached NOT BETWEEN 1 AND n - lo + 1 OR state = '21000' THEN
+            -- no count to go by (or a row met twice, which alone would pass): halve
+            k := lo + (n - lo + 1) / 2;
+            RETURN QUERY SELECT * FROM pg_temp.streamsvc_probe_rows(
+                statement, rows[lo:k - 1], first + lo - 1, trust);
+            RETURN QUERY SELECT * FROM pg_temp.streamsvc_probe_rows(
+                statement, rows[k:n], first + k - 1, trust);
+            RETURN;
+        END IF;
+        k := lo + reached::integer - 1;
+        IF k > lo THEN  -- the rows before row k went in before it: they go in again
+            RETURN QUERY SELECT * FROM pg_temp.streamsvc_probe_rows(
+                statement, rows[lo:k - 1], first + lo - 1, false);
+        END IF;
+        IF k < n THEN
+            -- rows after k were never reached: the statement stopped at row k, for row k
+            RETURN QUERY SELECT first + k - 1, state, message;
+        ELSE
+            -- the last row, or a check at the end of the statement (a foreign key): ask
+            -- the last row alone
+            RETURN QUERY SELECT * FROM pg_temp.streamsvc_probe_rows(
+                statement, rows[k:k], first + k - 1, true);
+            RETURN;
+        END IF;
+        lo := k + 1;
+        probe := pg_temp.streamsvc_try_rows(statement, array_to_json(rows[lo:n])::text);
+        IF probe.error_state IS NULL THEN
+            RETURN;
+        END IF;
+        state := probe.error_state;
+        message := probe.error_message;
+        reached := probe.reached;
+    END LOOP;
+END
+$$;
+
+CREATE FUNCTION pg_temp.streamsvc_probe_rows(
+    statement text, rows json[], first integer, trust boolean)
+RETURNS TABLE (row_position integer, error_state text, error_message text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    probe record;
+BEGIN
+    probe := pg_temp.streamsvc_try_rows(statement, array_to_json(rows)::text);
+    IF probe.error_state IS NOT NULL THEN
+        RETURN QUERY SELECT * FROM pg_temp.streamsvc_isolate_rows(
+            statement, rows, first, trust, probe.error_state, probe.error_message,
+            probe.reached);
+    END IF;
+END
+$$;
+
+-- The entry point: the whole statement first; only when it fails, the rows one by one
+-- as JSON values, to be probed in parts.
+CREATE FUNCTION pg_temp.streamsvc_apply_rows(statement text, rows json)
+RETURNS TABLE (row_position integer, error_state text, error_message text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    probe record;
+BEGIN
+    probe := pg_temp.streamsvc_try_rows(statement, rows::text);
+    IF probe.error_state IS NOT NULL THEN
+        RETURN QUERY SELECT * FROM pg_temp.streamsvc_isolate_rows(
+            statement, ARRAY(SELECT json_array_elements(rows)), 1, true,
+            probe.error_state, probe.error_message, probe.reached);
+    END IF;
 END
 $$;

@@ -64,7 +64,8 @@ def test_insert_statement_takes_one_json_parameter() -> None:
     )
     assert statement.sql == (
         'INSERT INTO "public"."orders" ("amount", "customer", "id") SELECT r.c0, r.c1, r.c2 '
-        "FROM json_to_recordset($1::text::json) AS r(c0 numeric(12,2), c1 text, c2 integer)"
+        "FROM json_to_recordset($1::text::json) AS r(c0 numeric(12,2), c1 text, c2 integer) "
+        "WHERE nextval('pg_temp.streamsvc_rows_reached') IS NOT NULL"
     )
     assert msgspec.json.decode(statement.args[0]) == [
         {"c0": 2, "c1": "a", "c2": 1},

@@ -1,0 +1,143 @@
+"""Refused rows of a multi-row statement, found inside PostgreSQL (sql/apply_rows.sql).
+
+Whatever the mix of bad rows, the result must be what applying the rows one by one, in
+order, would give: the good ones applied, each bad one refused with its own message.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+
+import asyncpg
+import msgspec
+import pytest
+
+from streamsvc import queries
+from streamsvc.adapters import postgres
+from streamsvc.sqlbuild import COUNT_ROWS
+from tests.conftest import PG
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+SCHEMA = """
+CREATE TABLE parents (id integer PRIMARY KEY);
+INSERT INTO parents SELECT generate_series(1, 10);
+CREATE TABLE items (
+    id integer PRIMARY KEY,
+    amount numeric(12, 2) NOT NULL CHECK (amount >= 0),
+    parent integer REFERENCES parents (id)
+);
+"""
+# As the flusher renders a multi-row insert (streamsvc.sqlbuild).
+INSERT = (
+    "INSERT INTO items (id, amount, parent) SELECT r.c0, r.c1, r.c2 "
+    "FROM json_to_recordset($1::text::json) AS r(c0 integer, c1 numeric(12,2), c2 integer) "
+    f"WHERE {COUNT_ROWS}"
+)
+CHECK = 'new row for relation "items" violates check constraint "items_amount_check"'
+
+
+@pytest.fixture
+async def db(database: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(database=database, **PG)
+    await postgres.init_connection(conn)
+    await conn.execute(SCHEMA)
+    yield conn
+    await conn.close()
+
+
+def rows(n: int, bad: set[int] = frozenset(), *, parent: int = 1) -> list[dict[str, object]]:
+    """Rows 1..n; those in ``bad`` break the CHECK constraint."""
+    return [{"c0": i, "c1": -1 if i in bad else i, "c2": parent} for i in range(1, n + 1)]
+
+
+async def apply(db: asyncpg.Connection, records: list[dict[str, object]]) -> dict[int, str]:
+    """Refused positions with their messages; what was accepted stays applied."""
+    async with db.transaction():
+        refused = await db.fetch(queries.APPLY_ROWS, INSERT, msgspec.json.encode(records).decode())
+    return {position: message for position, _, message in refused}
+
+
+async def stored(db: asyncpg.Connection) -> list[int]:
+    return [r[0] for r in await db.fetch("SELECT id FROM items ORDER BY id")]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        set(),
+        {1},
+        {300},
+        {1, 2},
+        {150, 151, 152},
+        set(random.Random(5).sample(range(1, 301), 12)),
+        set(range(1, 301, 2)),
+    ],
+    ids=["none", "first", "last", "first-two", "run-of-three", "twelve-scattered", "every-other"],
+)
+async def test_each_refused_row_is_found_and_every_other_applied(
+    db: asyncpg.Connection, bad: set[int]
+) -> None:
+    refused = await apply(db, rows(300, bad))
+    assert set(refused) == bad
+    assert all(message.startswith(CHECK) for message in refused.values())
+    assert await stored(db) == [i for i in range(1, 301) if i not in bad]
+
+
+async def test_the_row_count_filters_no_row(db: asyncpg.Connection) -> None:
+    """Run as it is, outside the isolating function, on a connection whose counter was
+    never set, the statement inserts every row."""
+    await db.execute(INSERT, msgspec.json.encode(rows(3)).decode())
+    assert await stored(db) == [1, 2, 3]
+
+
+async def test_a_repeated_key_refuses_the_later_row(db: asyncpg.Connection) -> None:
+    records = rows(6)
+    records[4] = {"c0": 2, "c1": 99, "c2": 1}  # position 5 repeats the key of position 2
+    refused = await apply(db, records)
+    assert refused == {
+        5: 'duplicate key value violates unique constraint "items_pkey"\n'
+        "DETAIL:  Key (id)=(2) already exists."
+    }
+    assert await db.fetchval("SELECT amount FROM items WHERE id = 2") == 2
+
+
+async def test_checks_at_the_end_of_the_statement_are_isolated_too(
+    db: asyncpg.Connection,
+) -> None:
+    """A foreign key is checked once every row is in: the count of rows reached points at
+    the last row, not the bad one, and the search must not trust it."""
+    records = rows(50)
+    for position in (3, 40):
+        records[position - 1]["c2"] = 999  # no such parent
+    refused = await apply(db, records)
+    assert set(refused) == {3, 40}
+    assert all("violates foreign key constraint" in m for m in refused.values())
+    assert await stored(db) == [i for i in range(1, 51) if i not in (3, 40)]
+
+
+async def test_values_that_do_not_convert_are_isolated(db: asyncpg.Connection) -> None:
+    records = rows(40, {7})
+    records[19]["c1"] = "lots"
+    refused = await apply(db, records)
+    assert set(refused) == {7, 20}
+    assert refused[20] == 'invalid input syntax for type numeric: "lots"'
+    assert len(await stored(db)) == 38
+
+
+async def test_each_refused_row_costs_a_few_probes_not_a_bisection(
+    db: asyncpg.Connection,
+) -> None:
+    """Ten bad rows in 1,000: about two probes each. Halving would take some 130."""
+    bad = set(random.Random(9).sample(range(1, 1001), 10))
+    await db.execute("SET track_functions = 'pl'")
+    async with db.transaction():
+        refused = await db.fetch(
+            queries.APPLY_ROWS, INSERT, msgspec.json.encode(rows(1000, bad)).decode()
+        )
+        probes = await db.fetchval(
+            "SELECT calls FROM pg_stat_xact_user_functions WHERE funcname = 'streamsvc_try_rows'"
+        )
+    assert {r[0] for r in refused} == bad
+    assert probes <= 1 + 2 * len(bad)
