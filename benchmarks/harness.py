@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,9 @@ PG = {
 }
 RMQ_URL = os.environ.get("BATCH_SERVICE_RMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+Send = Callable[..., Coroutine[Any, Any, None]]
 
 
 def free_port() -> int:
@@ -100,33 +105,32 @@ class ServiceProcess:
 async def produce(
     redis: Any, inbox: str, ops: list[dict[str, Any]], *, pipeline: int = 1000
 ) -> None:
-    """What a producer does: one XADD per operation to the inbox, pipelined ``pipeline`` at a
-    time. The commands go to the socket already in Redis's protocol and the replies are
-    only counted (by hiredis), so the load takes little of the CPU the service shares."""
+    """What a producer does: one XADD per operation to the inbox, pipelined."""
+    async with producer(redis, inbox) as send:
+        await send(ops, pipeline=pipeline)
+
+
+@asynccontextmanager
+async def producer(redis: Any, inbox: str) -> AsyncIterator[Send]:
+    """Producers' connections to ``redis``'s server, adding to ``inbox``: yields
+    ``send(ops)``, which XADDs one entry per operation, ``pipeline`` at a time, on a
+    connection of its own (several sends may run at once). The commands go to the socket
+    already in Redis's protocol and the replies are only counted (by hiredis), so the load
+    takes little of the CPU the service shares."""
+    idle: list[_Connection] = []
     where = redis.connection_pool.connection_kwargs
-    encode = msgspec.json.encode
     head = b"*5\r\n" + _arguments(b"XADD", inbox.encode(), b"*", b"op")  # then the body
-    async with await anyio.connect_tcp(
-        where.get("host", "127.0.0.1"), where.get("port", 6379)
-    ) as sock:
-        replies = _Replies(sock)
-        greeting = []
-        if where.get("password"):
-            user = where.get("username") or "default"
-            greeting.append(_command(b"AUTH", user.encode(), where["password"].encode()))
-        if where.get("db"):
-            greeting.append(_command(b"SELECT", str(where["db"]).encode()))
-        if greeting:
-            await sock.send(b"".join(greeting))
-            await replies.take(len(greeting))
-        for start in range(0, len(ops), pipeline):
-            chunk = ops[start : start + pipeline]
-            commands = []
-            for op in chunk:
-                body = encode(op)
-                commands.append(head + b"$%d\r\n%s\r\n" % (len(body), body))
-            await sock.send(b"".join(commands))
-            await replies.take(len(chunk))
+
+    async def send(ops: list[dict[str, Any]], *, pipeline: int = 1000) -> None:
+        conn = idle.pop() if idle else await _Connection.open(where)
+        await conn.xadd(head, ops, pipeline)
+        idle.append(conn)  # not on failure: a connection in an unknown state is dropped
+
+    try:
+        yield send
+    finally:
+        for conn in idle:
+            await conn.sock.aclose()
 
 
 def _command(*parts: bytes) -> bytes:
@@ -138,12 +142,38 @@ def _arguments(*parts: bytes) -> bytes:
     return b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
 
 
-class _Replies:
+class _Connection:
     def __init__(self, sock: Any) -> None:
         self.sock = sock
         self.reader = hiredis.Reader()
 
-    async def take(self, count: int) -> None:
+    @classmethod
+    async def open(cls, where: dict[str, Any]) -> _Connection:
+        sock = await anyio.connect_tcp(where.get("host", "127.0.0.1"), where.get("port", 6379))
+        conn = cls(sock)
+        greeting = []
+        if where.get("password"):
+            user = where.get("username") or "default"
+            greeting.append(_command(b"AUTH", user.encode(), where["password"].encode()))
+        if where.get("db"):
+            greeting.append(_command(b"SELECT", str(where["db"]).encode()))
+        if greeting:
+            await sock.send(b"".join(greeting))
+            await conn.replies(len(greeting))
+        return conn
+
+    async def xadd(self, head: bytes, ops: list[dict[str, Any]], pipeline: int) -> None:
+        encode = msgspec.json.encode
+        for start in range(0, len(ops), pipeline):
+            chunk = ops[start : start + pipeline]
+            commands = []
+            for op in chunk:
+                body = encode(op)
+                commands.append(head + b"$%d\r\n%s\r\n" % (len(body), body))
+            await self.sock.send(b"".join(commands))
+            await self.replies(len(chunk))
+
+    async def replies(self, count: int) -> None:
         """Read ``count`` replies; an error reply is raised."""
         while count:
             self.reader.feed(await self.sock.receive())

@@ -21,7 +21,7 @@ import httpx
 import msgspec
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from benchmarks.harness import RMQ_URL, produce
+from benchmarks.harness import RMQ_URL, producer
 
 INGRESSES = ("inbox", "rpc-single", "rpc-bulk", "http-bulk")
 BULK = 100  # operations in one create_operations / POST /api/operations/batch
@@ -65,11 +65,8 @@ async def connect(
 ) -> AsyncIterator[Ingress]:
     """The ingress ``name`` of one running service, connected."""
     if name == "inbox":
-
-        async def pipeline(ops: list[Op]) -> None:
-            await produce(redis, inbox, ops)
-
-        yield Ingress(name, size=1000, in_flight=1, request=pipeline, coalesce=True)
+        async with producer(redis, inbox) as send:
+            yield Ingress(name, size=1000, in_flight=1, request=send, coalesce=True)
     elif name in ("rpc-single", "rpc-bulk"):
         async with rpc_client(RMQ_URL, queue) as client:
             if name == "rpc-single":
