@@ -1,8 +1,10 @@
-"""Shared fixtures: each test gets its own PostgreSQL database and Redis key prefix."""
+"""Shared fixtures: each test gets its own PostgreSQL database and Redis key prefix.
+
+The servers are the benchmarks' (benchmarks.harness: PG, REDIS_URL, RMQ_URL), read from the
+service's own variables."""
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import AsyncIterator
 
@@ -11,19 +13,12 @@ import asyncpg
 import pytest
 
 from benchmarks import workload
-from benchmarks.harness import free_port
+from benchmarks.harness import PG, REDIS_URL, RMQ_URL, free_port
 from streamsvc import settings as settings_module
 from streamsvc.adapters import postgres
 from streamsvc.adapters import streams as rs
 from streamsvc.settings import Settings
 
-PG = {
-    "host": os.environ.get("DB_HOST", "127.0.0.1"),
-    "port": int(os.environ.get("DB_PORT", "5432")),
-    "user": os.environ.get("DB_USERNAME", "postgres"),
-}
-
-RMQ_URL = os.environ.get("BATCH_SERVICE_RMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 ALLOWED = f"{workload.ALLOWED}, profiles(id, name)"
 
 
@@ -54,11 +49,11 @@ async def database() -> AsyncIterator[str]:
 def settings_env(database: str, prefix: str, **overrides: str) -> dict[str, str]:
     """The variables a test service runs with: its own database and Redis prefix."""
     return {
-        "DB_HOST": PG["host"],
+        "DB_HOST": str(PG["host"]),
         "DB_PORT": str(PG["port"]),
         "DB_USERNAME": PG["user"],
         "DB_NAME": database,
-        "REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+        "REDIS_URL": REDIS_URL,
         "STREAMSVC_REDIS_PREFIX": prefix,
         "BATCH_SERVICE_RMQ_QUEUE": f"{prefix}-rpc",
         "STREAMSVC_EVENTS_EXCHANGE": f"{prefix}-events",
@@ -83,7 +78,7 @@ async def prefix() -> AsyncIterator[str]:
     """A Redis key prefix of the test's own; its keys are deleted afterwards."""
     value = f"streamsvc-test-{uuid.uuid4().hex[:10]}"
     yield value
-    client = rs.connect(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    client = rs.connect(REDIS_URL)
     try:
         keys = [k async for k in client.scan_iter(match=f"{value}:*")]
         if keys:
