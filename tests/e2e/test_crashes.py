@@ -43,6 +43,16 @@ def at_least(conn: asyncpg.Connection, status: str, n: int) -> Callable[[], Awai
     return check
 
 
+async def finishes_exactly_once(conn: asyncpg.Connection, w: workload.Workload) -> None:
+    """Wait until every operation of ``w`` is finished, then assert each effect landed
+    once and the statuses are exactly the expected ones: the 1% poison FAIL, once, with
+    the rest; nothing left PROCESSING or lost."""
+    expected = workload.expected_statuses(w)
+    await eventually(at_least(conn, "SUCCESS", expected["SUCCESS"]), within=90)
+    await workload.verify(conn, w)
+    assert await statuses(conn) == expected
+
+
 async def test_sigkill_mid_flush_then_restart_applies_everything_exactly_once(
     service: ServiceProcess, conn: asyncpg.Connection, redis: aioredis.Redis, prefix: str
 ) -> None:
@@ -56,10 +66,7 @@ async def test_sigkill_mid_flush_then_restart_applies_everything_exactly_once(
         done = (await statuses(conn)).get("SUCCESS", 0)
         assert done < 20_000, "the kill must land while work is still in flight"
         await service.start()
-    expected = workload.expected_statuses(w)  # the 1% poison FAIL, once, with the rest
-    await eventually(at_least(conn, "SUCCESS", expected["SUCCESS"]), within=90)
-    await workload.verify(conn, w)
-    assert await statuses(conn) == expected, "nothing left PROCESSING or lost"
+    await finishes_exactly_once(conn, w)
     assert await service.terminate() == 0
 
 
@@ -76,10 +83,7 @@ async def test_sigterm_under_load_drains_and_exits_zero(
     assert '"service.stopping"' in log and '"service.stopped"' in log
     assert "PROCESSING" not in await statuses(conn)
     await service.start()  # whatever was not finished is picked up by the next run
-    expected = workload.expected_statuses(w)
-    await eventually(at_least(conn, "SUCCESS", expected["SUCCESS"]), within=90)
-    await workload.verify(conn, w)
-    assert await statuses(conn) == expected
+    await finishes_exactly_once(conn, w)
     assert await service.terminate() == 0
 
 
@@ -106,10 +110,7 @@ async def test_redis_flushall_during_a_run_loses_nothing(
         stored = await eventually_stored(conn, 10_000)
         assert stored.get("SUCCESS", 0) < 10_000, "Redis must be wiped while work is pending"
         await redis.flushall()
-        expected = workload.expected_statuses(w)
-        await eventually(at_least(conn, "SUCCESS", expected["SUCCESS"]), within=90)
-        await workload.verify(conn, w)
-        assert await statuses(conn) == expected
+        await finishes_exactly_once(conn, w)
         assert '"sweep.rows_reenqueued"' in service.log()
         assert await service.terminate() == 0
     finally:
