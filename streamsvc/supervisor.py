@@ -73,10 +73,11 @@ def retry_policy(settings: Settings) -> RetryPolicy:
 
 
 @asynccontextmanager
-async def open_service(settings: Settings) -> AsyncIterator[Service]:
-    """Connect, check the database, load the catalog, and build the actors."""
+async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[Service]:
+    """Connect, check the database, load the catalog, and build the actors (``role``: the
+    ones this process runs)."""
     settings.check_auth()
-    pool = await postgres.create_pool(settings)
+    pool = await postgres.create_pool(settings, flushing=role in ("all", "flusher"))
     client = rs.connect(settings.redis_url)
     try:
         async with pool.acquire() as conn:
@@ -183,7 +184,7 @@ def _warn_about_allow_list(catalog: Catalog) -> None:
 
 async def run(settings: Settings, role: Role = "all") -> None:
     """Run until SIGTERM/SIGINT, then drain within the grace period and return."""
-    async with open_service(settings) as service, anyio.create_task_group() as support:
+    async with open_service(settings, role) as service, anyio.create_task_group() as support:
         # Committers and the sweeper serve the claimers; they go when the claimers are done.
         if role in ("all", "ingress"):
             support.start_soon(service.ingress.run)

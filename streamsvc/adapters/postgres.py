@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from importlib import resources
 from typing import Any
@@ -72,10 +73,11 @@ async def _reset_connection(conn: asyncpg.Connection) -> None:
 _APPLY_ROWS_FUNCTION = resources.files("streamsvc.sql").joinpath("apply_rows.sql").read_text()
 
 
-async def init_connection(conn: asyncpg.Connection) -> None:
-    """What every pool connection holds: the row-isolating functions in its pg_temp
-    (sql/apply_rows.sql), and JSON values bound natively."""
-    await conn.execute(_APPLY_ROWS_FUNCTION)
+async def init_connection(conn: asyncpg.Connection, *, flushing: bool = True) -> None:
+    """JSON values bound natively; for a process that flushes, the row-isolating functions
+    in the connection's pg_temp too (sql/apply_rows.sql)."""
+    if flushing:
+        await conn.execute(_APPLY_ROWS_FUNCTION)
     for name in ("json", "jsonb"):
         await conn.set_type_codec(
             name,
@@ -85,8 +87,11 @@ async def init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
-async def create_pool(settings: Settings, *, size: int | None = None) -> asyncpg.Pool:
-    """A pool whose connections bind JSON values natively and time out stuck statements."""
+async def create_pool(
+    settings: Settings, *, size: int | None = None, flushing: bool = True
+) -> asyncpg.Pool:
+    """A pool whose connections bind JSON values natively and time out stuck statements;
+    ``flushing``: the process runs flushers (see ``init_connection``)."""
     server_settings = {"application_name": "streamsvc"}
     if settings.statement_timeout_ms:
         server_settings["statement_timeout"] = str(settings.statement_timeout_ms)
@@ -94,7 +99,7 @@ async def create_pool(settings: Settings, *, size: int | None = None) -> asyncpg
         **dsn_kwargs(settings),
         min_size=1,
         max_size=size or settings.db_pool_size,
-        init=init_connection,
+        init=functools.partial(init_connection, flushing=flushing),
         reset=_reset_connection,
         server_settings=server_settings,
     )
