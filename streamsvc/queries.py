@@ -32,6 +32,8 @@ WHERE id = ANY($1::uuid[]) AND status IN ('UNPROCESSED', 'PROCESSING')
 RETURNING id::text, attempts
 """
 
+# The refused among the claimed rows, marked FAIL before the commit (`b.id = ANY($1)`: by
+# primary key, as in CLAIM_BATCH).
 MARK_FAILED = f"""
 UPDATE {OPS} AS b SET status = 'FAIL', error = u.error
 FROM unnest($1::uuid[], $2::text[]) AS u(id, error)
