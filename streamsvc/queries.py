@@ -44,20 +44,17 @@ STATE_OF = f"""
 SELECT id::text, status, error, attempts, batch_id::text FROM {OPS} WHERE id = ANY($1::uuid[])
 """
 
-# Batches writing the same table apply one after the other: each takes a transaction-level
-# advisory lock per table, all in one sorted order, so concurrent flushers never deadlock
-# on hot target rows (a deadlock costs PostgreSQL's deadlock_timeout, 1 s by default).
-LOCK_TABLES = """
-SELECT pg_advisory_xact_lock(hashtextextended('streamsvc:' || t.name, 0))
-FROM unnest($1::text[]) WITH ORDINALITY AS t(name, position)
-ORDER BY t.position
-"""
+# Batches writing the same table apply one after the other (sql/apply_rows.sql, which the
+# connections of a flushing process create, says how): `tables` sorted.
+LOCK_TABLES = "SELECT pg_temp.streamsvc_lock_tables($1::text[])"
 
-# A multi-row statement, its refused rows searched out inside PostgreSQL (sql/apply_rows.sql,
-# which every pool connection creates): the rows it accepts are applied, the refused return.
-APPLY_ROWS = """
-SELECT row_position, error_state, error_message
-FROM pg_temp.streamsvc_apply_rows($1::text, $2::text::json)
+# Multi-row statements, their refused rows searched out inside PostgreSQL, in one round
+# trip: the table locks first (an empty list when taken already), then each statement over
+# its rows (a JSON array in text). The rows a statement accepts are applied; each refused
+# one returns with its statement's index, its position, SQLSTATE and message.
+APPLY_GROUPS = """
+SELECT group_index, row_position, error_state, error_message
+FROM pg_temp.streamsvc_apply_groups($1::text[], $2::text[], $3::text[])
 """
 
 # Count a transient failure on rows still pending; they stay in the stream for a retry.

@@ -196,11 +196,16 @@ class Flusher:
                 prepared = self._prepare(pending)
                 earlier = [i.id for i in unique if i.id not in attempts]
                 result.outcomes.extend(await self._earlier(conn, earlier, unique))
-            if prepared:
-                tables = sqlbuild.tables_of([g for g, _ in prepared], self.catalog)
-                await conn.execute(queries.LOCK_TABLES, tables)
-            for group, statement in prepared:
-                await self._apply(conn, group, errors, statement)
+            tables = sqlbuild.tables_of([g for g, _ in prepared], self.catalog)
+            for in_postgres, run in _runs(prepared):
+                if in_postgres:  # the table locks go with the first round trip
+                    await self._apply_groups(conn, run, errors, tables)
+                else:
+                    if tables:
+                        await conn.execute(queries.LOCK_TABLES, tables)
+                    for group, statement in run:
+                        await self._apply(conn, group, errors, statement)
+                tables = []
             if errors:
                 failed = list(errors)
                 await conn.execute(queries.MARK_FAILED, failed, [errors[i] for i in failed])
@@ -222,12 +227,10 @@ class Flusher:
         metrics.last_success.set_to_current_time()
         return result
 
-    def _prepare(
-        self, items: Sequence[WorkOp]
-    ) -> list[tuple[sqlbuild.Group, sqlbuild.Statement | None]]:
+    def _prepare(self, items: Sequence[WorkOp]) -> Prepared:
         """The groups of ``items`` with their statements (None: rendering failed, and
         ``_apply`` finds out for which members)."""
-        prepared: list[tuple[sqlbuild.Group, sqlbuild.Statement | None]] = []
+        prepared: Prepared = []
         for group in sqlbuild.plan(items, self.catalog):
             try:
                 prepared.append((group, sqlbuild.render(group, self.catalog)))
@@ -264,16 +267,12 @@ class Flusher:
         errors: dict[str, str],
         statement: sqlbuild.Statement | None = None,
     ) -> None:
-        """Run one group so that a permanent error splits it until the bad members stand
-        alone. A group fed by one JSON parameter goes to PostgreSQL's side in one round
-        trip (``_apply_rows``). Any other group runs under a savepoint here, and is halved
-        here when it fails; a savepoint that succeeded is left open (the commit releases
-        them all), a round trip fewer."""
+        """Run one group here, under a savepoint, so that a permanent error halves it until
+        the bad members stand alone. A savepoint that succeeded is left open (the commit
+        releases them all), a round trip fewer. (JSON-fed groups go to ``_apply_groups``;
+        one whose statement could not be rendered comes here to find its bad members.)"""
         try:
             statement = statement or sqlbuild.render(group, self.catalog)
-            if statement.many is None and len(group.members) > 1:  # one JSON parameter
-                await self._apply_rows(conn, group, statement, errors)
-                return
             await conn.execute(_SAVEPOINT)
             try:
                 await _execute(conn, statement)
@@ -294,28 +293,33 @@ class Flusher:
         await self._apply(conn, first, errors)
         await self._apply(conn, second, errors)
 
-    async def _apply_rows(
+    async def _apply_groups(
         self,
         conn: asyncpg.Connection,
-        group: sqlbuild.Group,
-        statement: sqlbuild.Statement,
+        run: Prepared,
         errors: dict[str, str],
+        tables: list[str],
     ) -> None:
-        """Apply a JSON-fed group inside PostgreSQL, in one round trip: as one statement
-        in a subtransaction, searched there when it fails; the members it accepts are
-        applied, the refused ones recorded."""
+        """Apply JSON-fed groups inside PostgreSQL, in one round trip (taking ``tables``'
+        locks first): each statement in a subtransaction, searched there when it fails; the
+        members it accepts are applied, the refused ones recorded."""
+        statements, rows = [], []
+        for _, statement in run:
+            assert statement is not None  # `_runs` sends only rendered ones here
+            statements.append(statement.sql)
+            rows.append(statement.args[0])
         try:
-            refused = await conn.fetch(queries.APPLY_ROWS, statement.sql, *statement.args)
+            refused = await conn.fetch(queries.APPLY_GROUPS, tables, statements, rows)
         except asyncpg.PostgresError as exc:
             # The call itself failed, not a row: the transaction is aborted, so the batch
             # must start again; refused rows never end up here.
             error = translate(exc)
             raise TransientError(f"isolating refused rows failed: {error}") from exc
-        for position, state, message in refused:
+        for index, position, state, message in refused:
             if is_transient(state):
                 raise TransientError(message)
-            errors[group.members[position - 1].id] = message
-        if any(state in _SCHEMA_CHANGED for _, state, _ in refused):
+            errors[run[index - 1][0].members[position - 1].id] = message
+        if any(state in _SCHEMA_CHANGED for _, _, state, _ in refused):
             await self.catalog.refresh(conn)
 
     async def _count_attempt(self, items: Sequence[WorkOp], error: str) -> None:
@@ -351,6 +355,22 @@ _SCHEMA_CHANGED = ("42703", "42P01")  # undefined column, undefined table
 # One name for every group's savepoint: rolling back to it returns to the newest one.
 _SAVEPOINT = "SAVEPOINT streamsvc_group"
 _ROLLBACK_TO_SAVEPOINT = "ROLLBACK TO SAVEPOINT streamsvc_group"
+
+
+Prepared = list[tuple[sqlbuild.Group, sqlbuild.Statement | None]]
+
+
+def _runs(prepared: Prepared) -> list[tuple[bool, Prepared]]:
+    """``prepared`` cut, in order, into runs of groups that PostgreSQL applies in one call
+    (those fed by one JSON parameter: True) and runs of groups applied from here (statement
+    groups, executemany; and groups whose statement failed to render: False)."""
+    runs: list[tuple[bool, Prepared]] = []
+    for group, statement in prepared:
+        in_postgres = statement is not None and statement.many is None
+        if not runs or runs[-1][0] != in_postgres:
+            runs.append((in_postgres, []))
+        runs[-1][1].append((group, statement))
+    return runs
 
 
 async def _execute(conn: asyncpg.Connection, statement: sqlbuild.Statement) -> None:

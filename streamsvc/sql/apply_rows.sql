@@ -129,3 +129,35 @@ BEGIN
     END IF;
 END
 $$;
+
+-- Batches writing the same table apply one after the other: each takes a transaction-level
+-- advisory lock per table, all in one sorted order (`tables` comes sorted), so concurrent
+-- flushers never deadlock on hot target rows (a deadlock costs PostgreSQL's
+-- deadlock_timeout, 1 s by default).
+CREATE FUNCTION pg_temp.streamsvc_lock_tables(tables text[])
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    name text;
+BEGIN
+    FOREACH name IN ARRAY tables LOOP
+        PERFORM pg_advisory_xact_lock(hashtextextended('streamsvc:' || name, 0));
+    END LOOP;
+END
+$$;
+
+-- Several statements of a batch in one round trip: first the table locks `tables` (none
+-- when the batch holds them already), then each statement over its rows, in order, as
+-- streamsvc_apply_rows does it; each refused row comes back with its statement's 1-based
+-- index.
+CREATE FUNCTION pg_temp.streamsvc_apply_groups(tables text[], statements text[], rows text[])
+RETURNS TABLE (group_index integer, row_position integer, error_state text, error_message text)
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_temp.streamsvc_lock_tables(tables);
+    FOR i IN 1 .. cardinality(statements) LOOP
+        RETURN QUERY SELECT i, r.row_position, r.error_state, r.error_message
+            FROM pg_temp.streamsvc_apply_rows(statements[i], rows[i]::json) AS r;
+    END LOOP;
+END
+$$;

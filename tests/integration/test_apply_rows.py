@@ -52,11 +52,16 @@ def rows(n: int, bad: set[int] = frozenset(), *, parent: int = 1) -> list[dict[s
     return [{"c0": i, "c1": -1 if i in bad else i, "c2": parent} for i in range(1, n + 1)]
 
 
+def text(records: list[dict[str, object]]) -> str:
+    return msgspec.json.encode(records).decode()
+
+
 async def apply(db: asyncpg.Connection, records: list[dict[str, object]]) -> dict[int, str]:
     """Refused positions with their messages; what was accepted stays applied."""
     async with db.transaction():
-        refused = await db.fetch(queries.APPLY_ROWS, INSERT, msgspec.json.encode(records).decode())
-    return {position: message for position, _, message in refused}
+        refused = await db.fetch(queries.APPLY_GROUPS, [], [INSERT], [text(records)])
+    assert all(index == 1 for index, *_ in refused)
+    return {position: message for _, position, _, message in refused}
 
 
 async def stored(db: asyncpg.Connection) -> list[int]:
@@ -133,11 +138,32 @@ async def test_each_refused_row_costs_a_few_probes_not_a_bisection(
     bad = set(random.Random(9).sample(range(1, 1001), 10))
     await db.execute("SET track_functions = 'pl'")
     async with db.transaction():
-        refused = await db.fetch(
-            queries.APPLY_ROWS, INSERT, msgspec.json.encode(rows(1000, bad)).decode()
-        )
+        refused = await db.fetch(queries.APPLY_GROUPS, [], [INSERT], [text(rows(1000, bad))])
         probes = await db.fetchval(
             "SELECT calls FROM pg_stat_xact_user_functions WHERE funcname = 'streamsvc_try_rows'"
         )
-    assert {r[0] for r in refused} == bad
+    assert {r[1] for r in refused} == bad
     assert probes <= 1 + 2 * len(bad)
+
+
+async def test_several_statements_in_one_call_keep_their_order(db: asyncpg.Connection) -> None:
+    """A batch's statements go in one call, in order: the second sees the first's rows;
+    each refused row comes back with its statement's index."""
+    update = (
+        "UPDATE items AS t SET amount = r.c1 FROM json_to_recordset($1::text::json) "
+        "AS r(c0 integer, c1 numeric(12,2)) WHERE t.id = r.c0"
+    )
+    async with db.transaction():
+        refused = await db.fetch(
+            queries.APPLY_GROUPS,
+            ["items", "parents"],
+            [INSERT, update],
+            [text(rows(5, {2})), text([{"c0": 1, "c1": 50}, {"c0": 3, "c1": -5}])],
+        )
+        held = await db.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+        )
+    assert [(r[0], r[1]) for r in refused] == [(1, 2), (2, 2)]
+    assert held == 2, "a lock per table, held by the transaction"
+    amounts = dict(await db.fetch("SELECT id, amount FROM items ORDER BY id"))
+    assert amounts == {1: 50, 3: 3, 4: 4, 5: 5}
