@@ -191,3 +191,37 @@ async def test_transient_errors_are_retried_until_they_pass(
     assert row["status"] == "SUCCESS"
     assert row["attempts"] >= 2
     assert await conn.fetchval("SELECT value FROM counters WHERE name = 'locked'") == 1
+
+
+@pytest.mark.parametrize("catalog_knows", [True, False], ids=["catalog-refreshed", "stale"])
+async def test_a_column_dropped_before_the_flush_fails_only_its_operations(
+    settings: Settings, conn: asyncpg.Connection, catalog_knows: bool
+) -> None:
+    """Validated against a column that is gone by the flush: those operations FAIL, found
+    while rendering (the catalog knows already) or by PostgreSQL (it does not yet); the
+    rest of the batch, before and after them, lands in the same transaction."""
+    await conn.execute("ALTER TABLE orders ADD COLUMN region text")
+    with_region = [
+        {**order(i), "values": {"id": i, "customer": "c", "amount": 1, "region": "eu"}}
+        for i in (2, 4)
+    ]
+    bump = {"operationType": "BUMP", "sql": "UPDATE orders SET note = 'x' WHERE id = $1"}
+    batch = [order(1), with_region[0], {**bump, "params": [1]}, order(3), with_region[1]]
+    async with running(settings) as service:
+        await service.ingress.submit(ops(batch), caller=ANONYMOUS, source="api")
+        await conn.execute("ALTER TABLE orders DROP COLUMN region")
+        if catalog_knows:
+            service.catalog.min_refresh_s = 0
+            assert await service.catalog.refresh(conn)
+        await drain(service)
+    rows = await conn.fetch(
+        """SELECT (body->'values'->>'id')::int, status, error, batch_id FROM "BatchOperations"
+           WHERE body ? 'values'"""
+    )
+    failed = {r[0]: r[2] for r in rows if r[1] == "FAIL"}
+    assert set(failed) == {2, 4}
+    assert all('column "region" of relation "orders" does not exist' in e for e in failed.values())
+    assert await statuses(conn) == {"SUCCESS": 3, "FAIL": 2}
+    assert len({r[3] for r in rows}) == 1, "one batch"
+    assert await conn.fetchval("SELECT note FROM orders WHERE id = 1") == "x"
+    assert await conn.fetchval("SELECT count(*) FROM orders") == 2
