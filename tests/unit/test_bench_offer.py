@@ -1,0 +1,48 @@
+import time
+
+import anyio
+import pytest
+
+from benchmarks.latency import offer
+from benchmarks.scenarios import Ingress, Op
+
+pytestmark = pytest.mark.anyio
+
+
+class Recorder:
+    """An ingress that takes ``delay_s`` to answer and records what it was sent."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.requests: list[list[Op]] = []
+
+    async def request(self, ops: list[Op]) -> None:
+        self.requests.append(ops)
+        await anyio.sleep(self.delay_s)
+
+
+def _ops(n: int) -> list[Op]:
+    return [{"userOperationId": f"op-{i}"} for i in range(n)]
+
+
+async def test_every_operation_goes_once_in_order_at_the_offered_rate() -> None:
+    recorder = Recorder(delay_s=0)
+    ops = _ops(400)
+    started = time.perf_counter()
+    submitted = await offer(Ingress("inbox", 1000, 1, recorder.request, coalesce=True), ops, 2000)
+    elapsed = time.perf_counter() - started
+    sent = [op for request in recorder.requests for op in request]
+    assert sent == ops
+    assert list(submitted) == [op["userOperationId"] for op in ops]
+    assert 0.19 <= elapsed < 0.5  # 400 at 2,000 a second: the last is due at 0.2 s
+    # one wake per 5 ms tick at most, so requests carry several operations each
+    assert len(recorder.requests) <= 0.2 / 0.005 + 2
+
+
+async def test_a_slow_answer_delays_no_later_submission() -> None:
+    recorder = Recorder(delay_s=0.3)  # every answer takes longer than the whole schedule
+    ops = _ops(20)
+    submitted = await offer(Ingress("rpc", 1, 64, recorder.request), ops, 200)
+    times = [submitted[op["userOperationId"]] for op in ops]
+    assert times[-1] - times[0] < 0.2  # sent on schedule (0.1 s), not one answer after another
+    assert len(recorder.requests) == 20
