@@ -59,6 +59,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     flushers: Positive = msgspec.field(default=2, name="STREAMSVC_FLUSHERS")
     db_pool_size: Positive = msgspec.field(default=8, name="STREAMSVC_DB_POOL_SIZE")
     ingress_read_count: Positive = msgspec.field(default=2000, name="STREAMSVC_INGRESS_READ_COUNT")
+    inbox_readers: Positive = msgspec.field(default=2, name="STREAMSVC_INBOX_READERS")
     max_attempts: Positive = msgspec.field(default=10, name="STREAMSVC_MAX_ATTEMPTS")
     max_deliveries: Positive = msgspec.field(default=5, name="STREAMSVC_MAX_DELIVERIES")
     claim_idle_ms: Positive = msgspec.field(default=30_000, name="STREAMSVC_CLAIM_IDLE_MS")

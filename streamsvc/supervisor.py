@@ -102,6 +102,7 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
             count=settings.ingress_read_count,
             claim_idle_ms=settings.claim_idle_ms,
             max_body_bytes=settings.max_body_bytes,
+            readers=settings.inbox_readers,
         )
         flushers = [
             Flusher(

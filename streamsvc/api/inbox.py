@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 
+import anyio
 import msgspec
 import structlog
 
@@ -43,9 +44,11 @@ class InboxConsumer:
         count: int,
         claim_idle_ms: int,
         max_body_bytes: int,
+        readers: int = 1,
         block_ms: int = 1000,
     ) -> None:
         self.name = name
+        self.readers = readers
         self.ingress = ingress
         self.streams = streams
         self.auth = auth
@@ -59,18 +62,25 @@ class InboxConsumer:
     async def run(self, *, burst: bool = False) -> None:
         """Ingest until stopped (or, in burst mode, until the inbox has nothing for us).
 
-        Entries are acked only once stored, so any failure here (a server down) just
-        means reading our own unacked entries again after a pause."""
+        Each reader is a consumer of its own in the group: while one reader's entries
+        are being stored, the next reader's are read and validated."""
+        async with anyio.create_task_group() as tg:
+            for n in range(self.readers):
+                tg.start_soon(self._read, f"{self.name}-{n}", burst)
+
+    async def _read(self, consumer: str, burst: bool) -> None:
+        """One reader's loop. Entries are acked only once stored, so any failure here (a
+        server down) just means reading this reader's unacked entries again after a pause."""
         own_pending, failures, next_claim = True, 0, 0.0
         while not self.stopping:
             try:
                 if time.monotonic() >= next_claim:
                     next_claim = time.monotonic() + self.claim_idle_ms / 2000
-                    await self._take_over_idle()
+                    await self._take_over_idle(consumer)
                 entries = await self.streams.read(
                     self.streams.names.inbox,
                     rs.INGRESS_GROUP,
-                    self.name,
+                    consumer,
                     count=self.count,
                     block_ms=None if burst or own_pending else self.block_ms,
                     own_pending=own_pending,
@@ -94,13 +104,13 @@ class InboxConsumer:
                     "reading unacked entries again",
                 )
 
-    async def _take_over_idle(self) -> None:
+    async def _take_over_idle(self, consumer: str) -> None:
         """Entries a dead inbox consumer read and never acked become ours."""
         names = self.streams.names
         entries = await self.streams.autoclaim(
             names.inbox,
             rs.INGRESS_GROUP,
-            self.name,
+            consumer,
             min_idle_ms=self.claim_idle_ms,
             count=self.count,
         )

@@ -91,6 +91,35 @@ async def test_inbox_entry_delivered_twice_is_stored_once(
     assert await conn.fetchval("SELECT count(*) FROM orders") == 3
 
 
+async def test_inbox_readers_share_the_entries_and_store_each_once(
+    database: str, prefix: str, conn: asyncpg.Connection
+) -> None:
+    settings = make_settings(
+        database, prefix, STREAMSVC_INBOX_READERS="3", STREAMSVC_INGRESS_READ_COUNT="5"
+    )
+    async with running(settings) as service:
+        names, redis = service.streams.names, service.streams.redis
+        for i in range(60):
+            await redis.xadd(names.inbox, {"op": json.dumps(order(i))})
+        readers: dict[str, int] = {}
+        read = service.streams.read
+
+        async def counting(stream: str, group: str, consumer: str, **kw: object) -> list:
+            entries = await read(stream, group, consumer, **kw)  # type: ignore[arg-type]
+            if stream == names.inbox:
+                readers[consumer] = readers.get(consumer, 0) + len(entries)
+            return entries
+
+        service.streams.read = counting  # type: ignore[method-assign]
+        await service.inbox.run(burst=True)
+        await drain(service)
+        assert await redis.xlen(names.inbox) == 0
+    assert sum(readers.values()) == 60, readers
+    assert len(readers) == 3 and all(readers.values()), readers  # each took its share
+    assert await statuses(conn) == {"SUCCESS": 60}
+    assert await conn.fetchval("SELECT count(DISTINCT id) FROM orders") == 60
+
+
 def service_id(service: Service, entry_id: bytes) -> str:
     import uuid
 
