@@ -231,6 +231,8 @@ def main() -> None:
         results = anyio.run(bench, opts, progress, backend_options={"use_uvloop": True})
     console = Console(width=None if sys.stdout.isatty() else 200)  # a file gets whole rows
     console.print(report.table(results))
+    if (legs := report.latency_table(results)) is not None:
+        console.print(legs)
     console.print(f"took {time.perf_counter() - started:.0f} s")
     if out is not None:
         for path in report.save(results, machine(opts), out):

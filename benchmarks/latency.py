@@ -19,6 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import aio_pika
 import anyio
@@ -28,7 +29,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from benchmarks import scenarios, workload
 from benchmarks.harness import RMQ_URL
 from benchmarks.scenarios import Ingress, Op
-from benchmarks.stage import finished, stage, watch
+from benchmarks.stage import cpu_share, cpu_used, finished, stage, watch
 
 _events = msgspec.json.Decoder()
 
@@ -80,9 +81,11 @@ async def measure(
     limit: int,
     roles: list[str],
     progress: Callable[[str, int], Callable[[int], None]],
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Offer ingress ``name`` ``rate`` operations a second for ``seconds`` on a fresh stage;
-    {"rate", "p50", "p95", "p99"} of submit -> SUCCESS in ms."""
+    {"rate", "p50", "p95", "p99"} of submit -> SUCCESS in ms, with "stages" (the same
+    percentiles of each leg, see `stages`) and "cpu" (percent of one core each process
+    used meanwhile: the service's, the servers' and this bench's)."""
     w = workload.build(max(2, round(rate * seconds)))
     ops = [{**op, "userOperationId": str(uuid.uuid4())} for op in w.ops]
     async with stage(w, flushers, limit, roles) as st:
@@ -94,18 +97,48 @@ async def measure(
             anyio.create_task_group() as tg,
         ):
             tg.start_soon(watch, st, update)
+            cpu_before, started = cpu_used(st), time.perf_counter()
             submitted = await offer(ingress, ops, rate)
             await finished(st, inbox=name == "inbox")
             with anyio.move_on_after(30):  # the last events are still on their way
                 await arrivals.complete.wait()
+            cpu = cpu_share(cpu_before, cpu_used(st), time.perf_counter() - started)
             tg.cancel_scope.cancel()
         update(len(ops))
         await workload.verify(st.conn, w)
         await workload.verify_statuses(st.conn, w)
+        stored = await st.conn.fetch(STORED_AND_CLAIMED)
     arrived = arrivals.times
     assert len(arrived) == expected, f"{expected - len(arrived)} outcome events never came"
     ms = [(arrived[op_id] - submitted[op_id]) * 1000 for op_id in arrived]
-    return {"rate": round(rate), **percentiles(ms)}
+    legs = stages(submitted, {op_id: (s, c) for op_id, s, c in stored}, arrived)
+    return {"rate": round(rate), **percentiles(ms), "stages": legs, "cpu": cpu}
+
+
+# When each operation was stored (the intake transaction's start) and claimed (inside the
+# batch transaction that applied it), as Unix times.
+STORED_AND_CLAIMED = """
+SELECT id::text, extract(epoch FROM created_at)::float8, extract(epoch FROM processed_at)::float8
+FROM "BatchOperations" WHERE status = 'SUCCESS'
+"""
+
+
+def stages(
+    submitted: dict[str, float],
+    stored: dict[str, tuple[float, float]],
+    arrived: dict[str, float],
+) -> dict[str, dict[str, float]]:
+    """Where the time goes, by operation id: submit -> stored in BatchOperations (ingress),
+    stored -> claimed by a batch transaction (the work stream and the flushers' queue),
+    claimed -> its event arrived (the rest of the transaction, the outcome stream, the
+    notifier and RabbitMQ); percentiles of each in ms."""
+    legs: dict[str, list[float]] = {"stored": [], "claimed": [], "event": []}
+    for op_id, event in arrived.items():
+        stored_at, claimed_at = stored[op_id]
+        legs["stored"].append((stored_at - submitted[op_id]) * 1000)
+        legs["claimed"].append((claimed_at - stored_at) * 1000)
+        legs["event"].append((event - claimed_at) * 1000)
+    return {leg: percentiles(ms) for leg, ms in legs.items()}
 
 
 @dataclass

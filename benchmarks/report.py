@@ -2,7 +2,8 @@
 
 A result is a JSON-able dict: "scenario", "kind" (streamsvc | baseline | ceiling |
 arithmetic), "ops_per_s", and when measured "operations", "seconds", "mean_batch",
-"latency_ms" ({"rate", "p50", "p95", "p99"}), "rss_mb" ([[seconds, MB], ...]) and "note".
+"latency_ms" ({"rate", "p50", "p95", "p99"}, and "stages" and "cpu" where measured),
+"rss_mb" ([[seconds, MB], ...]) and "note".
 Every throughput is also given as a ratio to the naive baseline and to the ceiling.
 """
 
@@ -82,6 +83,33 @@ def table(results: list[Result]) -> Table:
             _latency(r.get("latency_ms")),
             _rss(r.get("rss_mb")),
             r.get("note", ""),
+        )
+    return grid
+
+
+LEGS = {"stored": "submit→stored", "claimed": "stored→claimed", "event": "claimed→event"}
+
+
+def latency_table(results: list[Result]) -> Table | None:
+    """Where each latency run's time went: p50/p95/p99 of each leg, and the CPU each
+    process took meanwhile (percent of one core); None when no run has them."""
+    runs = [r for r in results if "stages" in r.get("latency_ms", {})]
+    if not runs:
+        return None
+    grid = Table(title="where the latency goes", header_style="bold")
+    grid.add_column("scenario", style="bold")
+    grid.add_column("offered", justify="right")
+    for heading in LEGS.values():
+        grid.add_column(f"{heading} ms", justify="right")
+    grid.add_column("CPU, % of one core")
+    for r in runs:
+        latency = r["latency_ms"]
+        cpu = sorted(latency.get("cpu", {}).items(), key=lambda item: -item[1])
+        grid.add_row(
+            r["scenario"],
+            f"{latency['rate']:,.0f}/s",
+            *(_latency(latency["stages"][leg]) for leg in LEGS),
+            ", ".join(f"{name} {share:.0f}" for name, share in cpu),
         )
     return grid
 

@@ -6,6 +6,7 @@ service's memory, and the moment nothing is left pending.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -147,6 +148,61 @@ async def watch(
     finally:
         with anyio.CancelScope(shield=True):
             await conn.close()
+
+
+# The servers a run's CPU is also counted for, by the command name of their processes.
+SERVERS = {"postgres": "postgres", "redis": "redis-server", "rabbitmq": "beam.smp"}
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def processes(st: Stage) -> dict[str, list[int]]:
+    """The processes sharing this machine's CPU in a run, by name: each service role, each
+    local server (all of its processes) and this bench process (the load and the
+    measuring)."""
+    groups: dict[str, list[int]] = {}
+    for role, service in st.services:
+        if service.proc is not None:
+            groups.setdefault(role, []).append(service.proc.pid)
+    groups.update({name: [] for name in SERVERS})
+    by_command = {command: name for name, command in SERVERS.items()}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "comm").read_text().strip()
+            except OSError:  # gone meanwhile
+                continue
+            if command in by_command:
+                groups[by_command[command]].append(int(entry.name))
+    groups["bench"] = [os.getpid()]
+    return groups
+
+
+def cpu_used(st: Stage) -> dict[str, dict[int, float]]:
+    """CPU time (user + system, seconds) used so far by each process of `processes`."""
+    used: dict[str, dict[int, float]] = {}
+    for name, pids in processes(st).items():
+        used[name] = {}
+        for pid in pids:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:  # gone meanwhile
+                continue
+            fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) "
+            used[name][pid] = (int(fields[11]) + int(fields[12])) / _TICKS
+    return used
+
+
+def cpu_share(
+    before: dict[str, dict[int, float]], after: dict[str, dict[int, float]], seconds: float
+) -> dict[str, float]:
+    """Each group's CPU between two `cpu_used`, in percent of one core over ``seconds``; a
+    process started in between counts all of its time (one that ended, none)."""
+    share = {}
+    for name, now in after.items():
+        then = before.get(name, {})
+        used = sum(t - then.get(pid, 0.0) for pid, t in now.items())
+        share[name] = round(100 * used / seconds, 1)
+    return share
 
 
 def rss_mb(pids: list[int]) -> float:

@@ -58,6 +58,11 @@ async def test_every_ingress_runs_with_latency_and_memory(ingress: str, tmp_path
         latency = r["latency_ms"]
         assert latency["rate"] > 0
         assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"], r
+        for leg in ("stored", "claimed", "event"):  # each leg is part of the whole
+            assert 0 <= latency["stages"][leg]["p50"] <= latency["p99"], r
+        cpu = latency["cpu"]
+        assert set(cpu) >= {"ingress", "flusher", "notifier", "postgres", "redis", "bench"}, r
+        assert cpu["flusher"] > 0 and cpu["postgres"] > 0, r
         assert r["rss_mb"] and all(mb > 0 for _, mb in r["rss_mb"]), r
 
 

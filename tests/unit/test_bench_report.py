@@ -64,6 +64,28 @@ def test_table_shows_every_scenario_with_its_ratios() -> None:
     assert "—" in text  # figures the arithmetic row does not have
 
 
+def test_latency_table_shows_each_leg_and_the_cpu_by_process_busiest_first() -> None:
+    legs = {"p50": 5.0, "p95": 9.0, "p99": 12.0}
+    measured = {
+        **RESULTS[0],
+        "latency_ms": {
+            **RESULTS[0]["latency_ms"],
+            "stages": {"stored": legs, "claimed": legs, "event": {**legs, "p99": 140.0}},
+            "cpu": {"ingress": 31.5, "postgres": 77.0, "bench": 15.2},
+        },
+    }
+    assert report.latency_table(RESULTS) is None  # no run measured its legs
+    legs_table = report.latency_table([measured, *RESULTS[1:]])
+    assert legs_table is not None
+    console = Console(record=True, width=200)
+    console.print(legs_table)
+    text = console.export_text()
+    assert "submit→stored" in text and "claimed→event" in text
+    assert "5.0/9.0/12.0" in text and "5.0/9.0/140" in text
+    assert "postgres 77, ingress 32, bench 15" in text
+    assert "naive" not in text
+
+
 def test_save_writes_json_that_round_trips_and_a_png(tmp_path: Path) -> None:
     machine = {"cpus": 8, "roles": ["all"]}
     data, picture = report.save(RESULTS, machine, tmp_path / "results", stamp="20240101T000000")

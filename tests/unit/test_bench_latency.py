@@ -3,8 +3,9 @@ import time
 import anyio
 import pytest
 
-from benchmarks.latency import offer
+from benchmarks.latency import offer, stages
 from benchmarks.scenarios import Ingress, Op
+from benchmarks.stage import cpu_share
 
 pytestmark = pytest.mark.anyio
 
@@ -46,3 +47,19 @@ async def test_a_slow_answer_delays_no_later_submission() -> None:
     times = [submitted[op["userOperationId"]] for op in ops]
     assert times[-1] - times[0] < 0.2  # sent on schedule (0.1 s), not one answer after another
     assert len(recorder.requests) == 20
+
+
+def test_stages_split_each_latency_at_storing_and_claiming() -> None:
+    submitted = {"a": 100.0, "b": 100.0}
+    stored = {"a": (100.010, 100.030), "b": (100.020, 100.050)}
+    arrived = {"a": 100.040, "b": 100.090}
+    legs = stages(submitted, stored, arrived)
+    assert legs["stored"] == {"p50": 15.0, "p95": 19.5, "p99": 19.9}
+    assert legs["claimed"]["p50"] == 25.0
+    assert legs["event"]["p50"] == 25.0  # (10 + 40) / 2
+
+
+def test_cpu_share_counts_processes_started_meanwhile_in_full() -> None:
+    before = {"postgres": {1: 10.0, 2: 5.0}, "bench": {9: 1.0}}
+    after = {"postgres": {1: 10.5, 3: 0.25}, "bench": {9: 1.5}}  # 2 ended, 3 started
+    assert cpu_share(before, after, seconds=2.0) == {"postgres": 37.5, "bench": 25.0}
