@@ -53,6 +53,7 @@ class Options:
     n_baseline: int  # operations for naive and pgqueuer, one transaction each
     n_ceiling: int  # requests for the broker ceiling
     latency_s: float  # offered load per latency run; 0 skips latency
+    rate: float | None  # offered rate of the latency runs; None: half of the throughput
     flushers: int
     limit: int
     roles: list[str]
@@ -101,12 +102,12 @@ async def throughput(name: str, n: int, opts: Options, progress: report.Progress
 
 
 async def ingress(name: str, opts: Options, progress: report.Progress) -> Result:
-    """Throughput, then latency at half of it."""
+    """Throughput, then latency at half of it (or at the rate asked for)."""
     result = await throughput(name, opts.count(name), opts, progress)
     if opts.latency_s > 0:
         result["latency_ms"] = await latency.measure(
             name,
-            result["ops_per_s"] / 2,
+            opts.rate or result["ops_per_s"] / 2,
             opts.latency_s,
             flushers=opts.flushers,
             limit=opts.limit,
@@ -198,6 +199,9 @@ def parse(argv: list[str] | None = None) -> tuple[Options, Path | None]:
     parser.add_argument(
         "--latency-s", type=float, default=4.0, help="seconds of offered load per latency run"
     )
+    parser.add_argument(
+        "--rate", type=float, help="ops/s the latency runs offer (default: half the throughput)"
+    )
     parser.add_argument("--flushers", type=int, default=2, help="STREAMSVC_FLUSHERS")
     parser.add_argument("--limit", type=int, default=1000, help="BATCH_PROCESS_OPERATION_LIMIT")
     parser.add_argument("--only", choices=SCENARIOS, action="append", help="run just these")
@@ -217,6 +221,7 @@ def parse(argv: list[str] | None = None) -> tuple[Options, Path | None]:
         n_baseline=args.n_baseline,
         n_ceiling=args.n_ceiling,
         latency_s=args.latency_s,
+        rate=args.rate,
         flushers=args.flushers,
         limit=args.limit,
         roles=args.roles.split(","),
