@@ -201,6 +201,7 @@ async def copy_ceiling(w: workload.Workload, *, chunk: int = 10_000) -> dict[str
 
 async def copy_update_ceiling(w: workload.Workload, *, chunk: int = 10_000) -> dict[str, Any]:
     async with fresh_database(w) as (_, conn):
+        await postgres.create_flush_functions(conn)  # what CLAIM_BATCH and MARK_FAILED call
         started = time.perf_counter()
         for ops, poisoned in _chunks(w, chunk):
             ids = [uuid.uuid4() for _ in ops]

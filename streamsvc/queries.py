@@ -19,26 +19,11 @@ STATUS_OF = f"""
 SELECT id::text, operation_type, status FROM {OPS} WHERE id = ANY($1::uuid[])
 """
 
-# Claim the batch's rows still pending, marking them SUCCESS; the effects and this mark
-# commit together (the few that fail are marked FAIL before the commit). A row another
-# flusher is finishing is waited for, then skipped as no longer pending. `id = ANY($1)`
-# finds the rows by primary key (joined to an unnest alone, a batch of 1,000 is planned
-# as a hash join over a scan of the whole table).
-CLAIM_BATCH = f"""
-UPDATE {OPS}
-SET status = 'SUCCESS', error = NULL, attempts = attempts + 1, batch_id = $2::uuid,
-    processed_at = clock_timestamp(), updated_at = now()
-WHERE id = ANY($1::uuid[]) AND status IN ('UNPROCESSED', 'PROCESSING')
-RETURNING id::text, attempts
-"""
-
-# The refused among the claimed rows, marked FAIL before the commit (`b.id = ANY($1)`: by
-# primary key, as in CLAIM_BATCH).
-MARK_FAILED = f"""
-UPDATE {OPS} AS b SET status = 'FAIL', error = u.error
-FROM unnest($1::uuid[], $2::text[]) AS u(id, error)
-WHERE b.id = u.id AND b.id = ANY($1::uuid[])
-"""
+# A batch transaction's bookkeeping and statements (sql/batch.sql, which the connections
+# of a flushing process create, says how): claim the batch's pending rows, marking them
+# SUCCESS; mark the refused ones FAIL.
+CLAIM_BATCH = "SELECT op_id, attempts FROM pg_temp.streamsvc_claim($1::uuid[], $2::uuid)"
+MARK_FAILED = "SELECT pg_temp.streamsvc_mark_failed($1::uuid[], $2::text[])"
 
 STATE_OF = f"""
 SELECT id::text, status, error, attempts, batch_id::text FROM {OPS} WHERE id = ANY($1::uuid[])
@@ -49,12 +34,18 @@ SELECT id::text, status, error, attempts, batch_id::text FROM {OPS} WHERE id = A
 LOCK_TABLES = "SELECT pg_temp.streamsvc_lock_tables($1::text[])"
 
 # Multi-row statements, their refused rows searched out inside PostgreSQL, in one round
-# trip: the table locks first (an empty list when taken already), then each statement over
-# its rows (a JSON array in text). The rows a statement accepts are applied; each refused
-# one returns with its statement's index, its position, SQLSTATE and message.
-APPLY_GROUPS = """
-SELECT group_index, row_position, error_state, error_message
-FROM pg_temp.streamsvc_apply_groups($1::text[], $2::text[], $3::text[])
+# trip (sql/apply_rows.sql, sql/batch.sql): the table locks first (an empty list when taken
+# already), then each statement over its rows (a JSON array in text). The rows a statement
+# accepts are applied; each refused one returns with its statement's index, its position,
+# SQLSTATE and message. A batch's first call also claims its rows (claim ids, else NULL)
+# and stops when any had finished; its last call also marks the refused FAIL (each
+# statement's operation ids, comma-separated, else NULL; and the ids and errors refused
+# earlier in the batch). Arguments: claim ids, batch id, tables, statements, rows, mark
+# ids, failed ids, failed errors.
+APPLY_BATCH = """
+SELECT op_id, attempts, group_index, row_position, error_state, error_message
+FROM pg_temp.streamsvc_apply_batch($1::uuid[], $2::uuid, $3::text[], $4::text[], $5::text[],
+                                   $6::text[], $7::uuid[], $8::text[])
 """
 
 # Count a transient failure on rows still pending; they stay in the stream for a retry.

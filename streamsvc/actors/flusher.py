@@ -176,37 +176,59 @@ class Flusher:
             return result
 
     async def _transaction(self, items: Sequence[WorkOp]) -> BatchResult:
-        """One batch transaction.
+        """One batch transaction: first with no savepoint around the statements applied
+        from here, and when one of them fails, once more with them."""
+        try:
+            return await self._attempt(items, careful=False)
+        except _Careful:
+            return await self._attempt(items, careful=True)
 
-        It first claims the batch's pending rows (marking them SUCCESS), then takes the
-        table locks and applies the effects, each group in a subtransaction so a bad
-        operation costs the search of its own group only; the few that failed are
-        marked FAIL before the commit. Statements are rendered before the transaction and
-        the bookkeeping runs before the table locks: batches on the same tables wait on
-        each other only while their effects run."""
+    async def _attempt(self, items: Sequence[WorkOp], *, careful: bool) -> BatchResult:
+        """One batch transaction (``careful``: see ``_apply``).
+
+        Its first call claims the batch's pending rows (marking them SUCCESS), takes the
+        table locks and, when the batch starts with statements PostgreSQL applies, applies
+        those too; then the rest follows in order, each group in a subtransaction so a bad
+        operation costs the search of its own group only. The few that failed are marked
+        FAIL before the commit, by the batch's last call when PostgreSQL applies it.
+        Statements are rendered before the transaction; when some operations had finished
+        earlier, the first call applies nothing and the batch is planned again without
+        them."""
         unique = list({item.id: item for item in items}.values())
         result = BatchResult(batch_id=str(uuid.uuid4()))
         prepared = self._prepare(unique)
         errors: dict[str, str] = {}
         async with self.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(queries.CLAIM_BATCH, [i.id for i in unique], result.batch_id)
-            attempts: dict[str, int] = {row[0]: row[1] for row in rows}
+            runs = _runs(prepared)
+            lead = runs.pop(0)[1] if runs and runs[0][0] else []
+            tables = sqlbuild.tables_of([g for g, _ in prepared], self.catalog)
+            claim = [i.id for i in unique]
+            attempts = await self._apply_in_postgres(
+                conn, lead, errors, tables, claim=(claim, result.batch_id), mark=not runs
+            )
             pending = [i for i in unique if i.id in attempts]
+            marked = not runs
             if len(pending) < len(unique):  # some finished earlier: plan without them
                 prepared = self._prepare(pending)
                 earlier = [i.id for i in unique if i.id not in attempts]
                 result.outcomes.extend(await self._earlier(conn, earlier, unique))
-            tables = sqlbuild.tables_of([g for g, _ in prepared], self.catalog)
-            for in_postgres, run in _runs(prepared):
+                runs = _runs(prepared)
+                tables = sqlbuild.tables_of([g for g, _ in prepared], self.catalog)
+                marked = False
+            else:
+                tables = []  # the first call took the locks
+            for n, (in_postgres, run) in enumerate(runs):
+                last = n == len(runs) - 1
                 if in_postgres:  # the table locks go with the first round trip
-                    await self._apply_groups(conn, run, errors, tables)
+                    await self._apply_in_postgres(conn, run, errors, tables, mark=last)
+                    marked = last
                 else:
                     if tables:
                         await conn.execute(queries.LOCK_TABLES, tables)
                     for group, statement in run:
-                        await self._apply(conn, group, errors, statement)
+                        await self._apply(conn, group, errors, statement, careful=careful)
                 tables = []
-            if errors:
+            if errors and not marked:
                 failed = list(errors)
                 await conn.execute(queries.MARK_FAILED, failed, [errors[i] for i in failed])
         for item in pending:
@@ -266,61 +288,95 @@ class Flusher:
         group: sqlbuild.Group,
         errors: dict[str, str],
         statement: sqlbuild.Statement | None = None,
+        *,
+        careful: bool,
     ) -> None:
-        """Run one group here, under a savepoint, so that a permanent error halves it until
-        the bad members stand alone. A savepoint that succeeded is left open (the commit
-        releases them all), a round trip fewer. (JSON-fed groups go to ``_apply_groups``;
-        one whose statement could not be rendered comes here to find its bad members.)"""
+        """Run one group here. ``careful``: under a savepoint, so that a permanent error
+        halves the group until the bad members stand alone; a savepoint that succeeded is
+        left open (the commit releases them all), a round trip fewer. Otherwise without
+        one, betting that the group succeeds, as it nearly always does: when it fails the
+        transaction is lost, and `_Careful` has the batch start again with savepoints.
+        (JSON-fed groups go to ``_apply_in_postgres``; one whose statement could not be
+        rendered comes here to find its bad members.)"""
         try:
             statement = statement or sqlbuild.render(group, self.catalog)
-            await conn.execute(_SAVEPOINT)
+            if careful:
+                await conn.execute(_SAVEPOINT)
             try:
                 await _execute(conn, statement)
             except Exception:
-                await conn.execute(_ROLLBACK_TO_SAVEPOINT)
+                if careful:
+                    await conn.execute(_ROLLBACK_TO_SAVEPOINT)
                 raise
             return
         except Exception as exc:
             error = translate(exc)
             if isinstance(error, TransientError):
                 raise error from exc
+            if not careful:
+                raise _Careful from exc
             if isinstance(exc, asyncpg.UndefinedColumnError | asyncpg.UndefinedTableError):
                 await self.catalog.refresh(conn)
             if len(group.members) == 1:
                 errors[group.members[0].id] = str(error)
                 return
         first, second = group.split()
-        await self._apply(conn, first, errors)
-        await self._apply(conn, second, errors)
+        await self._apply(conn, first, errors, careful=True)
+        await self._apply(conn, second, errors, careful=True)
 
-    async def _apply_groups(
+    async def _apply_in_postgres(
         self,
         conn: asyncpg.Connection,
         run: Prepared,
         errors: dict[str, str],
         tables: list[str],
-    ) -> None:
+        *,
+        claim: tuple[list[str], str] | None = None,
+        mark: bool = False,
+    ) -> dict[str, int]:
         """Apply JSON-fed groups inside PostgreSQL, in one round trip (taking ``tables``'
         locks first): each statement in a subtransaction, searched there when it fails; the
-        members it accepts are applied, the refused ones recorded."""
-        statements, rows = [], []
-        for _, statement in run:
+        members it accepts are applied, the refused ones recorded in ``errors``. With
+        ``claim`` (operation ids, batch id), those rows are claimed first for the batch, and
+        nothing is applied unless every one of them was pending; returns the claimed rows'
+        attempts by id. With ``mark``,
+        every error so far is marked FAIL in the same call."""
+        statements, rows, ids = [], [], []
+        for group, statement in run:
             assert statement is not None  # `_runs` sends only rendered ones here
             statements.append(statement.sql)
             rows.append(statement.args[0])
+            ids.append(",".join(member.id for member in group.members))
+        failed = list(errors) if mark else []
+        claim_ids, batch_id = claim or (None, None)
         try:
-            refused = await conn.fetch(queries.APPLY_GROUPS, tables, statements, rows)
+            reply = await conn.fetch(
+                queries.APPLY_BATCH,
+                claim_ids,
+                batch_id,
+                tables,
+                statements,
+                rows,
+                ids if mark else None,
+                failed,
+                [errors[i] for i in failed],
+            )
         except asyncpg.PostgresError as exc:
             # The call itself failed, not a row: the transaction is aborted, so the batch
             # must start again; refused rows never end up here.
             error = translate(exc)
-            raise TransientError(f"isolating refused rows failed: {error}") from exc
-        for index, position, state, message in refused:
-            if is_transient(state):
+            raise TransientError(f"applying the batch failed: {error}") from exc
+        claimed: dict[str, int] = {}
+        for op_id, attempts, index, position, state, message in reply:
+            if op_id is not None:
+                claimed[op_id] = attempts
+            elif is_transient(state):
                 raise TransientError(message)
-            errors[run[index - 1][0].members[position - 1].id] = message
-        if any(state in _SCHEMA_CHANGED for _, _, state, _ in refused):
+            else:
+                errors[run[index - 1][0].members[position - 1].id] = message
+        if any(row[4] in _SCHEMA_CHANGED for row in reply):
             await self.catalog.refresh(conn)
+        return claimed
 
     async def _count_attempt(self, items: Sequence[WorkOp], error: str) -> None:
         try:
@@ -351,6 +407,12 @@ class Flusher:
 
 
 _SCHEMA_CHANGED = ("42703", "42P01")  # undefined column, undefined table
+
+
+class _Careful(Exception):
+    """A group applied without a savepoint failed: the transaction is lost, and the batch
+    must start again with savepoints."""
+
 
 # One name for every group's savepoint: rolling back to it returns to the newest one.
 _SAVEPOINT = "SAVEPOINT streamsvc_group"

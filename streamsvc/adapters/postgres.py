@@ -70,14 +70,23 @@ async def _reset_connection(conn: asyncpg.Connection) -> None:
         await conn.execute("ROLLBACK")
 
 
-_APPLY_ROWS_FUNCTION = resources.files("streamsvc.sql").joinpath("apply_rows.sql").read_text()
+_FLUSH_FUNCTIONS = "\n".join(
+    resources.files("streamsvc.sql").joinpath(name).read_text()
+    for name in ("apply_rows.sql", "batch.sql")
+)
+
+
+async def create_flush_functions(conn: asyncpg.Connection) -> None:
+    """The functions a batch transaction calls, in the connection's pg_temp: isolating
+    refused rows (sql/apply_rows.sql) and the batch's bookkeeping (sql/batch.sql)."""
+    await conn.execute(_FLUSH_FUNCTIONS)
 
 
 async def init_connection(conn: asyncpg.Connection, *, flushing: bool = True) -> None:
-    """JSON values bound natively; for a process that flushes, the row-isolating functions
-    in the connection's pg_temp too (sql/apply_rows.sql)."""
+    """JSON values bound natively; for a process that flushes, the functions of a batch
+    transaction in the connection's pg_temp too (``create_flush_functions``)."""
     if flushing:
-        await conn.execute(_APPLY_ROWS_FUNCTION)
+        await create_flush_functions(conn)
     for name in ("json", "jsonb"):
         await conn.set_type_codec(
             name,

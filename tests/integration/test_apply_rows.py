@@ -1,4 +1,5 @@
-"""Refused rows of a multi-row statement, found inside PostgreSQL (sql/apply_rows.sql).
+"""Refused rows of a multi-row statement, found inside PostgreSQL (sql/apply_rows.sql), and
+the batch's bookkeeping that goes with its statements (sql/batch.sql).
 
 Whatever the mix of bad rows, the result must be what applying the rows one by one, in
 order, would give: the good ones applied, each bad one refused with its own message.
@@ -7,6 +8,7 @@ order, would give: the good ones applied, each bad one refused with its own mess
 from __future__ import annotations
 
 import random
+import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -56,10 +58,21 @@ def text(records: list[dict[str, object]]) -> str:
     return msgspec.json.encode(records).decode()
 
 
+async def apply_groups(
+    db: asyncpg.Connection, tables: list[str], statements: list[str], records: list[str]
+) -> list[tuple[int, int, str, str]]:
+    """The statements applied in one call, neither claiming nor marking: each refused row
+    as (statement index, position, SQLSTATE, message)."""
+    reply = await db.fetch(
+        queries.APPLY_BATCH, None, None, tables, statements, records, None, [], []
+    )
+    return [tuple(row)[2:] for row in reply]
+
+
 async def apply(db: asyncpg.Connection, records: list[dict[str, object]]) -> dict[int, str]:
     """Refused positions with their messages; what was accepted stays applied."""
     async with db.transaction():
-        refused = await db.fetch(queries.APPLY_GROUPS, [], [INSERT], [text(records)])
+        refused = await apply_groups(db, [], [INSERT], [text(records)])
     assert all(index == 1 for index, *_ in refused)
     return {position: message for _, position, _, message in refused}
 
@@ -138,7 +151,7 @@ async def test_each_refused_row_costs_a_few_probes_not_a_bisection(
     bad = set(random.Random(9).sample(range(1, 1001), 10))
     await db.execute("SET track_functions = 'pl'")
     async with db.transaction():
-        refused = await db.fetch(queries.APPLY_GROUPS, [], [INSERT], [text(rows(1000, bad))])
+        refused = await apply_groups(db, [], [INSERT], [text(rows(1000, bad))])
         probes = await db.fetchval(
             "SELECT calls FROM pg_stat_xact_user_functions WHERE funcname = 'streamsvc_try_rows'"
         )
@@ -154,8 +167,8 @@ async def test_several_statements_in_one_call_keep_their_order(db: asyncpg.Conne
         "AS r(c0 integer, c1 numeric(12,2)) WHERE t.id = r.c0"
     )
     async with db.transaction():
-        refused = await db.fetch(
-            queries.APPLY_GROUPS,
+        refused = await apply_groups(
+            db,
             ["items", "parents"],
             [INSERT, update],
             [text(rows(5, {2})), text([{"c0": 1, "c1": 50}, {"c0": 3, "c1": -5}])],
@@ -167,3 +180,87 @@ async def test_several_statements_in_one_call_keep_their_order(db: asyncpg.Conne
     assert held == 2, "a lock per table, held by the transaction"
     amounts = dict(await db.fetch("SELECT id, amount FROM items ORDER BY id"))
     assert amounts == {1: 50, 3: 3, 4: 4, 5: 5}
+
+
+async def pending(db: asyncpg.Connection, n: int) -> list[str]:
+    """``n`` new pending operations in BatchOperations; their ids."""
+    ids = [str(uuid.uuid4()) for _ in range(n)]
+    await db.execute(
+        """INSERT INTO "BatchOperations" (id, operation_type, body, source, submitted_by)
+           SELECT u, 'ITEM', '{}', 'test', 'test' FROM unnest($1::uuid[]) AS u""",
+        ids,
+    )
+    return ids
+
+
+async def states(db: asyncpg.Connection, ids: list[str]) -> list[tuple[str, str | None, int]]:
+    rows = await db.fetch(
+        """SELECT id::text, status, error, attempts FROM "BatchOperations"
+           WHERE id = ANY($1::uuid[])""",
+        ids,
+    )
+    by_id = {r[0]: (r[1], r[2], r[3]) for r in rows}
+    return [by_id[i] for i in ids]
+
+
+async def test_a_batch_in_one_call_claims_applies_and_marks_the_refused(
+    db: asyncpg.Connection,
+) -> None:
+    """A batch's only call: its rows claimed (SUCCESS, attempt counted), the statement
+    applied, the refused row marked FAIL with its message, and so is an operation refused
+    earlier in the batch."""
+    ids = await pending(db, 4)
+    batch = str(uuid.uuid4())
+    async with db.transaction():
+        reply = await db.fetch(
+            queries.APPLY_BATCH,
+            ids,
+            batch,
+            ["items"],
+            [INSERT],
+            [text(rows(3, {2}))],
+            [",".join(ids[:3])],
+            [ids[3]],
+            ["refused before"],
+        )
+    assert {r[0]: r[1] for r in reply if r[0] is not None} == dict.fromkeys(ids, 1)
+    refused = [(r[2], r[3], r[5]) for r in reply if r[0] is None]
+    assert [(index, position) for index, position, _ in refused] == [(1, 2)]
+    message = refused[0][2]
+    assert message.startswith(CHECK)
+    assert await states(db, ids) == [
+        ("SUCCESS", None, 1),
+        ("FAIL", message, 1),
+        ("SUCCESS", None, 1),
+        ("FAIL", "refused before", 1),
+    ]
+    assert await stored(db) == [1, 3]
+    batch_ids = await db.fetch('SELECT DISTINCT batch_id::text FROM "BatchOperations"')
+    assert [r[0] for r in batch_ids] == [batch]
+
+
+async def test_a_batch_whose_rows_finished_earlier_applies_nothing_in_its_first_call(
+    db: asyncpg.Connection,
+) -> None:
+    """When any of the batch's rows is no longer pending, the first call claims the others
+    and stops: no statement applied, no lock taken; the caller plans again."""
+    ids = await pending(db, 3)
+    await db.execute("""UPDATE "BatchOperations" SET status = 'SUCCESS' WHERE id = $1""", ids[1])
+    async with db.transaction():
+        reply = await db.fetch(
+            queries.APPLY_BATCH,
+            ids,
+            str(uuid.uuid4()),
+            ["items"],
+            [INSERT],
+            [text(rows(3))],
+            [",".join(ids)],
+            [],
+            [],
+        )
+        held = await db.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+        )
+    assert sorted(r[0] for r in reply) == sorted([ids[0], ids[2]])
+    assert held == 0
+    assert await stored(db) == []

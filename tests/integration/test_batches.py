@@ -66,6 +66,44 @@ async def test_poison_operations_fail_alone_and_good_ones_land_together(
     assert await conn.fetchval("SELECT count(*) FROM orders") == 1 + 296 - 0
 
 
+async def test_refusals_before_and_after_a_failed_statement_are_all_recorded(
+    settings: Settings, conn: asyncpg.Connection
+) -> None:
+    """Orders, then a statement, then payments: applied in that order, in three steps. The
+    statement fails (its retry with savepoints finds it), a bad order and a bad payment
+    are refused; every refusal ends FAIL with its own message, the rest in one batch."""
+    bad_statement = {
+        "operationType": "BUMP",
+        "sql": "UPDATE orders SET amount = $1 WHERE id = 1",
+        "params": ["not a number"],
+    }
+    payment = {"operationType": "PAID", "table": "payments", "action": "insert"}
+    batch = [
+        order(1),
+        order(2, amount=-1),
+        bad_statement,
+        {**payment, "values": {"id": 1, "order_id": 1, "amount": 5}},
+        {**payment, "values": {"id": 2, "order_id": 1, "amount": "lots"}},
+        order(3),
+    ]
+    async with running(settings) as service:
+        await service.ingress.submit(ops(batch), caller=ANONYMOUS, source="api")
+        await drain(service)
+    rows = await conn.fetch(
+        """SELECT operation_type, (body->'values'->>'id')::int, status, error, batch_id
+           FROM "BatchOperations" """
+    )
+    failed = {(r[0], r[1]): r[3] for r in rows if r[2] == "FAIL"}
+    assert set(failed) == {("ORDER_CREATED", 2), ("BUMP", None), ("PAID", 2)}
+    assert "violates check constraint" in failed[("ORDER_CREATED", 2)]
+    assert "invalid input for query argument $1" in failed[("BUMP", None)]
+    assert 'invalid input syntax for type numeric: "lots"' in failed[("PAID", 2)]
+    assert await statuses(conn) == {"SUCCESS": 3, "FAIL": 3}
+    assert len({r[4] for r in rows}) == 1, "one batch"
+    assert await conn.fetchval("SELECT array_agg(id ORDER BY id) FROM orders") == [1, 3]
+    assert await conn.fetchval("SELECT array_agg(id) FROM payments") == [1]
+
+
 async def test_bad_rows_read_the_same_whether_alone_or_found_in_a_group(
     settings: Settings, conn: asyncpg.Connection
 ) -> None:
