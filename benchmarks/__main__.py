@@ -26,7 +26,15 @@ import anyio
 from rich.console import Console
 
 from benchmarks import baselines, latency, report, rpc_ceiling, scenarios, workload
-from benchmarks.stage import finished, rss_mb, sample_rss, stage, watch
+from benchmarks.stage import (
+    cpu_times,
+    finished,
+    rss_mb,
+    sample_rss,
+    stage,
+    steal_percent,
+    watch,
+)
 from streamsvc import settings
 
 RESULTS = Path(__file__).parent / "results"
@@ -168,7 +176,9 @@ async def bench(opts: Options, progress: report.Progress) -> list[Result]:
     """Every scenario of ``opts``, one after another, in SCENARIOS order."""
     results = []
     for name in [s for s in SCENARIOS if s in opts.names]:
+        before = cpu_times()
         result = await run_scenario(name, opts, progress)
+        result["steal_pct"] = steal_percent(before, cpu_times())
         progress.note(summary(result))
         results.append(result)
     return results

@@ -3,7 +3,8 @@
 A result is a JSON-able dict: "scenario", "kind" (streamsvc | baseline | ceiling |
 arithmetic), "ops_per_s", and when measured "operations", "seconds", "mean_batch",
 "latency_ms" ({"rate", "p50", "p95", "p99"}, and "stages" and "cpu" where measured),
-"rss_mb" ([[seconds, MB], ...]) and "note".
+"rss_mb" ([[seconds, MB], ...]), "steal_pct" (CPU time the hypervisor gave to other guests
+during the scenario, in percent: the machine's noise) and "note".
 Every throughput is also given as a ratio to the naive baseline and to the ceiling.
 """
 
@@ -68,6 +69,7 @@ def table(results: list[Result]) -> Table:
         grid.add_column(heading, justify="right")
     grid.add_column("p50/p95/p99 ms @ offered", justify="right")
     grid.add_column("RSS MB start→end", justify="right")
+    grid.add_column("steal %", justify="right")
     grid.add_column("note", style="dim")
     for r in ratios(results):
         kind = r.get("kind", "")
@@ -82,6 +84,7 @@ def table(results: list[Result]) -> Table:
             _number(r.get("mean_batch"), "{:,.1f}"),
             _latency(r.get("latency_ms")),
             _rss(r.get("rss_mb")),
+            _number(r.get("steal_pct"), "{:.0f}"),
             r.get("note", ""),
         )
     return grid

@@ -205,6 +205,20 @@ def cpu_share(
     return share
 
 
+def cpu_times() -> list[int]:
+    """The machine's CPU time so far, by kind, in ticks (the "cpu" line of /proc/stat:
+    user, nice, system, idle, iowait, irq, softirq, steal, ...)."""
+    return [int(ticks) for ticks in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+
+
+def steal_percent(before: list[int], after: list[int]) -> float:
+    """Of the time between two `cpu_times`, the share the hypervisor gave to other guests
+    (steal): CPU this machine was owed and did not get, which slows every figure alike."""
+    spent = [b - a for a, b in zip(before, after, strict=True)]
+    total = sum(spent[:8])  # guest time is counted in user time already
+    return round(100 * spent[7] / total, 1) if total else 0.0
+
+
 def rss_mb(pids: list[int]) -> float:
     """Resident memory of these processes together, in MB (VmRSS in /proc/<pid>/status)."""
     total_kb = 0

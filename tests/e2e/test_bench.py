@@ -65,6 +65,7 @@ async def test_every_ingress_runs_with_latency_and_memory(ingress: str, tmp_path
         assert set(cpu) >= {"ingress", "flusher", "notifier", "postgres", "redis", "bench"}, r
         assert cpu["flusher"] > 0 and cpu["postgres"] > 0, r
         assert r["rss_mb"] and all(mb > 0 for _, mb in r["rss_mb"]), r
+        assert 0 <= r["steal_pct"] <= 100, r
 
 
 async def test_baselines_and_ceilings_run(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ import pytest
 
 from benchmarks.latency import offer, stages
 from benchmarks.scenarios import Ingress, Op
-from benchmarks.stage import cpu_share
+from benchmarks.stage import cpu_share, steal_percent
 
 pytestmark = pytest.mark.anyio
 
@@ -63,3 +63,11 @@ def test_cpu_share_counts_processes_started_meanwhile_in_full() -> None:
     before = {"postgres": {1: 10.0, 2: 5.0}, "bench": {9: 1.0}}
     after = {"postgres": {1: 10.5, 3: 0.25}, "bench": {9: 1.5}}  # 2 ended, 3 started
     assert cpu_share(before, after, seconds=2.0) == {"postgres": 37.5, "bench": 25.0}
+
+
+def test_steal_is_the_share_of_all_cpu_time_the_hypervisor_took() -> None:
+    # user, nice, system, idle, iowait, irq, softirq, steal, guest, guest_nice
+    before = [100, 0, 50, 800, 10, 0, 5, 35, 20, 0]
+    after = [160, 0, 70, 880, 10, 0, 10, 60, 40, 0]  # 60+20+80+5+25 = 190 ticks, 25 stolen
+    assert steal_percent(before, after) == round(100 * 25 / 190, 1)
+    assert steal_percent(after, after) == 0.0

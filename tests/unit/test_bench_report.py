@@ -18,6 +18,7 @@ RESULTS: list[dict[str, Any]] = [
         "mean_batch": 980.5,
         "latency_ms": {"rate": 5_000, "p50": 40.0, "p95": 85.5, "p99": 130.0},
         "rss_mb": [[0.0, 90.0], [1.0, 96.0], [2.0, 101.0]],
+        "steal_pct": 37.0,
         "note": "LIMIT 1000 / INTERVAL 1000 ms",
     },
     {
@@ -60,6 +61,7 @@ def test_table_shows_every_scenario_with_its_ratios() -> None:
     assert "25.00" in text  # inbox against naive
     assert "40.0/85.5/130 @ 5,000/s" in text
     assert "90→101 (+11)" in text
+    assert "steal %" in text and " 37 " in text
     assert "LIMIT 1000 / INTERVAL 1000 ms" in text
     assert "—" in text  # figures the arithmetic row does not have
 
