@@ -75,6 +75,13 @@ fmt: setup
 
 # Run the end-to-end benchmark (arguments go to `python -m benchmarks`)
 bench *ARGS: setup
+    #!/usr/bin/env bash
+    set -euo pipefail
+    # The broker ceiling runs the callers' own AMQP client (Node amqplib) where node is.
+    if command -v npm >/dev/null && [[ ! -d tests/nestjs/node_modules ]]; then
+        echo "bench: installing tests/nestjs's packages (npm ci) for the broker ceiling" >&2
+        npm ci --prefix tests/nestjs --no-audit --no-fund >/dev/null
+    fi
     .venv/bin/python -m benchmarks "$@"
 
 # Create or upgrade the service's own tables

@@ -155,7 +155,7 @@ async def broker_ceiling(requests: int, progress: report.Progress) -> Result:
         "operations": requests,
         "seconds": round(requests / per_s, 3),
         "ops_per_s": round(per_s),
-        "note": f"request/reply, no work, {IN_FLIGHT} in flight",
+        "note": f"request/reply, no work, {IN_FLIGHT} in flight, {via}",
         "via": via,
     }
 

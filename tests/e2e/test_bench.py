@@ -78,7 +78,8 @@ async def test_baselines_and_ceilings_run(tmp_path: Path) -> None:
         assert r["ops_per_s"] > 0
     cap = results[names.index("old-cap")]
     assert cap["ops_per_s"] == 200 and cap["note"] == "LIMIT 1000 / INTERVAL 5000 ms"
-    assert results[names.index("broker")]["note"] == "request/reply, no work, 64 in flight"
+    broker = results[names.index("broker")]
+    assert broker["note"] == f"request/reply, no work, 64 in flight, {broker['via']}"
 
 
 async def test_python_broker_ceiling_without_node() -> None:
