@@ -339,14 +339,13 @@ class Flusher:
         members it accepts are applied, the refused ones recorded in ``errors``. With
         ``claim`` (operation ids, batch id), those rows are claimed first for the batch, and
         nothing is applied unless every one of them was pending; returns the claimed rows'
-        attempts by id. With ``mark``,
-        every error so far is marked FAIL in the same call."""
-        statements, rows, ids = [], [], []
-        for group, statement in run:
+        attempts by id. With ``mark``, every error so far is marked FAIL in the same call."""
+        statements, rows = [], []
+        for _, statement in run:
             assert statement is not None  # `_runs` sends only rendered ones here
             statements.append(statement.sql)
             rows.append(statement.args[0])
-            ids.append(",".join(member.id for member in group.members))
+        ids = [",".join(m.id for m in group.members) for group, _ in run] if mark else None
         failed = list(errors) if mark else []
         claim_ids, batch_id = claim or (None, None)
         try:
@@ -357,7 +356,7 @@ class Flusher:
                 tables,
                 statements,
                 rows,
-                ids if mark else None,
+                ids,
                 failed,
                 [errors[i] for i in failed],
             )
