@@ -1,7 +1,8 @@
 """Where a streamsvc run happens: a fresh database with the workload, a fresh Redis prefix
 and RabbitMQ names, and `streamsvc run` child processes on them. Also what a run watches
 while it goes: finished operations (for the progress bar, and to notice a stall), the
-service's memory, and the moment nothing is left pending.
+service's memory, the CPU each process uses and the hypervisor takes, and the moment
+nothing is left pending.
 """
 
 from __future__ import annotations
