@@ -202,33 +202,31 @@ class Flusher:
             runs = _runs(prepared)
             lead = runs.pop(0)[1] if runs and runs[0][0] else []
             tables = sqlbuild.tables_of([g for g, _ in prepared], self.catalog)
-            claim = [i.id for i in unique]
+            claim = ([i.id for i in unique], result.batch_id)
             attempts = await self._apply_in_postgres(
-                conn, lead, errors, tables, claim=(claim, result.batch_id), mark=not runs
+                conn, lead, errors, tables, claim=claim, mark=not runs
             )
             pending = [i for i in unique if i.id in attempts]
-            marked = not runs
             if len(pending) < len(unique):  # some finished earlier: plan without them
                 prepared = self._prepare(pending)
                 earlier = [i.id for i in unique if i.id not in attempts]
                 result.outcomes.extend(await self._earlier(conn, earlier, unique))
                 runs = _runs(prepared)
                 tables = sqlbuild.tables_of([g for g, _ in prepared], self.catalog)
-                marked = False
             else:
                 tables = []  # the first call took the locks
             for n, (in_postgres, run) in enumerate(runs):
-                last = n == len(runs) - 1
                 if in_postgres:  # the table locks go with the first round trip
+                    last = n == len(runs) - 1
                     await self._apply_in_postgres(conn, run, errors, tables, mark=last)
-                    marked = last
                 else:
                     if tables:
                         await conn.execute(queries.LOCK_TABLES, tables)
                     for group, statement in run:
                         await self._apply(conn, group, errors, statement, careful=careful)
                 tables = []
-            if errors and not marked:
+            # A last call of PostgreSQL's marked them (so did the first, when it was last).
+            if errors and runs and not runs[-1][0]:
                 failed = list(errors)
                 await conn.execute(queries.MARK_FAILED, failed, [errors[i] for i in failed])
         for item in pending:
