@@ -144,7 +144,7 @@ def _recordset(table: Table, columns: list[str]) -> str:
 
 
 # Counts the rows an INSERT reaches, so a refused row is found without bisecting
-# (sql/apply_rows.sql, which every pool connection creates, says how).
+# (sql/apply_rows.sql, which the connections of a flushing process create, says how).
 # The condition holds for every row: it filters nothing.
 COUNT_ROWS = "nextval('pg_temp.streamsvc_rows_reached') IS NOT NULL"
 

@@ -1,6 +1,7 @@
 -- Isolating the rows a multi-row statement refuses, inside PostgreSQL: one round trip
--- instead of one per probe. Not a migration: every pool connection creates these in its
--- own temporary schema (pg_temp), so the database keeps no object of them.
+-- instead of one per probe. Not a migration: every connection of a flushing process
+-- creates these in its own temporary schema (pg_temp), so the database keeps no object of
+-- them.
 --
 -- `statement` takes its rows as $1, a JSON array in text (the flusher's json_to_recordset
 -- statements). Every row the statement accepts is applied; each refused row is returned
