@@ -78,7 +78,7 @@ def test_empty_allow_list_allows_nothing() -> None:
 def test_production_in_any_spelling_refuses_auth_off(spelling: str) -> None:
     s = settings.load({"NODE_ENV": spelling, "STREAMSVC_AUTH": "off"}, env_file=None)
     assert s.production
-    with pytest.raises(ConfigError, match="^STREAMSVC_AUTH: cannot be off when NODE_ENV="):
+    with pytest.raises(ConfigError, match=r"^STREAMSVC_AUTH: cannot be off when NODE_ENV="):
         s.check_auth()
 
 
@@ -117,7 +117,7 @@ def test_rate_limit_and_stream_cap_settings() -> None:
         {"STREAMSVC_RATE_LIMIT_OPS": "200", "STREAMSVC_STREAM_MAXLEN": "5000"}, env_file=None
     )
     assert (s.rate_limit_ops, s.stream_maxlen) == (200, 5000)
-    with pytest.raises(ConfigError, match="^STREAMSVC_STREAM_MAXLEN: expected `int` >= 1"):
+    with pytest.raises(ConfigError, match=r"^STREAMSVC_STREAM_MAXLEN: expected `int` >= 1"):
         settings.load({"STREAMSVC_STREAM_MAXLEN": "0"}, env_file=None)
-    with pytest.raises(ConfigError, match="^STREAMSVC_RATE_LIMIT_OPS: expected `int` >= 0"):
+    with pytest.raises(ConfigError, match=r"^STREAMSVC_RATE_LIMIT_OPS: expected `int` >= 0"):
         settings.load({"STREAMSVC_RATE_LIMIT_OPS": "-1"}, env_file=None)
