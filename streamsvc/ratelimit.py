@@ -98,14 +98,15 @@ class RateLimiter:
         item = self._item(refusal.limit)
         try:
             with anyio.fail_after(self.timeout_s):
-                remaining = (await self._limiter.get_window_stats(item, caller.name)).remaining
-                some = min(remaining, count - 1)
-                if some and await self._limiter.hit(item, caller.name, cost=some):
-                    return some, refusal
+                stats = await self._limiter.get_window_stats(item, caller.name)
+                some = min(stats.remaining, count - 1)
+                if some and not await self._limiter.hit(item, caller.name, cost=some):
+                    some = 0
         except UNAVAILABLE as exc:
             _admitted_blind(caller, exc)
             return count, None
-        return 0, refusal
+        retry = max(1, math.ceil(stats.reset_time - time.time()))
+        return some, Refusal(caller.name, refusal.limit, count - some, retry)
 
     def _item(self, limit: int) -> RateLimitItem:
         item = self._items.get(limit)
