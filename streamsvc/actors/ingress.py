@@ -58,7 +58,8 @@ def stored_id(caller: Caller, given: uuid.UUID | None, default: str | None) -> s
         return str(uuid.uuid4())
     if caller.name == ANONYMOUS.name:  # auth off: one caller, ids as the callers gave them
         return base
-    return derived_id(_PER_KEY, f"{caller.name}\n{base}")
+    # The name's length first, so no two (name, base) pairs make the same string.
+    return derived_id(_PER_KEY, f"{len(caller.name)}:{caller.name}:{base}")
 
 
 @dataclass(slots=True)
