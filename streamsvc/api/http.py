@@ -16,7 +16,7 @@ import prometheus_client
 import uvicorn
 from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException, ValidationException
-from litestar.openapi import OpenAPIConfig
+from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.params import FromPath, JSONBody
 from litestar.static_files import create_static_files_router
 
@@ -96,6 +96,17 @@ def _refused(rejections: list[Rejection], status: int = 422) -> ProblemError:
     )
 
 
+RATE_LIMITED = {
+    429: ResponseSpec(
+        Problem,
+        generate_examples=False,
+        description="Over the key's rate of operations per second: nothing was stored; "
+        "Retry-After says when to try again (absent when the request alone is too large).",
+        media_type=PROBLEM,
+    )
+}
+
+
 def create_app(
     ingress: Ingress,
     auth: Authenticator,
@@ -127,6 +138,7 @@ def create_app(
         summary="Submit one operation",
         description="201 when stored, 200 when an operation with this userOperationId "
         "exists already (it is not applied twice).",
+        responses=RATE_LIMITED,
     )
     async def create_operation(
         data: JSONBody[Operation], request: Request[Any, Any, Any]
@@ -144,6 +156,7 @@ def create_app(
         status_code=200,
         summary="Submit a list of operations",
         description="Every valid operation is stored; each item says what became of it.",
+        responses=RATE_LIMITED,
     )
     async def create_operations(
         data: JSONBody[list[Operation]], request: Request[Any, Any, Any]
@@ -154,7 +167,12 @@ def create_app(
         results = await ingress.submit(data, caller=caller, source=SOURCE)
         return [_item(i, r) for i, r in enumerate(results)]
 
-    @get("/api/operations/{operation_id:str}", summary="Look an operation up by id")
+    @get(
+        "/api/operations/{operation_id:str}",
+        summary="Look an operation up by id",
+        description="By the stored id or the caller's userOperationId. A key sees only the "
+        "operations it submitted (an admin key: all); any other answers 404.",
+    )
     async def get_operation(
         operation_id: FromPath[str], request: Request[Any, Any, Any]
     ) -> OperationView:

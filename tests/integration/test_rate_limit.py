@@ -129,6 +129,9 @@ async def test_over_its_rate_a_key_gets_429_with_retry_after(door: Door) -> None
     assert await door.stored_by("plain") == DEFAULT_RATE
     await door.applied(other_op["userOperationId"])
     assert (await door.http.get("/readyz")).status_code == 200
+    paths = (await door.http.get("/api/openapi.json")).json()["paths"]
+    for path in ("/api/operations", "/api/operations/batch"):
+        assert "429" in paths[path]["post"]["responses"], path  # documented
 
 
 async def test_over_its_rate_a_key_gets_rate_limited_over_rpc(door: Door) -> None:
