@@ -42,15 +42,17 @@ class Event(msgspec.Struct):
     data: Any
 
 
-class Succeeded(msgspec.Struct):
+class Succeeded(msgspec.Struct, rename="camel"):
     id: str
     meta: Any = None
+    user_operation_id: str | None = None
 
 
-class Failed(msgspec.Struct):
+class Failed(msgspec.Struct, rename="camel"):
     id: str
     error: str | None
     meta: Any = None
+    user_operation_id: str | None = None
 
 
 class Grouped(msgspec.Struct, rename="camel"):
@@ -102,8 +104,16 @@ def publications(
 def _grouped(op_type: str, outcomes: list[Outcome]) -> Grouped:
     return Grouped(
         op_type,
-        [Succeeded(o.id, o.meta) for o in outcomes if o.status is Status.SUCCESS],
-        [Failed(o.id, o.error, o.meta) for o in outcomes if o.status is not Status.SUCCESS],
+        [
+            Succeeded(o.id, o.meta, o.user_operation_id)
+            for o in outcomes
+            if o.status is Status.SUCCESS
+        ],
+        [
+            Failed(o.id, o.error, o.meta, o.user_operation_id)
+            for o in outcomes
+            if o.status is not Status.SUCCESS
+        ],
     )
 
 

@@ -145,6 +145,14 @@ class InboxConsumer:
             entry_ids.append(entry_id)
         raw_by_id = {entry_id: fields.get(b"op") for entry_id, fields in entries}
         for caller, (ops, ids, entry_ids) in by_caller.items():
+            admitted, refusal = await self.auth.admit_some(caller, len(ops))
+            if refusal is not None:  # over the key's rate: the later entries are refused
+                for entry_id in entry_ids[admitted:]:
+                    rejection = Rejection("rate", refusal.reason)
+                    rejects.append(_reject(entry_id, raw_by_id[entry_id], rejection))
+                ops, ids = ops[:admitted], ids[:admitted]
+                if not ops:
+                    continue
             results = await self.ingress.submit(ops, caller=caller, source=SOURCE, ids=ids)
             for result in results:
                 if isinstance(result, Rejection):
