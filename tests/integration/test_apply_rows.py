@@ -16,7 +16,8 @@ import msgspec
 import pytest
 
 from streamsvc import queries
-from streamsvc.adapters import postgres
+from streamsvc.adapters import caller_role, postgres
+from streamsvc.allowlist import AllowList
 from streamsvc.sqlbuild import COUNT_ROWS
 from tests.conftest import PG
 
@@ -43,8 +44,9 @@ CHECK = 'new row for relation "items" violates check constraint "items_amount_ch
 @pytest.fixture
 async def db(database: str) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(database=database, **PG)
-    await postgres.init_connection(conn)
     await conn.execute(SCHEMA)
+    await caller_role.sync(conn, caller_role.DEFAULT, AllowList.parse("items, parents"))
+    await postgres.init_connection(conn)
     yield conn
     await conn.close()
 
@@ -64,7 +66,16 @@ async def apply_groups(
     """The statements applied in one call, neither claiming nor marking: each refused row
     as (statement index, position, SQLSTATE, message)."""
     reply = await db.fetch(
-        queries.APPLY_BATCH, None, None, tables, statements, records, None, [], []
+        queries.APPLY_BATCH,
+        None,
+        None,
+        tables,
+        statements,
+        records,
+        [False] * len(statements),
+        None,
+        [],
+        [],
     )
     return [tuple(row)[2:] for row in reply]
 
@@ -219,6 +230,7 @@ async def test_a_batch_in_one_call_claims_applies_and_marks_the_refused(
             ["items"],
             [INSERT],
             [text(rows(3, {2}))],
+            [False],
             [",".join(ids[:3])],
             [ids[3]],
             ["refused before"],
@@ -254,6 +266,7 @@ async def test_a_batch_whose_rows_finished_earlier_applies_nothing_in_its_first_
             ["items"],
             [INSERT],
             [text(rows(3))],
+            [False],
             [",".join(ids)],
             [],
             [],
