@@ -10,7 +10,8 @@ alone (inside PostgreSQL, see sql/apply_rows.sql); they end as FAIL with the dat
 message while every good one still lands in the same batch. Every statement runs there as
 the caller role (streamsvc.adapters.caller_role), and a connection that ran callers'
 statements is cleaned before it goes back to the pool. Transient errors roll back and
-retry with backoff.
+retry with backoff; a batch that hits the statement timeout twice is cut in halves, each
+its own transaction, until the slow operation fails alone (streamsvc.policy).
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ import structlog
 
 from streamsvc import metrics, queries, sqlbuild
 from streamsvc.adapters import streams as rs
-from streamsvc.adapters.postgres import is_transient, translate
+from streamsvc.adapters.postgres import StatementTimeout, is_transient, translate
 from streamsvc.backoff import pause
 from streamsvc.catalog import Catalog
 from streamsvc.errors import TransientError
 from streamsvc.model import BodyKind, Outcome, Status, WorkOp, work_decoder, work_encoder
-from streamsvc.policy import RetryPolicy, Verdict
+from streamsvc.policy import RetryPolicy, Verdict, halves
 
 log = structlog.get_logger("streamsvc.flusher")
 
@@ -139,8 +140,9 @@ class Flusher:
         await self.streams.ack_with(names.work, rs.FLUSHER_GROUP, ids, names.outcomes, payload)
 
     # -- one batch ---------------------------------------------------------------------
-    async def flush(self, items: Sequence[WorkOp]) -> BatchResult | None:
-        """Apply ``items`` exactly once, retrying transient errors; None means leave it."""
+    async def flush(self, items: Sequence[WorkOp], *, timeouts: int = 0) -> BatchResult | None:
+        """Apply ``items`` exactly once, retrying transient errors; None means leave it.
+        ``timeouts``: statement timeouts met already by the batch ``items`` were cut from."""
         attempt = 0
         trigger = "claim"
         while True:
@@ -151,10 +153,14 @@ class Flusher:
                 result = await self._attempt(items)
             except Exception as exc:
                 error = translate(exc)
+                timed_out = isinstance(error, StatementTimeout)
+                timeouts += timed_out
                 decision = self.retry.decide(
                     transient=isinstance(error, TransientError),
                     attempt=attempt,
                     stopping=self.stopping,
+                    timeouts=timeouts if timed_out else 0,
+                    operations=len(items),
                 )
                 log.warning(
                     "flush.failed",
@@ -170,12 +176,26 @@ class Flusher:
                     await anyio.sleep(decision.delay_s)
                     trigger = "retry"
                     continue
+                if decision.verdict is Verdict.SPLIT:
+                    return await self._split(items, timeouts)
                 if decision.verdict is Verdict.LEAVE:
                     return None
                 return await self._fail_all(items, str(error))
             metrics.flush_seconds.observe(time.perf_counter() - started)
             metrics.flush_size.observe(len(items))
             return result
+
+    async def _split(self, items: Sequence[WorkOp], timeouts: int) -> BatchResult | None:
+        """Apply the halves of ``items`` one after the other, each in its own transactions
+        (cut further while they time out), so the operations at fault end up alone."""
+        first, _ = halves(len(items))
+        result = BatchResult(batch_id=str(uuid.uuid4()))
+        for part in (items[:first], items[first:]):
+            done = await self.flush(part, timeouts=timeouts)
+            if done is None:
+                return None  # left unacked: what committed is only reported again
+            result.outcomes.extend(done.outcomes)
+        return result
 
     async def _attempt(self, items: Sequence[WorkOp]) -> BatchResult:
         """One batch transaction.
@@ -352,6 +372,8 @@ class Flusher:
             # The call itself failed, not a row: the transaction is aborted, so the batch
             # must start again; refused rows never end up here.
             error = translate(exc)
+            if isinstance(error, StatementTimeout):
+                raise error from exc
             raise TransientError(f"applying the batch failed: {error}") from exc
         claimed: dict[str, int] = {}
         for op_id, attempts, index, position, state, message in reply:

@@ -16,7 +16,7 @@ from streamsvc.settings import Settings
 
 # SQLSTATE classes worth a retry: connection exception, transaction rollback (serialization
 # failure, deadlock), insufficient resources, operator intervention (shutdown, statement
-# timeout via query_canceled), system error; plus lock_not_available.
+# timeout via query_canceled: see StatementTimeout), system error; plus lock_not_available.
 TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57", "58")
 TRANSIENT_SQLSTATES = ("55P03",)
 CONNECTION_EXCEPTIONS: tuple[type[BaseException], ...] = (
@@ -29,6 +29,13 @@ CONNECTION_EXCEPTIONS: tuple[type[BaseException], ...] = (
 MIGRATIONS_TABLE = "streamsvc_migrations"
 _MIGRATION_FILE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 _LOCK_KEY = 0x5354524D  # advisory lock serialising concurrent `streamsvc migrate`
+QUERY_CANCELED = "57014"  # statement_timeout, or a cancel request
+
+
+class StatementTimeout(TransientError):
+    """A statement ran past STREAMSVC_STATEMENT_TIMEOUT_MS (or was cancelled). Retried once
+    with its batch; after that the batch is cut until the slow operation stands alone
+    (streamsvc.policy)."""
 
 
 def is_transient(sqlstate: str) -> bool:
@@ -42,6 +49,8 @@ def translate(exc: BaseException) -> StreamsvcError:
     if isinstance(exc, asyncpg.PostgresError):
         state = exc.sqlstate or ""
         message = str(exc)  # asyncpg's text carries the DETAIL and HINT lines too
+        if state == QUERY_CANCELED:
+            return StatementTimeout(f"statement timeout: {message}")
         if is_transient(state):
             return TransientError(message)
         return PermanentError(message)
