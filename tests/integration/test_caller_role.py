@@ -9,6 +9,7 @@ lock) is shown not to outlast its batch.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -397,3 +398,58 @@ async def test_grants_follow_the_allow_list(conn: asyncpg.Connection) -> None:
 async def test_a_role_that_could_do_more_is_refused(conn: asyncpg.Connection) -> None:
     with pytest.raises(NotMigratedError, match="must be a plain NOLOGIN role, but it is LOGIN"):
         await caller_role.sync(conn, "postgres", AllowList.parse(ALLOWED))
+
+
+LOGIN = "streamsvc_test_login"  # kept in the cluster; what it owns goes with each database
+OWNED = ("orders", "counters", "payments", "profiles")
+
+
+@pytest.fixture
+async def login(conn: asyncpg.Connection) -> str:
+    """A login without superuser or CREATEROLE that owns the service's tables and most
+    target tables, a member of the caller role (an administrator's two statements)."""
+    with contextlib.suppress(asyncpg.DuplicateObjectError, asyncpg.UniqueViolationError):
+        await conn.execute(f'CREATE ROLE "{LOGIN}" LOGIN')
+    await conn.execute(f'GRANT "{ROLE}" TO "{LOGIN}"')
+    for table in ("BatchOperations", "streamsvc_migrations", "streamsvc_api_keys", *OWNED):
+        await conn.execute(f'ALTER TABLE "{table}" OWNER TO "{LOGIN}"')
+    return LOGIN
+
+
+async def test_a_least_privilege_login_sets_the_role_up_and_applies_as_it(
+    database: str, prefix: str, conn: asyncpg.Connection, login: str, unchecked: None
+) -> None:
+    """Started with an allow-list that dropped payments, the service (its login a plain
+    one) revokes what the role no longer needs and applies as the role."""
+    allowed = "orders, counters, profiles(id, name)"
+    settings = make_settings(database, prefix, DB_USERNAME=login, STREAMSVC_ALLOWED_TABLES=allowed)
+    await conn.execute("INSERT INTO counters VALUES ('hits', 0)")
+    batch = [
+        order(1),
+        raw("UPDATE counters SET value = value + $1 WHERE name = $2", 2, "hits"),
+        raw("UPDATE counters SET value = (SELECT count(*) FROM payments) WHERE name = 'hits'"),
+    ]
+    async with running(settings) as service:
+        await service.ingress.submit(ops(batch), caller=ANONYMOUS, source="api")
+        await drain(service)
+    rows = await conn.fetch('SELECT status, error FROM "BatchOperations" ORDER BY created_at')
+    assert sorted(r[0] for r in rows) == ["FAIL", "SUCCESS", "SUCCESS"]
+    assert [r[1] for r in rows if r[0] == "FAIL"] == ["permission denied for table payments"]
+    assert await conn.fetchval("SELECT value FROM counters WHERE name = 'hits'") == 2
+    held = await caller_role.held(conn, ROLE)
+    assert held == await caller_role.wanted(conn, AllowList.parse(allowed))
+
+
+async def test_a_login_that_may_not_grant_is_told_what_to_run(
+    database: str, prefix: str, conn: asyncpg.Connection, login: str
+) -> None:
+    await conn.execute("CREATE TABLE ledger (id integer PRIMARY KEY)")  # the superuser's
+    settings = make_settings(
+        database, prefix, DB_USERNAME=login, STREAMSVC_ALLOWED_TABLES=f"{ALLOWED}, ledger"
+    )
+    with pytest.raises(NotMigratedError) as refused:
+        async with running(settings):
+            pass
+    assert f'GRANT DELETE ON TABLE public.ledger TO "{ROLE}"' in str(refused.value)
+    assert "streamsvc caller-role --sql" in str(refused.value)
+    assert await caller_role.plan(conn, ROLE, AllowList.parse(f"{ALLOWED}, ledger")) != []
