@@ -152,25 +152,30 @@ async def held(conn: asyncpg.Connection, role: str) -> set[Privilege]:
 
 async def plan(conn: asyncpg.Connection, role: str, allow: AllowList) -> list[str]:
     """The statements that would set ``role`` up for ``allow``; none when it is right."""
-    statements = []
-    state = await conn.fetchrow(_ROLE_SQL, role)
-    if state is None:
-        statements.append(f"CREATE ROLE {quote_ident(role)} NOLOGIN")
-        have: set[Privilege] = set()
-    else:
-        unfit, _ = state
-        if unfit:
-            raise NotMigratedError(
-                f"caller role {role!r} must be a plain NOLOGIN role, but it is "
-                f"{', '.join(unfit)}; name another in STREAMSVC_CALLER_ROLE"
-            )
-        have = await held(conn, role)
-    if state is None or not state[1]:
-        statements.append(f"GRANT {quote_ident(role)} TO CURRENT_USER")
+    statements = _membership(role, await conn.fetchrow(_ROLE_SQL, role), await _login(conn))
+    have = set() if statements and statements[0].startswith("CREATE") else await held(conn, role)
     want = await wanted(conn, allow)
     statements += [p.statement("REVOKE", role) for p in sorted(have - want, key=_order)]
     statements += [p.statement("GRANT", role) for p in sorted(want - have, key=_order)]
     return statements
+
+
+def _membership(role: str, state: asyncpg.Record | None, login: str) -> list[str]:
+    """Creating the role and making the login a member, as far as missing; refuses a role
+    that could do more than it should."""
+    if state is not None and state[0]:
+        raise NotMigratedError(
+            f"caller role {role!r} must be a plain NOLOGIN role, but it is "
+            f"{', '.join(state[0])}; name another in STREAMSVC_CALLER_ROLE"
+        )
+    steps = [f"CREATE ROLE {quote_ident(role)} NOLOGIN"] if state is None else []
+    if state is None or not state[1]:
+        steps.append(f"GRANT {quote_ident(role)} TO {quote_ident(login)}")
+    return steps
+
+
+async def _login(conn: asyncpg.Connection) -> str:
+    return str(await conn.fetchval("SELECT current_user"))
 
 
 def _order(p: Privilege) -> tuple[str, str, str, str]:
@@ -181,43 +186,40 @@ async def sync(conn: asyncpg.Connection, role: str, allow: AllowList) -> list[st
     """Set ``role`` up for ``allow`` (see the module docstring); returns what it ran."""
     if not await plan(conn, role, allow):
         return []
-    await _create(conn, role)
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
-        statements = await plan(conn, role, allow)
-        try:
-            for statement in statements:
+    statements = await _create(conn, role)
+    reason = "some privileges could not be changed"  # a GRANT without grant option warns
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
+            for statement in await plan(conn, role, allow):
+                statements.append(statement)
                 await conn.execute(statement)
             # A table's REVOKE takes the same privilege on its columns with it.
             for statement in await plan(conn, role, allow):
                 statements.append(statement)
                 await conn.execute(statement)
-        except asyncpg.InsufficientPrivilegeError as exc:
-            raise _cannot(role, statements, str(exc)) from exc
-    left = await plan(conn, role, allow)  # a GRANT without grant option only warns
+    except asyncpg.InsufficientPrivilegeError as exc:
+        reason = str(exc)
+    left = await plan(conn, role, allow)
     if left:
-        raise _cannot(role, left, "some privileges could not be changed")
+        raise _cannot(role, left, reason)
     return statements
 
 
-async def _create(conn: asyncpg.Connection, role: str) -> None:
+async def _create(conn: asyncpg.Connection, role: str) -> list[str]:
     """The role and the login's membership, which are the cluster's, not the database's:
     another database's service may be creating them at the same moment."""
-    state = await conn.fetchrow(_ROLE_SQL, role)
-    steps = []
-    if state is None:
-        steps.append(f"CREATE ROLE {quote_ident(role)} NOLOGIN")
-    if state is None or not state[1]:
-        steps.append(f"GRANT {quote_ident(role)} TO CURRENT_USER")
+    steps = _membership(role, await conn.fetchrow(_ROLE_SQL, role), await _login(conn))
     for step in steps:
         try:
             await conn.execute(step)
         except asyncpg.InsufficientPrivilegeError as exc:
             raise _cannot(role, steps, str(exc)) from exc
-        except asyncpg.PostgresError:  # created meanwhile: fine if it is there now
-            again = await conn.fetchrow(_ROLE_SQL, role)
-            if again is None or (step.startswith("GRANT") and not again[1]):
+        except asyncpg.PostgresError:  # done meanwhile: fine if it is no longer needed
+            state = await conn.fetchrow(_ROLE_SQL, role)
+            if step in _membership(role, state, await _login(conn)):
                 raise
+    return steps
 
 
 def _cannot(role: str, statements: list[str], reason: str) -> NotMigratedError:

@@ -357,6 +357,8 @@ async def test_grants_follow_the_allow_list(conn: asyncpg.Connection) -> None:
     try:
         wide = AllowList.parse("orders, billing.tickets, profiles(id, name)")
         done = await caller_role.sync(conn, role, wide)
+        login = await conn.fetchval("SELECT current_user")
+        assert done[:2] == [f'CREATE ROLE "{role}" NOLOGIN', f'GRANT "{role}" TO "{login}"']
         assert privileges(done) == {
             "GRANT DELETE ON TABLE billing.tickets",
             "GRANT DELETE ON TABLE public.orders",
