@@ -277,3 +277,39 @@ async def test_a_batch_whose_rows_finished_earlier_applies_nothing_in_its_first_
     assert sorted(r[0] for r in reply) == sorted([ids[0], ids[2]])
     assert held == 0
     assert await stored(db) == []
+
+
+# A caller's statement as the flusher sends it (streamsvc.sqlbuild.caller_template).
+EACH = "INSERT INTO items (id, amount, parent) VALUES (%1$L, %2$L, 1)"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [set(), {1}, {60}, {1, 2, 3}, set(random.Random(3).sample(range(1, 61), 9))],
+    ids=["none", "first", "last", "first-three", "nine-scattered"],
+)
+async def test_each_refused_statement_is_found_and_every_other_applied(
+    db: asyncpg.Connection, bad: set[int]
+) -> None:
+    """A statement group, once per operation: the refused ones (a value that does not
+    convert, a broken CHECK) come back with their positions, the rest is applied, and a
+    refused statement costs about two probes."""
+    params = [[str(i), ("lots" if i % 2 else "-1") if i in bad else str(i)] for i in range(1, 61)]
+    await db.execute("SET track_functions = 'pl'")
+    async with db.transaction():
+        refused = await db.fetch(
+            queries.APPLY_BATCH, None, None, [], [EACH], [text(params)], [True], None, [], []
+        )
+        probes = await db.fetchval(
+            "SELECT calls FROM pg_stat_xact_user_functions WHERE funcname = 'streamsvc_try_each'"
+        )
+    messages = {r[3]: r[5] for r in refused}
+    assert set(messages) == bad
+    for position, message in messages.items():
+        if position % 2:
+            assert message == 'invalid input syntax for type numeric: "lots"'
+        else:
+            assert message.startswith(CHECK)
+    assert await stored(db) == [i for i in range(1, 61) if i not in bad]
+    assert probes is not None
+    assert probes <= 1 + 2 * len(bad)
