@@ -226,6 +226,11 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("something else than one INSERT, UPDATE or DELETE", raw("SET ROLE NONE"), "syntax error"),
     ("transaction control", raw("COMMIT"), "syntax error"),
+    (
+        "a text PostgreSQL's scanner cannot read",
+        raw(INTO_ORDERS + "VALUES (121, 'x"),
+        "unterminated quoted string",
+    ),
 ]
 
 
