@@ -13,6 +13,8 @@ of it (to hand it the function). In the service's database it holds exactly:
   SELECT, INSERT and UPDATE on those columns and DELETE on the table;
 - USAGE on the sequences the defaults of those tables' columns call (``serial``);
 - USAGE on those tables' schemas;
+- TEMPORARY on the database, where PUBLIC lacks it (to own its function in a login's
+  temporary schema);
 and nothing else (tables, columns, sequences, schemas, functions and the database itself
 are compared; its privileges in other databases are theirs). ``sync`` makes it so: it
 creates the role when missing, makes the login a member, revokes what is no longer
@@ -60,6 +62,11 @@ FROM unnest($1::text[], $2::text[], $3::text[]) AS t(schema_name, table_name, co
 JOIN pg_namespace n ON n.nspname = t.schema_name
 JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.table_name
                AND c.relkind IN ('r', 'p')
+"""
+
+_DATABASE_SQL = """
+SELECT quote_ident(current_database()),
+       has_database_privilege('public', current_database(), 'TEMPORARY')
 """
 
 # Sequences the columns' defaults call (nextval('...'::regclass) depends on the sequence).
@@ -142,6 +149,11 @@ async def wanted(conn: asyncpg.Connection, allow: AllowList) -> set[Privilege]:
                 found.update(Privilege("TABLE", name, privilege, c) for c in columns)
     for (sequence,) in await conn.fetch(_SEQUENCES_SQL, [r[0] for r in rows]):
         found.add(Privilege("SEQUENCE", sequence, "USAGE"))
+    # To be handed a function in a login's temporary schema the role needs TEMPORARY on
+    # the database: PUBLIC's by default, its own where the database revoked PUBLIC's.
+    database, public_temp = await conn.fetchrow(_DATABASE_SQL)
+    if not public_temp:
+        found.add(Privilege("DATABASE", database, "TEMPORARY"))
     return found
 
 
