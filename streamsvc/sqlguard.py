@@ -12,10 +12,13 @@ What is accepted, decided here and kept deliberately narrow:
   chain (``1+1+...``, 25,000 terms) overflowed the stack and killed the process. 16 KiB
   bounds that depth to about 8,200 levels, which needs about 3 MB of stack; parsing runs in
   one thread of the service's own with a ``PARSER_STACK_BYTES`` (64 MiB) stack, whatever
-  thread the caller is on. Right-nested input (parentheses, sub-selects, NOT, CASE) is
-  bounded by the parser itself ("nests too deeply"). After parsing, a tree deeper than
-  ``MAX_SQL_DEPTH`` (1,000 levels) is refused: PostgreSQL would fail it anyway ("stack
-  depth limit exceeded" at 2 MB).
+  thread the caller is on. Right nesting (parentheses, sub-selects, NOT, CASE) is bounded
+  by the parser itself ("nests too deeply"). The lexer takes time quadratic in the length
+  of a run of operator characters (``+-+-...`` or ``/*/*...``: 0.5 s for 16 KiB), so a run
+  longer than ``MAX_OPERATOR_RUN`` (128; PostgreSQL's operators are at most 63) is refused
+  before lexing, even inside a literal, where a parameter can carry such text instead.
+  After parsing, a tree deeper than ``MAX_SQL_DEPTH`` (1,000 levels) is refused: PostgreSQL
+  would fail it anyway ("stack depth limit exceeded" at its default 2 MB).
 - Exactly one INSERT, UPDATE or DELETE. ``ON CONFLICT ... DO UPDATE`` counts as the action
   ``upsert`` (the caller needs it); ``DO NOTHING`` stays ``insert``. RETURNING is refused:
   the service discards what a statement returns, so it could only serve as a read channel.
@@ -72,6 +75,8 @@ Scope = frozenset[TableRef] | None  # the tables a caller may touch; None: every
 
 MAX_SQL_BYTES = 16 * 1024
 MAX_SQL_DEPTH = 1_000
+MAX_OPERATOR_RUN = 128
+_OPERATOR_RUN = re.compile(rf"[-+*/<>=~!@#%^&|`?]{{{MAX_OPERATOR_RUN + 1},}}")
 PARSER_STACK_BYTES = 64 * 1024 * 1024
 
 FUNCTIONS = frozenset(
@@ -193,7 +198,7 @@ def check_statement(
 
     Otherwise raise InvalidOperation(field, reason), the field being ``sql`` or ``params``.
     """
-    _check_size(sql)
+    _check_text(sql)
     table, action, placeholders = _analysed(sql, allowed, scope)
     return CheckedStatement(table, action, _check_params(placeholders, params))
 
@@ -202,7 +207,7 @@ def _refuse(reason: str) -> InvalidOperation:
     return InvalidOperation("sql", reason)
 
 
-def _check_size(sql: str) -> None:
+def _check_text(sql: str) -> None:
     if not sql.strip():
         raise _refuse("is empty")
     if "\x00" in sql:  # the parser would silently stop at it
@@ -210,6 +215,11 @@ def _check_size(sql: str) -> None:
     size = len(sql) if len(sql) > MAX_SQL_BYTES else len(sql.encode())
     if size > MAX_SQL_BYTES:
         raise _refuse(f"is longer than {MAX_SQL_BYTES} bytes")
+    if _OPERATOR_RUN.search(sql):
+        raise _refuse(
+            f"has more than {MAX_OPERATOR_RUN} operator characters (+-*/<>=~!@#%^&|`?) in a "
+            "row; pass such text as a parameter"
+        )
 
 
 @functools.lru_cache(maxsize=4096)

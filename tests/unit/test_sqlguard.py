@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 
 from streamsvc.allowlist import AllowList, TableRef
 from streamsvc.errors import InvalidOperation
-from streamsvc.sqlguard import CheckedStatement, check_statement
+from streamsvc.sqlguard import MAX_SQL_BYTES, MAX_SQL_DEPTH, CheckedStatement, check_statement
 
 ALLOWED = AllowList.parse("orders, customers, shop.items, payments(id, amount), users(id, name)")
 ORDERS = TableRef("public", "orders")
@@ -774,3 +776,122 @@ def test_the_key_scope_does_not_narrow_what_it_holds() -> None:
     assert check_statement(sql, None, ALLOWED, scope) == CheckedStatement(ORDERS, "update", 0)
     with pytest.raises(InvalidOperation, match="customers is outside the caller's scope"):
         check_statement(sql, None, ALLOWED, ORDERS_ONLY)
+
+
+def test_a_statement_longer_than_the_limit_is_refused_before_parsing() -> None:
+    # The 25,000-term sum that once crashed the process inside the parser.
+    sql = "INSERT INTO orders (id) VALUES (" + "+".join(["1"] * 25_000) + ")"
+    with pytest.raises(InvalidOperation) as caught:
+        check_statement(sql, None, ALLOWED)
+    assert caught.value.reason == f"is longer than {MAX_SQL_BYTES} bytes"
+
+
+def test_the_length_limit_counts_utf8_bytes() -> None:
+    head = "INSERT INTO orders (note) VALUES ('"
+    fits = head + "x" * (MAX_SQL_BYTES - len(head) - 2) + "')"
+    assert check_statement(fits, None, ALLOWED).action == "insert"
+    wide = head + "é" * ((MAX_SQL_BYTES - len(head)) // 2) + "')"  # fewer chars than bytes
+    assert len(wide) < MAX_SQL_BYTES
+    with pytest.raises(InvalidOperation, match="longer than"):
+        check_statement(wide, None, ALLOWED)
+
+
+def test_expressions_nested_deeper_than_the_limit_are_refused() -> None:
+    shallow = "INSERT INTO orders (id) VALUES (" + " + ".join(["$1"] * 500) + ")"
+    assert check_statement(shallow, [1], ALLOWED) == CheckedStatement(ORDERS, "insert", 1)
+    deep = "INSERT INTO orders (id) VALUES (" + "+".join(["$1"] * 2_000) + ")"
+    with pytest.raises(InvalidOperation) as caught:
+        check_statement(deep, [1], ALLOWED)
+    assert caught.value.reason == f"nests more than {MAX_SQL_DEPTH} levels deep"
+
+
+def test_right_nesting_the_parser_cannot_take_is_refused() -> None:
+    sql = "INSERT INTO orders (id) VALUES (" + "(" * 12_000 + "1)"
+    with pytest.raises(InvalidOperation) as caught:
+        check_statement(sql, None, ALLOWED)
+    assert caught.value.reason == "nests too deeply for the SQL parser"
+
+
+_HEAD, _TAIL = "INSERT INTO orders (id) VALUES (", ")"
+
+
+def _chain(first: str, step: str, last: str = "") -> str:
+    """``first``, as many ``step`` as the length limit lets an INSERT hold, ``last``."""
+    room = MAX_SQL_BYTES - len(_HEAD) - len(_TAIL) - len(first) - len(last)
+    return _HEAD + first + step * (room // len(step)) + last + _TAIL
+
+
+def _nest(opening: str, inner: str, closing: str) -> str:
+    """``inner`` inside as many ``opening ... closing`` as the length limit lets fit."""
+    room = MAX_SQL_BYTES - len(_HEAD) - len(_TAIL) - len(inner)
+    n = room // (len(opening) + len(closing))
+    return _HEAD + opening * n + inner + closing * n + _TAIL
+
+
+# The shapes that nest deepest per byte: left-deep chains (each level one more call in the
+# parser's C recursion that builds the tree) and right nesting, which the parser's own
+# stack bounds too. Each as long as the limit allows, and the input that crashed the process.
+WORST = {
+    "sum": _chain("1", "+1"),
+    "concatenation": _chain("'a'", "||'a'"),
+    "casts": _chain("1", "::int"),
+    "json-path": _chain("'{}'::jsonb", "->'a'"),
+    "is-null": _chain("1", " IS NULL"),
+    "collate": _chain("'a'", ' COLLATE "C"'),
+    "at-time-zone": _chain("now()", " AT TIME ZONE 'utc'"),
+    "union": _nest("(SELECT 1 UNION ", "SELECT 1", ")"),
+    "joins": "INSERT INTO orders (id) SELECT 1 FROM orders"
+    + " JOIN orders o ON true" * ((MAX_SQL_BYTES - 50) // 22),
+    "unary-signs": _chain("1", "+-+-+-+1"),  # each run of signs short enough to lex
+    "sign-run": _chain("", "+-", "1"),
+    "comment-openings": _chain("", "/*"),
+    "parentheses": _nest("(", "1", ")"),
+    "sub-selects": _nest("(SELECT ", "1", ")"),
+    "case": _nest("CASE WHEN true THEN ", "1", " END"),
+    "function-calls": _nest("lower(", "'x'", ")"),
+    "not": _nest("NOT ", "true", ""),
+    "arrays": _nest("ARRAY[", "1", "]"),
+    "row": _nest("ROW(", "1", ")"),
+    "in-list": _chain("1 IN (1", ",1", ")"),
+    "case-chain": _chain("CASE", " WHEN 1=1 THEN 1", " END"),
+    "the-crash-of-the-issue": _HEAD + "+".join(["1"] * 25_000) + _TAIL,
+}
+_PROBE = """
+import sys, threading
+from streamsvc.allowlist import AllowList
+from streamsvc.errors import InvalidOperation
+from streamsvc.sqlguard import check_statement
+
+allowed = AllowList.parse("orders")
+outcome = []
+
+def check():
+    try:
+        outcome.append(str(check_statement(sys.stdin.read(), None, allowed)))
+    except InvalidOperation as exc:
+        outcome.append(exc.reason)
+
+threading.stack_size(256 * 1024)  # a caller on a small stack: the parser has its own
+thread = threading.Thread(target=check)
+thread.start()
+thread.join()
+print(outcome[0])
+"""
+
+
+@pytest.mark.parametrize("name", list(WORST))
+def test_the_deepest_inputs_are_answered_never_a_crash(name: str) -> None:
+    # In a subprocess: a crash shows as a failed test, not as a dead pytest.
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE],
+        input=WORST[name],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    answer = done.stdout.strip()
+    assert answer, done.stderr[-2000:]
+    if name == "the-crash-of-the-issue":
+        assert answer == f"is longer than {MAX_SQL_BYTES} bytes"
