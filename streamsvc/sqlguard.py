@@ -503,7 +503,7 @@ def _names(parts: Iterable[ast.Node] | None) -> list[str]:
 
 def _check_column(names: list[str], levels: tuple[Level, ...]) -> None:
     shown = ".".join(n if n == "*" else quote_ident(n) for n in names)
-    visible = [rel for level in levels for rel in level]
+    visible = [rel for level in reversed(levels) for rel in level]  # innermost first
     if len(names) > 2:
         raise _refuse(f"column {shown}: write columns as name or alias.name")
     if names == ["*"]:
@@ -513,12 +513,11 @@ def _check_column(names: list[str], levels: tuple[Level, ...]) -> None:
         return
     if len(names) == 1:
         column = names[0]
-        for rel in visible:
-            if rel.columns is None:
-                continue
-            if rel.name == column:
-                raise _refuse(f"the whole row of {column} is not allowed; name the columns")
-            if column not in rel.columns:
+        restricted = [rel for rel in visible if rel.columns is not None]
+        if any(rel.name == column for rel in restricted):
+            raise _refuse(f"the whole row of {column} is not allowed; name the columns")
+        for rel in restricted:
+            if column not in (rel.columns or ()):
                 raise _refuse(_not_allowed(shown, rel))
         return
     qualifier, column = names

@@ -7,6 +7,8 @@ import sys
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from streamsvc.allowlist import AllowList, TableRef
 from streamsvc.errors import InvalidOperation
@@ -895,3 +897,115 @@ def test_the_deepest_inputs_are_answered_never_a_crash(name: str) -> None:
     assert answer, done.stderr[-2000:]
     if name == "the-crash-of-the-issue":
         assert answer == f"is longer than {MAX_SQL_BYTES} bytes"
+
+
+# -- property-based: no text makes the check fail otherwise than with a refusal -------------
+
+_WORDS = [
+    *("INSERT", "INTO", "UPDATE", "DELETE", "FROM", "SELECT", "VALUES", "SET", "WHERE"),
+    *("WITH", "AS", "ON", "CONFLICT", "DO", "NOTHING", "RETURNING", "USING", "JOIN", "TABLE"),
+    *("LATERAL", "UNION", "CASE", "WHEN", "THEN", "ELSE", "END", "NOT", "AND", "OR", "IN"),
+    *("EXISTS", "NULL", "IS", "DEFAULT", "ORDER", "BY", "LIMIT", "OPERATOR", "COLLATE"),
+    *("orders", "users", "payments", "secrets", "pg_temp", "pg_catalog", "public", "o", "u"),
+    *("id", "note", "name", "password", "excluded", "*", ".", ",", "(", ")", "[", "]", ";"),
+    *("::", "=", "+", "-", "||", "->", "$1", "$2", "1", "'a'", '"x"', "lower", "now()"),
+    *("pg_sleep", "nextval", "row_to_json", "json_object", "xmlelement", "--", "/*", "*/"),
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200))
+def test_any_text_is_answered_or_refused(sql: str) -> None:
+    _answered(sql)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(_WORDS), max_size=40).map(" ".join))
+def test_sql_like_text_is_answered_or_refused(sql: str) -> None:
+    _answered("INSERT INTO orders " + sql)
+    _answered(sql)
+
+
+def _answered(sql: str) -> None:
+    """check_statement returns or refuses; anything else raised fails the test."""
+    try:
+        check_statement(sql, None, ALLOWED, IN_SCOPE)
+    except InvalidOperation as refused:
+        assert refused.field in ("sql", "params")
+        assert refused.reason
+
+
+# -- property-based: one element outside the scope anywhere is always refused ---------------
+
+# The key may touch orders, customers and users; users allows only id and name.
+IN_SCOPE = frozenset({ORDERS, TableRef("public", "customers"), USERS})
+_HOLE = "\N{SECTION SIGN}"
+_LEAVES = st.sampled_from(["1", "'a'", "id", "now()", "NULL", "lower('A')", "(id + 1)"])
+# (the bad element, a word its refusal names)
+_OUTSIDE = [
+    ("(SELECT 1 FROM secrets LIMIT 1)", '"secrets" is not allowed'),
+    ("(SELECT 1 FROM payments LIMIT 1)", "payments is outside the caller's scope"),
+    ("(SELECT 1 FROM pg_catalog.pg_authid LIMIT 1)", 'schema "pg_catalog"'),
+    ("(SELECT password FROM users LIMIT 1)", '"password" is not allowed'),
+    ("(SELECT u.password FROM users u LIMIT 1)", '"password" is not allowed'),
+    ("(SELECT to_jsonb(u) FROM users u LIMIT 1)", "whole row of u"),
+    ("pg_sleep(1)", "function pg_sleep"),
+    ("pg_temp.streamsvc_claim(1)", "function pg_temp.streamsvc_claim"),
+    ("nextval('orders_id_seq')", "function nextval"),
+    ("public.lower('a')", "function public.lower"),
+    ("(1 OPERATOR(pg_temp.+) 1)", "operator pg_temp.+"),
+]
+_TEMPLATES = [
+    "INSERT INTO orders (id, note) VALUES (1, {a}), ({b}, 2)",
+    "INSERT INTO orders (note) SELECT {a} FROM orders o WHERE {b} IS NOT NULL",
+    "INSERT INTO orders (note) SELECT c.name FROM customers c JOIN orders o ON {a} = {b}",
+    "UPDATE orders SET note = {a} WHERE id = {b}",
+    "UPDATE orders o SET note = c.name FROM customers c WHERE c.id = {a} AND {b} IS NULL",
+    "DELETE FROM orders WHERE id = {a} OR id IN (SELECT id FROM customers WHERE id = {b})",
+    "DELETE FROM orders USING customers c WHERE c.id = {a} AND orders.id = {b}",
+    "INSERT INTO orders (id) VALUES ({a}) ON CONFLICT (id) DO UPDATE SET note = {b}",
+    "WITH w AS (SELECT {a} AS x FROM customers) INSERT INTO orders (note) SELECT {b} FROM w",
+]
+
+
+def _with_hole(inner: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    """Expressions around one hole, the other operands harmless."""
+    forms = [
+        "({h} + {x})",
+        "({x} || {h})",
+        "lower({h})",
+        "coalesce({x}, {h})",
+        "CASE WHEN {x} = 1 THEN {h} ELSE {x} END",
+        "(SELECT {h} FROM orders WHERE id = {x} LIMIT 1)",
+        "(SELECT max(id) FROM users WHERE id = {h})",
+        "EXISTS (SELECT 1 FROM customers c WHERE c.id = {h})",
+        "ARRAY[{x}, {h}]",
+        "({h})::text",
+    ]
+    return st.tuples(st.sampled_from(forms), inner, _LEAVES).map(
+        lambda t: t[0].format(h=t[1], x=t[2])
+    )
+
+
+_HOLED = st.recursive(st.just(_HOLE), _with_hole, max_leaves=6)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    template=st.sampled_from(_TEMPLATES),
+    holed=_HOLED,
+    other=st.recursive(_LEAVES, lambda e: _with_hole(e).map(lambda s: s.replace(_HOLE, "1"))),
+    first=st.booleans(),
+    outside=st.sampled_from(_OUTSIDE),
+)
+def test_one_element_outside_the_scope_is_always_refused(
+    template: str, holed: str, other: str, first: bool, outside: tuple[str, str]
+) -> None:
+    a, b = (holed, other) if first else (other, holed)
+    inside = template.format(a=a, b=b)
+    assert check_statement(inside.replace(_HOLE, "1"), None, ALLOWED, IN_SCOPE).table == ORDERS
+    element, words = outside
+    with pytest.raises(InvalidOperation) as caught:
+        check_statement(inside.replace(_HOLE, element), None, ALLOWED, IN_SCOPE)
+    assert caught.value.field == "sql"
+    assert words in caught.value.reason
