@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 
 from streamsvc.allowlist import AllowList, TableRef
 from streamsvc.errors import InvalidOperation
-from streamsvc.sqlguard import MAX_SQL_BYTES, MAX_SQL_DEPTH, CheckedStatement, check_statement
+from streamsvc.sqlguard import (
+    FUNCTIONS,
+    MAX_SQL_BYTES,
+    MAX_SQL_DEPTH,
+    CheckedStatement,
+    check_statement,
+)
 
 ALLOWED = AllowList.parse("orders, customers, shop.items, payments(id, amount), users(id, name)")
 ORDERS = TableRef("public", "orders")
@@ -1009,3 +1015,67 @@ def test_one_element_outside_the_scope_is_always_refused(
         check_statement(inside.replace(_HOLE, element), None, ALLOWED, IN_SCOPE)
     assert caught.value.field == "sql"
     assert words in caught.value.reason
+
+
+_SQL_SYNTAX = {"extract": "extract(year FROM now())", "position": "position('a' IN note)"}
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_every_allowed_function_may_be_called_plain_or_in_pg_catalog(name: str) -> None:
+    calls = (
+        [_SQL_SYNTAX[name]]
+        if name in _SQL_SYNTAX
+        else [f"{name}(note)", f"pg_catalog.{name}(note)"]
+    )
+    for call in calls:
+        sql = f"INSERT INTO orders (note) SELECT {call} FROM orders"
+        assert check_statement(sql, None, ALLOWED, ORDERS_ONLY).table == ORDERS
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        *("pg_sleep", "pg_read_file", "pg_read_binary_file", "pg_ls_dir", "pg_stat_file"),
+        *("lo_import", "lo_export", "dblink", "current_setting", "set_config"),
+        *("pg_advisory_lock", "pg_advisory_xact_lock", "pg_try_advisory_lock"),
+        *("nextval", "setval", "currval", "lastval", "pg_terminate_backend"),
+        *("pg_cancel_backend", "pg_reload_conf", "pg_notify", "txid_current"),
+        *("ts_stat", "ts_rewrite", "query_to_xml", "table_to_xml", "cursor_to_xml", "xpath"),
+        *("generate_series", "unnest", "jsonb_array_elements", "regexp_matches"),
+        *("json_populate_record", "pg_get_viewdef", "has_table_privilege", "version"),
+        *("pg_backend_pid", "random", "repeat", "lpad", "rpad", "row_to_json", "format"),
+        *("pg_logical_slot_get_changes", "pg_create_logical_replication_slot"),
+        *("pg_switch_wal", "pg_stat_get_activity", "inet_server_addr", "streamsvc_claim"),
+    ],
+)
+def test_functions_off_the_list_are_refused_however_qualified(name: str) -> None:
+    for qualified in (name, f"pg_catalog.{name}", f"public.{name}", f"pg_temp.{name}"):
+        with pytest.raises(InvalidOperation) as caught:
+            check_statement(f"INSERT INTO orders (note) VALUES ({qualified}('x'))", None, ALLOWED)
+        assert f"function {qualified} is not allowed" in caught.value.reason
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "note SIMILAR TO 'a%'",
+        "note IS DISTINCT FROM 'a'",
+        "id BETWEEN 1 AND 2",
+        "id = ANY(ARRAY[1, 2])",
+        "substring(note FROM 1 FOR 2) = 'ab'",
+        "overlay(note PLACING 'x' FROM 1) = 'x'",
+        "(now(), now()) OVERLAPS (now(), now())",
+        "CURRENT_TIMESTAMP > now() - interval '1 day'",
+        "LOCALTIMESTAMP(3) IS NOT NULL",
+        "note IS NOT TRUE",
+        "trim(leading 'x' FROM note) <> ''",
+        "normalize(note) = note",
+        "note COLLATE \"C\" > 'a'",
+        "(SELECT count(*) FILTER (WHERE id > 1) FROM orders) > 0",
+        "id IN (SELECT max(id) OVER (PARTITION BY note) FROM orders)",
+        "EXISTS (SELECT 1 FROM orders GROUP BY note HAVING count(*) > 1)",
+    ],
+)
+def test_builtin_syntax_is_accepted(expression: str) -> None:
+    sql = f"DELETE FROM orders WHERE {expression}"
+    assert check_statement(sql, None, ALLOWED, ORDERS_ONLY).action == "delete"
