@@ -16,7 +16,8 @@ import asyncpg
 import httpx
 import pytest
 
-from streamsvc.sqlguard import MAX_SQL_BYTES, MAX_SQL_DEPTH
+from streamsvc.sqlguard import MAX_SQL_BYTES
+from streamsvc.sqlscope import MAX_SQL_DEPTH
 from streamsvc.supervisor import Service
 from tests.conftest import PG, make_settings
 from tests.nest import nest_client

@@ -1,4 +1,4 @@
-"""sqlguard: which caller SQL may run, and the reasons given when it may not."""
+"""sqlguard and sqlscope: which caller SQL may run, and the reasons given when it may not."""
 
 from __future__ import annotations
 
@@ -12,13 +12,8 @@ from hypothesis import strategies as st
 
 from streamsvc.allowlist import AllowList, TableRef
 from streamsvc.errors import InvalidOperation
-from streamsvc.sqlguard import (
-    FUNCTIONS,
-    MAX_SQL_BYTES,
-    MAX_SQL_DEPTH,
-    CheckedStatement,
-    check_statement,
-)
+from streamsvc.sqlguard import MAX_SQL_BYTES, CheckedStatement, check_statement
+from streamsvc.sqlscope import FUNCTIONS, MAX_SQL_DEPTH
 
 ALLOWED = AllowList.parse("orders, customers, shop.items, payments(id, amount), users(id, name)")
 ORDERS = TableRef("public", "orders")
