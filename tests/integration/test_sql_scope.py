@@ -262,7 +262,11 @@ async def test_sql_outside_the_key_scope_is_refused_at_the_door(
         assert await conn.fetchval("SELECT count(*) FROM payments") == 1
         assert await conn.fetchval("SELECT last_value FROM attack_seq") == 1
         assert await conn.fetchval("SELECT is_called FROM attack_seq") is False
-        advisory = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
-        assert await conn.fetchval(advisory) == 0
+        held = await conn.fetchval(  # the lock pg_advisory_lock(1) would take, in this database
+            "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+            "WHERE l.locktype = 'advisory' AND d.datname = current_database() "
+            "AND l.classid = 0 AND l.objid = 1 AND l.objsubid = 1"
+        )
+        assert held == 0
     finally:
         await conn.close()
