@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from benchmarks import workload
 from streamsvc.allowlist import AllowList, TableRef
 from streamsvc.errors import InvalidOperation
 from streamsvc.sqlguard import MAX_SQL_BYTES, CheckedStatement, check_statement
@@ -1074,3 +1075,10 @@ def test_functions_off_the_list_are_refused_however_qualified(name: str) -> None
 def test_builtin_syntax_is_accepted(expression: str) -> None:
     sql = f"DELETE FROM orders WHERE {expression}"
     assert check_statement(sql, None, ALLOWED, ORDERS_ONLY).action == "delete"
+
+
+def test_the_benchmark_statement_is_accepted_for_a_key_scoped_to_its_table() -> None:
+    allowed = AllowList.parse(workload.ALLOWED)
+    counters = TableRef("public", "counters")
+    checked = check_statement(workload.INCREMENT_SQL, ["k1"], allowed, frozenset({counters}))
+    assert checked == CheckedStatement(counters, "update", 1)
