@@ -135,7 +135,10 @@ def _check_text(sql: str) -> None:
         raise refuse("is empty")
     if "\x00" in sql:  # the parser would silently stop at it
         raise refuse("must not contain NUL characters")
-    size = len(sql) if len(sql) > MAX_SQL_BYTES else len(sql.encode())
+    try:
+        size = len(sql) if len(sql) > MAX_SQL_BYTES else len(sql.encode())
+    except UnicodeEncodeError as exc:  # a lone surrogate: no UTF-8 for the parser
+        raise refuse("must be valid Unicode") from exc
     if size > MAX_SQL_BYTES:
         raise refuse(f"is longer than {MAX_SQL_BYTES} bytes")
     if _OPERATOR_RUN.search(sql):

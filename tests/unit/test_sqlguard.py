@@ -120,6 +120,7 @@ def test_accepted(sql: str, params: list[Any] | None, expected: CheckedStatement
         pytest.param("  \n\t ", [], "sql", ["empty"], id="whitespace"),
         pytest.param("INSERT INTO", None, "sql", ["does not parse", "syntax error"], id="parse"),
         pytest.param("INSERT INTO orders VALUES (1)\x00", None, "sql", ["NUL"], id="nul"),
+        pytest.param("UPDATE orders SET note = '\ud800'", None, "sql", ["Unicode"], id="surrogate"),
         # statement count
         pytest.param("-- just a comment", None, "sql", ["exactly one", "got 0"], id="none"),
         pytest.param(
@@ -916,9 +917,10 @@ _WORDS = [
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(max_size=200))
+@given(st.text(st.characters(exclude_categories=()), max_size=200))
 def test_any_text_is_answered_or_refused(sql: str) -> None:
     _answered(sql)
+    _answered(f"INSERT INTO orders (note) VALUES ('{sql}')")
 
 
 @settings(max_examples=500, deadline=None)
