@@ -1,83 +1,85 @@
-"""Decide whether a caller's raw SQL may run: one INSERT, UPDATE or DELETE on allowed tables.
+"""Decide whether a caller's raw SQL may run: one INSERT, UPDATE or DELETE inside its scope.
 
 Callers may send their own SQL ("statement" operations with ``$n`` params, or "legacy" ones
-without). The service runs it inside its own transactions with its own credentials, so the
-SQL must not be able to escape that: no transaction control (a ``COMMIT`` would break the
-exactly-once bookkeeping), no DDL, no reading or writing tables outside the allow-list, no
-server-side file, lock, sleep or configuration functions, and no write hidden in a ``WITH``.
+without). The service runs it inside its own transactions, so the SQL must not be able to
+escape the caller's scope: a key holder is untrusted beyond it. Every refusal is an
+InvalidOperation on ``sql`` or ``params`` with a reason the caller can act on.
 
-The check uses PostgreSQL's own parser (pglast) and walks the whole tree, so a table named in
-a subquery, a CTE or an ``INSERT ... SELECT`` is seen the same way as the target. Every
-refusal is an InvalidOperation on ``sql`` or ``params`` with a reason the caller can act on.
+What is accepted, decided here and kept deliberately narrow:
+
+- Size first, before the parser runs: at most ``MAX_SQL_BYTES`` (16 KiB of UTF-8). The
+  parser (libpg_query, through pglast) builds its tree recursively in C, so a long operator
+  chain (``1+1+...``, 25,000 terms) overflowed the stack and killed the process. 16 KiB
+  bounds that depth to about 8,200 levels, which needs about 3 MB of stack; parsing runs in
+  one thread of the service's own with a ``PARSER_STACK_BYTES`` (64 MiB) stack, whatever
+  thread the caller is on; right nesting deeper than the parser's own stack (about 10,000
+  levels) is refused as "nests too deeply". The lexer takes time quadratic in the length
+  of a run of operator characters (``+-+-...`` or ``/*/*...``: 0.5 s for 16 KiB), so a run
+  longer than ``MAX_OPERATOR_RUN`` (128; PostgreSQL's operators are at most 63) is refused
+  before lexing, even inside a literal, where a parameter can carry such text instead.
+  Checking a statement at the length limit still costs up to about 0.3 s of CPU (pglast
+  builds Python objects at some 20 µs a node); refused texts are not remembered.
+  After parsing, a tree deeper than ``MAX_SQL_DEPTH`` (1,000 levels) is refused: PostgreSQL
+  would fail it anyway ("stack depth limit exceeded" at its default 2 MB).
+- Exactly one INSERT, UPDATE or DELETE. ``ON CONFLICT ... DO UPDATE`` counts as the action
+  ``upsert`` (the caller needs it); ``DO NOTHING`` stays ``insert``. RETURNING is refused:
+  the service discards what a statement returns, so it could only serve as a read channel.
+  Only the outer statement may modify data (no INSERT/UPDATE/DELETE/MERGE in a WITH).
+- Relations: every relation named anywhere (target, FROM, USING, JOIN, sub-selects, CTE
+  bodies, ON CONFLICT, ``TABLE x``) is a CTE of the statement or a table that is both in the
+  allow-list and in the caller's scope. System catalogs and views are simply not allowed
+  tables. Functions in FROM, TABLESAMPLE, XMLTABLE, FOR UPDATE/SHARE, WHERE CURRENT OF and
+  NATURAL joins are refused; so is any node the check does not know (an allow-list of
+  node types), e.g. the SQL/JSON and XML constructors.
+- Columns: on a table with a column list, every column read or written anywhere must be on
+  it. Aliases are resolved; an unqualified name must be allowed on every column-restricted
+  table visible where it is used (this and enclosing query levels: conservative, it may
+  refuse a statement PostgreSQL would resolve to another table). Columns are written as
+  ``name`` or ``alias.name``; longer names are refused. Whole-row references (``t.*``,
+  ``*``, a bare alias or table name used as a value, ``(t).col``) and column aliases
+  (``FROM t AS x(a, b)``) are refused on column-restricted tables and allowed elsewhere,
+  since they then expose only allowed columns. A column list on ``excluded`` follows the
+  target's.
+- Functions: only the names in ``FUNCTIONS``, unqualified or qualified with ``pg_catalog``:
+  side-effect-free, not set-returning, none taking SQL text, touching files, settings,
+  locks, sequences, other sessions or replication, none whose output size is an argument
+  (repeat, lpad, rpad). Any other schema (pg_temp, public, ...) is refused, as are
+  ``current_user`` and the other session-information keywords. An unqualified name
+  resolves in pg_catalog unless a function of the same name with a closer signature exists
+  in a schema on the search_path (public): callers' role must not be able to create one.
+- Operators: unqualified or ``OPERATOR(pg_catalog.x)``; other schemas are refused.
+- Types in casts and collations: unqualified, ``pg_catalog`` or ``public`` (where the
+  target tables' own enum and domain types live); any other schema (pg_temp, ...) is
+  refused, as are the ``reg*`` types, which look up catalog objects by name.
+
+sqlscope walks the parsed tree and enforces the relation, column, function, operator and
+type rules. The analysis of an accepted text is remembered: callers send the same
+statements over and over.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import re
-from collections.abc import Iterator
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, NamedTuple
 
 import pglast
 from pglast import ast, enums
 from pglast.parser import ParseError
 
-from streamsvc.allowlist import AllowList, TableRef, quote_ident
+from streamsvc.allowlist import AllowList, TableRef
 from streamsvc.errors import InvalidOperation
+from streamsvc.sqlscope import Scope, Walker, check_written, refuse
 
-Action = Literal["insert", "update", "delete"]
+Action = Literal["insert", "upsert", "update", "delete"]
 
-_ACTIONS: dict[type[ast.Node], Action] = {
-    ast.InsertStmt: "insert",
-    ast.UpdateStmt: "update",
-    ast.DeleteStmt: "delete",
-}
-_MODIFYING = (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
-
-# Matched against the last part of the function name, lower-cased.
-_DENIED_FUNCTIONS = frozenset(
-    {
-        "current_setting",
-        "set_config",
-        "pg_stat_file",
-        "pg_notify",
-        "pg_terminate_backend",
-        "pg_cancel_backend",
-        "pg_reload_conf",
-        "pg_rotate_logfile",
-        "pg_current_logfile",
-        "pg_logdir_ls",
-        "pg_promote",
-        "pg_switch_wal",
-        "pg_start_backup",
-        "pg_stop_backup",
-        "pg_logical_emit_message",
-        "pg_drop_replication_slot",
-        "pg_import_system_collations",
-        "pg_log_backend_memory_contexts",
-        "loread",
-        "lowrite",
-    }
-)
-_DENIED_PREFIXES = (
-    "pg_read_",  # pg_read_file, pg_read_binary_file
-    "pg_ls_",  # pg_ls_dir, pg_ls_logdir, pg_ls_waldir, ...
-    "pg_file_",  # adminpack: pg_file_write, pg_file_rename, pg_file_unlink
-    "lo_",  # large objects, including lo_import / lo_export (server-side files)
-    "dblink",
-    "pg_sleep",
-    "pg_advisory",
-    "pg_try_advisory",
-    "pg_create_",  # restore points, replication slots
-    "pg_replication_",
-    "pg_backup_",
-    "pg_stat_reset",
-    "query_to_xml",  # these run or read arbitrary SQL / tables by name
-    "table_to_xml",
-    "cursor_to_xml",
-    "schema_to_xml",
-    "database_to_xml",
-)
+MAX_SQL_BYTES = 16 * 1024
+MAX_OPERATOR_RUN = 128
+_OPERATOR_RUN = re.compile(rf"[-+*/<>=~!@#%^&|`?]{{{MAX_OPERATOR_RUN + 1},}}")
+PARSER_STACK_BYTES = 64 * 1024 * 1024
 
 _TRANSACTION_COMMANDS = {
     enums.TransactionStmtKind.TRANS_STMT_BEGIN: "BEGIN",
@@ -116,45 +118,102 @@ class CheckedStatement(NamedTuple):
     param_count: int
 
 
-def check_statement(sql: str, params: list[Any] | None, allowed: AllowList) -> CheckedStatement:
-    """Accept sql only if it is exactly one INSERT, UPDATE or DELETE on an allowed table.
+def check_statement(
+    sql: str, params: list[Any] | None, allowed: AllowList, scope: Scope = None
+) -> CheckedStatement:
+    """Accept sql only if it is one INSERT, UPDATE or DELETE within ``allowed`` and ``scope``.
 
     Otherwise raise InvalidOperation(field, reason), the field being ``sql`` or ``params``.
-    The analysis of a text is remembered: callers send the same statements over and over.
     """
-    table, action, placeholders = _analyse(sql, allowed)
+    _check_text(sql)
+    table, action, placeholders = _analysed(sql, allowed, scope)
     return CheckedStatement(table, action, _check_params(placeholders, params))
 
 
+def _check_text(sql: str) -> None:
+    if not sql.strip():
+        raise refuse("is empty")
+    if "\x00" in sql:  # the parser would silently stop at it
+        raise refuse("must not contain NUL characters")
+    try:
+        size = len(sql) if len(sql) > MAX_SQL_BYTES else len(sql.encode())
+    except UnicodeEncodeError as exc:  # a lone surrogate: no UTF-8 for the parser
+        raise refuse("must be valid Unicode") from exc
+    if size > MAX_SQL_BYTES:
+        raise refuse(f"is longer than {MAX_SQL_BYTES} bytes")
+    if _OPERATOR_RUN.search(sql):
+        raise refuse(
+            f"has more than {MAX_OPERATOR_RUN} operator characters (+-*/<>=~!@#%^&|`?) in a "
+            "row; pass such text as a parameter"
+        )
+
+
 @functools.lru_cache(maxsize=4096)
-def _analyse(sql: str, allowed: AllowList) -> tuple[TableRef, Action, frozenset[int]]:
+def _analysed(
+    sql: str, allowed: AllowList, scope: Scope
+) -> tuple[TableRef, Action, frozenset[int]]:
+    return _parser_thread().submit(_analyse, sql, allowed, scope).result()
+
+
+_parser_lock = threading.Lock()
+_parser: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _parser_thread() -> ThreadPoolExecutor:
+    """One thread with a stack deep enough for whatever MAX_SQL_BYTES lets through."""
+    global _parser
+    with _parser_lock:
+        if _parser is None or _parser[0] != os.getpid():  # a forked child needs its own
+            previous = threading.stack_size(PARSER_STACK_BYTES)
+            try:
+                executor = ThreadPoolExecutor(1, thread_name_prefix="sqlguard-parser")
+                executor.submit(int).result()  # starts its thread now, with that stack
+            finally:
+                threading.stack_size(previous)
+            _parser = (os.getpid(), executor)
+        return _parser[1]
+
+
+def _analyse(sql: str, allowed: AllowList, scope: Scope) -> tuple[TableRef, Action, frozenset[int]]:
     stmt = _parse_one(sql)
     if not isinstance(stmt, (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt)):
-        raise _refuse(f"only INSERT, UPDATE or DELETE are allowed, got {_command(stmt)}")
-    action = _ACTIONS[type(stmt)]
+        raise refuse(f"only INSERT, UPDATE or DELETE are allowed, got {_command(stmt)}")
+    if stmt.returningClause is not None:
+        raise refuse("RETURNING is not allowed: the service discards what a statement returns")
+    action: Action = (
+        "upsert"
+        if isinstance(stmt, ast.InsertStmt)
+        and stmt.onConflictClause is not None
+        and stmt.onConflictClause.action == enums.OnConflictAction.ONCONFLICT_UPDATE
+        else _ACTIONS[type(stmt)]
+    )
     assert stmt.relation is not None  # the grammar requires a target table
-    table = _allowed_table(stmt.relation, allowed)
-    placeholders = _check_tree(stmt, allowed)
-    _check_columns(stmt, table, allowed)
-    return table, action, frozenset(placeholders)
+    walker = Walker(allowed, scope)
+    table = walker.table(stmt.relation)
+    walker.walk(stmt)
+    check_written(stmt, table, allowed)
+    return table, action, frozenset(walker.placeholders)
 
 
-def _refuse(reason: str) -> InvalidOperation:
-    return InvalidOperation("sql", reason)
+_ACTIONS: dict[type[ast.Node], Action] = {
+    ast.InsertStmt: "insert",
+    ast.UpdateStmt: "update",
+    ast.DeleteStmt: "delete",
+}
 
 
 def _parse_one(sql: str) -> ast.Node:
-    if not sql.strip():
-        raise _refuse("is empty")
-    if "\x00" in sql:  # the parser would silently stop at it
-        raise _refuse("must not contain NUL characters")
     try:
         raw = pglast.parse_sql(sql)
     except ParseError as exc:
-        raise _refuse(f"does not parse: {_parse_message(exc)}") from exc
+        if "memory exhausted" in str(exc):
+            raise refuse("nests too deeply for the SQL parser") from exc
+        raise refuse(f"does not parse: {_parse_message(exc)}") from exc
+    except RecursionError as exc:
+        raise refuse("nests too deeply for the SQL parser") from exc
     statements = [r.stmt for r in raw if r.stmt is not None]
     if len(statements) != 1:
-        raise _refuse(f"must be exactly one statement, got {len(statements)}")
+        raise refuse(f"must be exactly one statement, got {len(statements)}")
     return statements[0]
 
 
@@ -184,106 +243,14 @@ def _command(stmt: ast.Node) -> str:
     return " ".join(words).upper() or name
 
 
-def _walk(top: ast.Node) -> Iterator[tuple[ast.Node, frozenset[str]]]:
-    """Yield every node under ``top`` (itself included) with the CTE names visible at it.
-
-    Iterative, so deeply nested expressions cannot exhaust Python's recursion limit.
-    """
-    stack: list[tuple[object, frozenset[str]]] = [(top, frozenset())]
-    while stack:
-        value, ctes = stack.pop()
-        if isinstance(value, tuple):
-            stack.extend((item, ctes) for item in value)
-            continue
-        if not isinstance(value, ast.Node):
-            continue
-        yield value, ctes
-        with_clause = getattr(value, "withClause", None)
-        if isinstance(with_clause, ast.WithClause):
-            names = [cte.ctename for cte in with_clause.ctes or ()]
-            for i, cte in enumerate(with_clause.ctes or ()):
-                # A plain WITH sees the CTEs before it; WITH RECURSIVE sees all of them.
-                visible = names if with_clause.recursive else names[:i]
-                stack.append((cte, ctes.union(visible)))
-            ctes = ctes.union(names)
-        stack.extend((getattr(value, attr), ctes) for attr in value if attr != "withClause")
-
-
-def _check_tree(top: ast.Node, allowed: AllowList) -> set[int]:
-    """Check every table, nested write and function call; return the ``$n`` numbers used."""
-    placeholders: set[int] = set()
-    for node, ctes in _walk(top):
-        if isinstance(node, _MODIFYING) and node is not top:
-            raise _refuse(
-                f"only the outer statement may modify data, got a {_command(node)} inside it"
-            )
-        if isinstance(node, ast.RangeVar):
-            if node.schemaname is None and node.relname in ctes:
-                continue  # a name from the statement's own WITH, not a table
-            _allowed_table(node, allowed)
-        elif isinstance(node, ast.FuncCall):
-            _check_function(node)
-        elif isinstance(node, ast.ParamRef) and node.number is not None:
-            placeholders.add(node.number)
-    return placeholders
-
-
-def _allowed_table(rel: ast.RangeVar, allowed: AllowList) -> TableRef:
-    # Built from the parsed parts, not via AllowList.resolve: a quoted name may contain a dot.
-    shown = ".".join(quote_ident(p) for p in (rel.schemaname, rel.relname) if p is not None)
-    if rel.catalogname is not None:
-        raise _refuse(f"table {shown}: database-qualified names are not allowed")
-    ref = TableRef(rel.schemaname or "public", rel.relname or "")
-    if ref in allowed.tables:
-        return ref
-    if all(t.schema != ref.schema for t in allowed.tables):
-        raise _refuse(f"schema {quote_ident(ref.schema)} is not allowed (table {shown})")
-    raise _refuse(f"table {shown} is not allowed")
-
-
-def _check_function(call: ast.FuncCall) -> None:
-    name = str(call.funcname[-1].sval) if call.funcname else ""
-    lowered = name.lower()
-    if lowered in _DENIED_FUNCTIONS or lowered.startswith(_DENIED_PREFIXES):
-        raise _refuse(f"function {name} is not allowed")
-
-
-def _check_columns(stmt: ast.Node, table: TableRef, allowed: AllowList) -> None:
-    """On a table with a column list, every column written must be on it."""
-    columns = allowed.tables[table]
-    if columns is None:
-        return
-    targets: list[ast.ResTarget] = []
-    if isinstance(stmt, ast.InsertStmt):
-        # No column list writes every column, unless it is INSERT ... DEFAULT VALUES.
-        if stmt.cols is None and stmt.selectStmt is not None:
-            raise _refuse(f"name the columns; table {table} allows only {_listed(columns)}")
-        targets += stmt.cols or ()
-        if stmt.onConflictClause is not None:
-            targets += stmt.onConflictClause.targetList or ()
-    elif isinstance(stmt, ast.UpdateStmt):
-        targets += stmt.targetList or ()
-    for target in targets:
-        name = str(target.name)
-        if not allowed.column_allowed(table, name):
-            raise _refuse(
-                f"column {quote_ident(name)} of table {table} is not allowed; "
-                f"allowed are {_listed(columns)}"
-            )
-
-
-def _listed(columns: frozenset[str]) -> str:
-    return ", ".join(sorted(columns))
-
-
 def _check_params(placeholders: frozenset[int], params: list[Any] | None) -> int:
     """The highest ``$n``, once it matches the params given."""
     if 0 in placeholders:
-        raise _refuse("placeholders start at $1, got $0")
+        raise refuse("placeholders start at $1, got $0")
     highest = max(placeholders, default=0)
     if params is None:
         if placeholders:
-            raise _refuse(f"uses ${min(placeholders)} but no params were given")
+            raise refuse(f"uses ${min(placeholders)} but no params were given")
         return 0
     given = _count(len(params), "param")
     if highest > len(params):
@@ -293,7 +260,7 @@ def _check_params(placeholders: frozenset[int], params: list[Any] | None) -> int
         raise InvalidOperation("params", f"{given} given but the statement {uses}")
     missing = sorted(set(range(1, highest + 1)) - placeholders)
     if missing:
-        raise _refuse(f"placeholders must run from $1 to ${highest}; ${missing[0]} is not used")
+        raise refuse(f"placeholders must run from $1 to ${highest}; ${missing[0]} is not used")
     return highest
 
 

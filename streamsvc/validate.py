@@ -100,10 +100,13 @@ def _statement(op: Operation, catalog: Catalog, caller: Caller) -> None:
     if not caller.allow_sql:
         raise InvalidOperation("sql", f"caller {caller.name!r} may not send SQL")
     assert op.sql is not None
-    checked = sqlguard.check_statement(op.sql, op.params, catalog.allow)
+    # Every table the statement names must be in the caller's scope, not just its target.
+    checked = sqlguard.check_statement(op.sql, op.params, catalog.allow, caller.tables)
     if checked.table not in catalog.tables:
         raise UnknownToCatalog("sql", f"table {checked.table} does not exist")
-    _scope(caller, checked.table, checked.action)
+    if checked.action not in caller.actions:
+        how = " (ON CONFLICT DO UPDATE)" if checked.action == "upsert" else ""
+        raise InvalidOperation("sql", f"caller {caller.name!r} may not {checked.action}{how}")
 
 
 def _table(name: str, catalog: Catalog, caller: Caller) -> Table:

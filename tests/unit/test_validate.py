@@ -142,6 +142,58 @@ def test_caller_scope(caller: Caller, fields: dict[str, Any], field: str) -> Non
     assert caller.name in info.value.reason
 
 
+ORDERS_INSERTER = Caller(
+    "orders-svc", tables=frozenset({TableRef("public", "orders")}), actions=frozenset({"insert"})
+)
+
+
+@pytest.mark.parametrize(
+    ("sql", "words"),
+    [
+        (
+            "INSERT INTO orders (id) VALUES (1) ON CONFLICT (id) DO UPDATE SET note = 'x'",
+            "caller 'orders-svc' may not upsert (ON CONFLICT DO UPDATE)",
+        ),
+        (
+            "INSERT INTO orders (id, note) SELECT id, order_id::text FROM payments",
+            "table public.payments is outside the caller's scope",
+        ),
+        (
+            "INSERT INTO orders (id) VALUES ((SELECT max(id) FROM payments))",
+            "table public.payments is outside the caller's scope",
+        ),
+        ("INSERT INTO payments (id) VALUES (1)", "table public.payments is outside"),
+        ("DELETE FROM orders WHERE id = 1", "caller 'orders-svc' may not delete"),
+        ("UPDATE orders SET note = 'x'", "caller 'orders-svc' may not update"),
+    ],
+)
+def test_sql_stays_inside_the_callers_scope(sql: str, words: str) -> None:
+    with pytest.raises(InvalidOperation) as info:
+        validate(op(sql=sql), CATALOG, ORDERS_INSERTER)
+    assert info.value.field == "sql"
+    assert words in info.value.reason
+
+
+@pytest.mark.parametrize(
+    ("caller", "sql"),
+    [
+        (ORDERS_INSERTER, "INSERT INTO orders (id) VALUES (1) ON CONFLICT (id) DO NOTHING"),
+        (
+            Caller("up", tables=frozenset({TableRef("public", "orders")})),
+            "INSERT INTO orders (id) VALUES (1) ON CONFLICT (id) DO UPDATE SET note = 'x'",
+        ),
+        (
+            Caller(
+                "two", tables=frozenset({TableRef("public", t) for t in ("orders", "payments")})
+            ),
+            "UPDATE orders SET amount = p.amount FROM payments p WHERE p.order_id = orders.id",
+        ),
+    ],
+)
+def test_sql_inside_the_callers_scope_is_accepted(caller: Caller, sql: str) -> None:
+    validate(op(sql=sql), CATALOG, caller)
+
+
 @pytest.mark.parametrize(
     ("raw", "field", "words"),
     [
