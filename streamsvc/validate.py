@@ -58,9 +58,9 @@ _SHAPE: dict[str, tuple[bool, bool]] = {
 
 def validate(op: Operation, catalog: Catalog, caller: Caller) -> None:
     """Raise InvalidOperation unless ``op`` may be stored and later applied."""
-    storable(op)
     if op.run_at is not None and op.delay_ms is not None:
         raise InvalidOperation("delayMs", "give runAt or delayMs, not both")
+    storable(op)
     if op.kind is BodyKind.STRUCTURED:
         _structured(op, catalog, caller)
     else:
