@@ -8,12 +8,15 @@ message per route; in ``operation`` mode one message per operation.
 
 Messages are persistent and published with confirms; the stream entry is acked only once
 RabbitMQ confirmed every message of it. While RabbitMQ is away, outcomes wait in the stream.
+A message RabbitMQ can never take (a routing key beyond AMQP's 255 bytes, any error of that
+one message rather than of the connection) goes to the dead-letter stream with its
+outcomes and the reason, and the notifier goes on with the others.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import aio_pika
 import anyio
@@ -25,7 +28,7 @@ from streamsvc import metrics
 from streamsvc.adapters import amqp
 from streamsvc.adapters import streams as rs
 from streamsvc.backoff import pause
-from streamsvc.model import Outcome, Status, outcomes_decoder
+from streamsvc.model import Outcome, Status, json_encoder, outcomes_decoder
 from streamsvc.policy import RetryPolicy
 from streamsvc.settings import Route
 
@@ -60,7 +63,14 @@ class Grouped(msgspec.Struct, rename="camel"):
 
 
 _encoder = msgspec.json.Encoder()
-Publication = tuple[str | None, str, bytes]  # (exchange name or None for default, key, body)
+MAX_ROUTING_KEY_BYTES = 255  # AMQP's short string
+
+
+class Publication(NamedTuple):
+    exchange: str | None  # None: the default exchange (a route's queue)
+    key: str
+    body: bytes
+    outcomes: list[Outcome]  # what the message reports, dead-lettered if it cannot go
 
 
 def publications(
@@ -72,16 +82,17 @@ def publications(
         for o in outcomes:
             data = o  # the Outcome as it is: {id, operationType, status, error, ...}
             out.append(
-                (
+                Publication(
                     exchange,
                     f"{o.operation_type}.{o.status.value}",
                     _encoder.encode(Event(OPERATION_PATTERN, data)),
+                    [o],
                 )
             )
             route = routes.get(o.operation_type)
             if route is not None:
                 event = Event(route.pattern or OPERATION_PATTERN, data)
-                out.append((None, route.queue, _encoder.encode(event)))
+                out.append(Publication(None, route.queue, _encoder.encode(event), [o]))
         return out
     by_type: dict[str, list[Outcome]] = defaultdict(list)
     for o in outcomes:
@@ -91,11 +102,12 @@ def publications(
             subset = [o for o in group if o.status is status]
             if subset:
                 event = Event(AGGREGATE_PATTERN, _grouped(op_type, subset))
-                out.append((exchange, f"{op_type}.{status.value}", _encoder.encode(event)))
+                key = f"{op_type}.{status.value}"
+                out.append(Publication(exchange, key, _encoder.encode(event), subset))
         route = routes.get(op_type)
         if route is not None:
             event = Event(route.pattern or AGGREGATE_PATTERN, _grouped(op_type, group))
-            out.append((None, route.queue, _encoder.encode(event)))
+            out.append(Publication(None, route.queue, _encoder.encode(event), group))
     return out
 
 
@@ -179,8 +191,10 @@ class Notifier:
     async def relay(
         self, exchanges: dict[str | None, AbstractExchange], entries: list[rs.Entry]
     ) -> None:
-        """Publish every outcome of ``entries``, wait for the confirms, then ack them."""
+        """Publish every outcome of ``entries``, wait for the confirms, then ack them;
+        what cannot be published is dead-lettered in the same step as the ack."""
         outcomes: list[Outcome] = []
+        dead: list[dict[str, Any]] = []
         for entry_id, fields in entries:
             try:
                 outcomes.extend(outcomes_decoder.decode(fields[b"o"]))
@@ -189,27 +203,73 @@ class Notifier:
                     "notifier.undecodable_entry",
                     entry=entry_id.decode(),
                     error=str(exc),
-                    next="acked and dropped",
+                    next="dead-lettered",
                 )
+                why = f"undecodable outcome entry: {exc}"
+                dead.append({"entry": entry_id, "o": fields.get(b"o", b""), "reason": why})
         # Every entry read together aggregates into the same messages: a notifier that
         # fell behind catches up with fewer, larger ones.
         messages = publications(outcomes, self.routes, self.mode, self.exchange_name)
+        refused: list[tuple[Publication, str]] = []
         async with anyio.create_task_group() as tg:
-            for exchange, key, body in messages:
-                message = aio_pika.Message(
-                    body,
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    content_type="application/json",
-                )
-                tg.start_soon(_publish, exchanges[exchange], message, key)
-        metrics.notifications.labels(self.mode).inc(len(messages))
+            for publication in messages:
+                reason = unpublishable(publication)
+                if reason is not None:
+                    refused.append((publication, reason))
+                    continue
+                tg.start_soon(self._publish, exchanges[publication.exchange], publication, refused)
+        for publication, reason in refused:
+            log.error(
+                "notifier.unpublishable",
+                routing_key=publication.key[:100],
+                outcomes=len(publication.outcomes),
+                reason=reason,
+                next="dead-lettered",
+            )
+            dead.append(_dead_letter(publication, reason))
+            metrics.dead_lettered.inc(len(publication.outcomes))
+        metrics.notifications.labels(self.mode).inc(len(messages) - len(refused))
+        names = self.streams.names
         with anyio.CancelScope(shield=True):
-            await self.streams.ack(
-                self.streams.names.outcomes, rs.NOTIFIER_GROUP, [eid for eid, _ in entries]
+            await self.streams.ack_with(
+                names.outcomes, rs.NOTIFIER_GROUP, [eid for eid, _ in entries], names.dead, dead
             )
 
+    @staticmethod
+    async def _publish(
+        exchange: AbstractExchange,
+        publication: Publication,
+        refused: list[tuple[Publication, str]],
+    ) -> None:
+        """Publish, returning once RabbitMQ confirmed. An error of this message alone lands
+        in ``refused``; a connection's error propagates (the entries are read again)."""
+        message = aio_pika.Message(
+            publication.body,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            content_type="application/json",
+        )
+        try:
+            # Not mandatory: a topic event nobody subscribed to is dropped by design, and
+            # each route's queue is declared before publishing.
+            await exchange.publish(message, routing_key=publication.key, mandatory=False)
+        except amqp.CONNECTION_EXCEPTIONS:
+            raise
+        except Exception as exc:
+            refused.append((publication, f"{type(exc).__name__}: {exc}"))
 
-async def _publish(exchange: AbstractExchange, message: aio_pika.Message, key: str) -> None:
-    # Returns once RabbitMQ confirmed it. Not mandatory: a topic event nobody subscribed to
-    # is dropped by design, and each route's queue is declared before publishing.
-    await exchange.publish(message, routing_key=key, mandatory=False)
+
+def unpublishable(publication: Publication) -> str | None:
+    """Pure: why RabbitMQ could never take ``publication``, or None."""
+    size = len(publication.key.encode(errors="surrogatepass"))
+    if size > MAX_ROUTING_KEY_BYTES:
+        return f"routing key of {size} bytes, AMQP allows {MAX_ROUTING_KEY_BYTES}"
+    return None
+
+
+def _dead_letter(publication: Publication, reason: str) -> dict[str, Any]:
+    return {
+        "outcomes": json_encoder.encode(publication.outcomes),
+        "exchange": publication.exchange or "",
+        "routingKey": publication.key,
+        "reason": reason,
+    }

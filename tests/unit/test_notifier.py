@@ -1,7 +1,15 @@
-import msgspec
+from typing import Any
 
-from streamsvc.actors.notifier import publications
-from streamsvc.model import Outcome, Status
+import aio_pika
+import aiormq
+import fakeredis
+import msgspec
+import pytest
+
+from streamsvc.actors.notifier import Notifier, Publication, publications, unpublishable
+from streamsvc.adapters import streams as rs
+from streamsvc.model import Outcome, Status, work_encoder
+from streamsvc.policy import RetryPolicy
 from streamsvc.settings import Route
 
 OUTCOMES = [
@@ -12,8 +20,8 @@ OUTCOMES = [
 ROUTES = {"ORDER": Route(queue="orders", pattern="order_done")}
 
 
-def decoded(pubs: list[tuple[str | None, str, bytes]]) -> list[tuple[str | None, str, object]]:
-    return [(exchange, key, msgspec.json.decode(body)) for exchange, key, body in pubs]
+def decoded(pubs: list[Publication]) -> list[tuple[str | None, str, object]]:
+    return [(exchange, key, msgspec.json.decode(body)) for exchange, key, body, _ in pubs]
 
 
 def test_aggregate_mode_groups_a_flush_per_type_status_and_route() -> None:
@@ -91,3 +99,98 @@ def test_operation_mode_sends_one_event_per_operation() -> None:
         },
     }
     assert pubs[1][2]["pattern"] == "order_done"  # type: ignore[index]
+
+
+def test_each_message_carries_the_outcomes_it_reports() -> None:
+    carried = [
+        (p.key, [o.id for o in p.outcomes])
+        for p in publications(OUTCOMES, ROUTES, "aggregate", "events")
+    ]
+    assert carried == [
+        ("ORDER.SUCCESS", ["a"]),
+        ("ORDER.FAIL", ["b"]),
+        ("orders", ["a", "b"]),
+        ("PAY.SUCCESS", ["c"]),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("key", "refused"),
+    [
+        ("é" * 123 + ".SUCCESS", False),  # 254 bytes
+        ("é" * 124 + ".SUCCESS", True),  # 256 bytes
+        ("x" * 255, False),
+    ],
+)
+def test_routing_keys_beyond_255_bytes_are_unpublishable(key: str, refused: bool) -> None:
+    reason = unpublishable(Publication("events", key, b"{}", []))
+    assert (reason is not None) is refused
+    assert reason is None or "AMQP allows 255" in reason
+
+
+class FakeExchange:
+    """Takes every message but those whose routing key starts with ``fail``."""
+
+    def __init__(self, fail: str, error: Exception) -> None:
+        self.fail, self.error = fail, error
+        self.published: list[str] = []
+
+    async def publish(self, message: aio_pika.Message, routing_key: str, **_: Any) -> None:
+        if routing_key.startswith(self.fail):
+            raise self.error
+        self.published.append(routing_key)
+
+
+async def relayed(
+    types: list[str], error: Exception, streams: rs.Streams | None = None
+) -> tuple[FakeExchange, rs.Streams]:
+    """Relay one entry of outcomes of ``types`` and one undecodable entry."""
+    streams = streams or rs.Streams(fakeredis.FakeAsyncRedis(), rs.Names("t"))
+    names = streams.names
+    await streams.ensure_group(names.outcomes, rs.NOTIFIER_GROUP)
+    outcomes = [Outcome(str(i), t, Status.SUCCESS, None, 1, "b") for i, t in enumerate(types)]
+    await streams.add(names.outcomes, [{"o": work_encoder.encode(outcomes)}, {"o": b"junk"}])
+    entries = await streams.read(names.outcomes, rs.NOTIFIER_GROUP, "n", count=10, block_ms=None)
+    exchange = FakeExchange("BOOM", error)
+    notifier = Notifier(
+        "n",
+        streams,
+        RetryPolicy(max_attempts=1, base_ms=1, cap_ms=1),
+        url="",
+        exchange="events",
+        routes={},
+        mode="operation",
+        durable_queues=True,
+    )
+    await notifier.relay({"events": exchange, None: exchange}, entries)  # type: ignore[dict-item]
+    return exchange, streams
+
+
+@pytest.mark.anyio
+async def test_what_rabbitmq_cannot_take_is_dead_lettered_and_the_rest_published() -> None:
+    long_type = "é" * 150
+    exchange, streams = await relayed(
+        ["A", long_type, "BOOM", "B"], TypeError("a message-level error")
+    )
+    assert exchange.published == ["A.SUCCESS", "B.SUCCESS"]
+    dead = [fields for _, fields in await streams.redis.xrange(streams.names.dead)]
+    reasons = sorted(fields[b"reason"].decode() for fields in dead)
+    assert reasons[0].startswith("TypeError: a message-level error")
+    assert "AMQP allows 255" in reasons[1]
+    assert reasons[2].startswith("undecodable outcome entry")
+    carried = {json_ids(f[b"outcomes"]) for f in dead if b"outcomes" in f}
+    assert carried == {("1",), ("2",)}
+    assert await streams.length(streams.names.outcomes) == 0, "every entry acked"
+
+
+def json_ids(raw: bytes) -> tuple[str, ...]:
+    return tuple(o["id"] for o in msgspec.json.decode(raw))
+
+
+@pytest.mark.anyio
+async def test_a_connection_error_leaves_the_entries_to_be_read_again() -> None:
+    streams = rs.Streams(fakeredis.FakeAsyncRedis(), rs.Names("t"))
+    with pytest.raises(ExceptionGroup):
+        await relayed(["BOOM"], aiormq.exceptions.ChannelInvalidStateError("closed"), streams)
+    assert await streams.length(streams.names.outcomes) == 2
+    assert await streams.length(streams.names.dead) == 0
