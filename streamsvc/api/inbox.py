@@ -22,7 +22,14 @@ from streamsvc.adapters.postgres import translate
 from streamsvc.backoff import pause
 from streamsvc.errors import InvalidOperation, TransientError
 from streamsvc.keys import Authenticator
-from streamsvc.model import Operation, Rejection, decode_operation, derived_id, json_encoder
+from streamsvc.model import (
+    Operation,
+    Receipt,
+    Rejection,
+    decode_operation,
+    derived_id,
+    json_encoder,
+)
 from streamsvc.policy import RetryPolicy
 from streamsvc.validate import Caller
 
@@ -148,13 +155,13 @@ class InboxConsumer:
             try:
                 results = await self.ingress.submit(ops, caller=caller, source=SOURCE, ids=ids)
             except Exception as exc:
-                error = translate(exc)
-                if isinstance(error, TransientError):
+                if isinstance(translate(exc), TransientError):
                     raise
-                log.error("inbox.store_refused", error=str(error), entries=len(ops))
-                refused = Rejection("op", f"could not be stored: {error}")
-                rejects.extend(_reject(e, o, refused) for e, o in zip(entry_ids, ops, strict=True))
-                continue
+                # Something in these entries fails beyond validation: find which, alone.
+                results = [
+                    await self._submit_alone(op, caller, op_id, i)
+                    for i, (op, op_id) in enumerate(zip(ops, ids, strict=True))
+                ]
             for result in results:
                 if isinstance(result, Rejection):
                     rejects.append(_reject(entry_ids[result.index], ops[result.index], result))
@@ -163,6 +170,18 @@ class InboxConsumer:
             await self.streams.add(names.rejects, rejects)
             log.info("inbox.rejected", entries=len(rejects))
         await self.streams.ack(names.inbox, rs.INGRESS_GROUP, [eid for eid, _ in entries])
+
+    async def _submit_alone(
+        self, op: Operation, caller: Caller, op_id: str | None, index: int
+    ) -> Receipt | Rejection:
+        try:
+            return (await self.ingress.submit([op], caller=caller, source=SOURCE, ids=[op_id]))[0]
+        except Exception as exc:
+            error = translate(exc)
+            if isinstance(error, TransientError):
+                raise
+            log.error("inbox.store_refused", error=str(error), next="rejected")
+            return Rejection("op", f"could not be stored: {error}", index)
 
     def _operation(self, fields: dict[bytes, bytes]) -> Operation:
         """The entry's operation: its size checked before decoding, its nesting before

@@ -377,7 +377,7 @@ def _decode(decoder: msgspec.json.Decoder[T], data: bytes) -> T:
 
 def _decode_ops(decode: Callable[[bytes], T], data: bytes) -> T:
     try:
-        return decode(data)
+        return decode(bytes(data))  # data is a msgspec.Raw view into the request
     except InvalidOperation as exc:
         raise _Refusal(_refused(Rejection(exc.field, exc.reason))) from None
 
