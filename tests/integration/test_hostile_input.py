@@ -1,0 +1,247 @@
+"""Hostile input through every door of one live service with auth on.
+
+Each hostile operation is refused naming its field while a good operation of another key,
+sent at the same moment, is stored and applied; nothing hostile is stored; afterwards the
+service still answers on HTTP, RPC and the inbox. The doors are the last word only because
+validation comes first: with it switched off, the group commit still fails no one else."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import asyncpg
+import httpx
+import pytest
+
+from streamsvc.supervisor import Service
+from tests.conftest import PG, make_settings
+from tests.nest import NestClient, nest_client
+from tests.pipeline import eventually, order, serving
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+SECRET = "hostile-input-test-secret-0123456789abcdef"
+LIMIT = 65_536  # STREAMSVC_MAX_BODY_BYTES of the service under test
+ids = itertools.count(1000)
+
+
+def nested(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+def hostile(**fields: Any) -> bytes:
+    return json.dumps(order(next(ids), **fields)).encode()
+
+
+def spliced(field: str, raw: bytes) -> bytes:
+    """An order whose ``field`` holds ``raw`` as it is (json.dumps cannot nest that deep)."""
+    return hostile()[:-1] + f', "{field}": '.encode() + raw + b"}"
+
+
+# (class, operation JSON, refused field, words of the reason)
+CASES: list[tuple[str, bytes, str, str]] = [
+    (
+        "operationType of 150 é (300 bytes)",
+        hostile(operationType="é" * 150),
+        "operationType",
+        "longer than 255 bytes",
+    ),
+    (
+        "NUL in a value",
+        hostile(values={"id": 1, "customer": "a\x00", "amount": 1}),
+        "values.customer",
+        "NUL",
+    ),
+    ("NUL in a column name", hostile(values={"id": 1, "cus\x00": "a"}), "values", "NUL"),
+    ("NUL in meta", hostile(meta={"note": ["\x00"]}), "meta.note", "NUL"),
+    ("NUL in a key of meta", hostile(meta={"\x00": 1}), "meta", "NUL"),
+    ("NUL in operationType", hostile(operationType="A\x00B"), "operationType", "control"),
+    ("NUL in orderingKey", hostile(orderingKey="k\x00"), "orderingKey", "control"),
+    ("newline in orderingKey", hostile(orderingKey="k\n"), "orderingKey", "control"),
+    (
+        "NUL in a statement's params",
+        json.dumps(
+            {
+                "operationType": "RAW",
+                "sql": "UPDATE orders SET note = $1 WHERE id = $2",
+                "params": ["\x00", 1],
+            }
+        ).encode(),
+        "params.0",
+        "NUL",
+    ),
+    ("runAt near year 9999", hostile(runAt="9999-12-31T23:59:59-14:00"), "runAt", "between"),
+    ("runAt in 1970", hostile(runAt="1970-01-01T00:00:00Z"), "runAt", "between"),
+    ("huge delayMs", hostile(delayMs=10**20), "delayMs", "<= 31622400000"),
+    ("meta nested 2,000 deep", spliced("meta", nested(2_000)), "meta", "nested deeper than 32"),
+    ("meta nested 33 deep", spliced("meta", nested(32)), "meta", "nested deeper than 32"),
+    (
+        "values nested 10,000 deep, unterminated",
+        spliced("values", b'{"a": ' * 10_000),
+        "values",
+        "nested deeper than 32",
+    ),
+]
+
+
+@dataclass
+class Live:
+    service: Service
+    hostile: str  # the attacker's key: orders, insert and update, SQL allowed
+    good: str  # another caller's key
+    conn: asyncpg.Connection
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.service.settings.http_port}"
+
+
+@pytest.fixture
+async def live(database: str, prefix: str) -> AsyncIterator[Live]:
+    settings = make_settings(
+        database,
+        prefix,
+        STREAMSVC_AUTH="on",
+        API_KEY_ENCRYPTION_SECRET=SECRET,
+        STREAMSVC_MAX_BODY_BYTES=str(LIMIT),
+        STREAMSVC_NOTIFY_MODE="operation",
+    )
+    conn = await asyncpg.connect(database=database, **PG)
+    try:
+        async with serving(settings) as service, anyio.create_task_group() as tg:
+            store = service.keys
+            assert store is not None
+            bad = await store.create(
+                conn, "hostile", tables=["orders"], actions=["insert", "update"], allow_sql=True
+            )
+            good = await store.create(
+                conn, "good", tables=["orders"], actions=["insert"], allow_sql=False
+            )
+            await store.load(conn)
+            tg.start_soon(service.inbox.run)
+            yield Live(service, bad, good, conn)
+            tg.cancel_scope.cancel()
+    finally:
+        await conn.close()
+
+
+# -- one operation through one door: (field, reason) when refused, else the receipt ----------
+async def via_http(live: Live, key: str, raw: bytes) -> tuple[str, str] | str:
+    async with httpx.AsyncClient(base_url=live.base) as c:
+        response = await c.post(
+            "/api/operations",
+            content=raw,
+            headers={"x-api-key": key, "content-type": "application/json"},
+        )
+    if response.status_code in (200, 201):
+        return str(response.json()["id"])
+    assert response.status_code in (413, 422), response.text
+    error = response.json()["errors"][0]
+    return error["field"], error["reason"]
+
+
+async def via_rpc(live: Live, key: str, raw: bytes) -> tuple[str, str] | str:
+    async with nest_client(live.service.settings.rmq_queue) as client:
+        response = await rpc(client, b'"createOperation"', raw, headers={"x-api-key": key})
+    if response.get("status"):
+        return str(response["data"]["id"])
+    field, _, reason = response["error"].partition(": ")
+    return field, reason
+
+
+async def rpc(
+    client: NestClient, pattern: bytes, data: bytes, headers: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A request as NestJS sends it, built from raw JSON; the reply's IResponse (or err)."""
+    request_id = str(uuid.uuid4())
+    body = b'{"pattern":' + pattern + b',"data":' + data + b',"id":"' + request_id.encode() + b'"}'
+    await client.publish(body, request_id, headers=headers)
+    reply = await client.reply(request_id)
+    assert reply.get("isDisposed") is True, reply
+    answer: dict[str, Any] = reply.get("response") or {"status": False, "error": reply["err"]}
+    return answer
+
+
+async def via_inbox(live: Live, key: str, raw: bytes) -> tuple[str, str] | str:
+    """The inbox answers nothing: a refusal is found in the rejects stream."""
+    redis, names = live.service.streams.redis, live.service.streams.names
+    entry = await redis.xadd(names.inbox, {"op": raw, "key": key})
+    with anyio.fail_after(10):
+        while True:
+            for _, reject in await redis.xrange(names.rejects):
+                if reject[b"entry"] == entry:
+                    assert key.encode() not in b"".join(reject.values()), "rejects keep no key"
+                    field, _, reason = reject[b"reason"].decode().partition(": ")
+                    return field, reason
+            await anyio.sleep(0.02)
+
+
+Door = Callable[[Live, str, bytes], Awaitable[tuple[str, str] | str]]
+DOORS: dict[str, Door] = {"http": via_http, "rpc": via_rpc, "inbox": via_inbox}
+
+
+async def good_one(live: Live, door: Door) -> str:
+    """Another caller's good operation through ``door``; its stored id."""
+    op_id = str(uuid.uuid4())
+    op = order(next(ids), userOperationId=op_id)
+    if door is via_inbox:
+        redis, names = live.service.streams.redis, live.service.streams.names
+        await redis.xadd(names.inbox, {"op": json.dumps(op), "key": live.good})
+        await eventually(lambda: stored(live, op_id), within=10)
+        return op_id
+    result = await door(live, live.good, json.dumps(op).encode())
+    assert result == op_id, result
+    return op_id
+
+
+async def stored(live: Live, op_id: str) -> bool:
+    row = await live.conn.fetchval(
+        """SELECT count(*) FROM "BatchOperations" WHERE id = $1::uuid""", op_id
+    )
+    return bool(row)
+
+
+async def still_serving(live: Live) -> list[str]:
+    """The service answers on all three doors and /healthz; the ids it stored."""
+    async with httpx.AsyncClient(base_url=live.base) as c:
+        assert (await c.get("/healthz")).status_code == 200
+    return [await good_one(live, door) for door in DOORS.values()]
+
+
+async def only_these_stored_and_applied(live: Live, good: list[str]) -> None:
+    async def applied() -> bool:
+        rows = await live.conn.fetch('SELECT id::text, status FROM "BatchOperations"')
+        return {r[0] for r in rows} == set(good) and all(r[1] == "SUCCESS" for r in rows)
+
+    await eventually(applied, within=20)
+    applied_orders = await live.conn.fetchval("SELECT count(*) FROM orders")
+    assert applied_orders == len(good), "nothing hostile was applied"
+
+
+@pytest.mark.parametrize("door", list(DOORS))
+async def test_every_hostile_operation_is_refused_at_every_door(live: Live, door: str) -> None:
+    submit = DOORS[door]
+    good: list[str] = []
+    for name, raw, field, words in CASES:
+        got: dict[str, Any] = {}
+
+        async def attack(raw: bytes = raw) -> None:
+            got["hostile"] = await submit(live, live.hostile, raw)
+
+        async def meanwhile() -> None:
+            good.append(await good_one(live, submit))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(attack)
+            tg.start_soon(meanwhile)
+        assert isinstance(got["hostile"], tuple), (name, got["hostile"])
+        got_field, reason = got["hostile"]
+        assert (got_field, words in reason) == (field, True), (name, got_field, reason)
+    good += await still_serving(live)
+    await only_these_stored_and_applied(live, good)
