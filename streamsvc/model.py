@@ -181,7 +181,8 @@ def check_nesting(raw: bytes, *, levels_above: int = 0) -> None:
     Runs before msgspec builds Python objects (it recurses, and fails at ~1,000 levels)."""
     path = too_deep(raw, MAX_DEPTH + levels_above)
     if path is not None:
-        raise InvalidOperation(field_of(path), f"nested deeper than {MAX_DEPTH} levels")
+        reason = f"nested deeper than {MAX_DEPTH} levels"
+        raise InvalidOperation(field_of(path, levels_above), reason)
 
 
 # A JSON string (and the colon that makes it a key), or a bracket or comma. Inside strings
@@ -242,10 +243,14 @@ def _key(token: bytes) -> str:
         return token[1:-1].decode(errors="replace")
 
 
-def field_of(path: list[str | int]) -> str:
-    """The field a nesting path is about: ``meta``, or ``3.meta`` inside a list."""
-    head = path[:2] if path and isinstance(path[0], int) else path[:1]
-    return ".".join(str(p) for p in head) or "body"
+def field_of(path: list[str | int], levels_above: int = 0) -> str:
+    """The field a nesting path is about: ``meta``, or ``3.meta`` inside a list; ``body``
+    (or the index) when what nests is not an operation's field."""
+    where = [str(p) for p in path[:levels_above]]
+    name = path[levels_above : levels_above + 1]
+    if name and isinstance(name[0], str) and name[0]:
+        where.append(name[0])
+    return ".".join(where) or "body"
 
 
 def decode_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> Rejection:

@@ -211,7 +211,8 @@ class RpcServer:
         # The envelope holds the operation(s) one or two levels down.
         path = too_deep(body, MAX_DEPTH + 2)
         if path is not None and path[:1] == ["data"]:
-            return Reply(_refused(Rejection(field_of(path[1:]), _TOO_DEEP)))
+            in_list = 1 if len(path) > 1 and isinstance(path[1], int) else 0  # a list of ops
+            return Reply(_refused(Rejection(field_of(path[1:], in_list), _TOO_DEEP)))
         try:
             if path is not None:
                 raise InvalidOperation(field_of(path), _TOO_DEEP)

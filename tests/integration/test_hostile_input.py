@@ -14,12 +14,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aio_pika
 import anyio
 import asyncpg
 import httpx
+import msgspec
 import pytest
 
+from streamsvc.model import Operation
 from streamsvc.supervisor import Service
+from streamsvc.validate import Caller
 from tests.conftest import PG, make_settings
 from tests.nest import NestClient, nest_client
 from tests.pipeline import eventually, order, serving
@@ -231,7 +235,7 @@ async def test_every_hostile_operation_is_refused_at_every_door(live: Live, door
     for name, raw, field, words in CASES:
         got: dict[str, Any] = {}
 
-        async def attack(raw: bytes = raw) -> None:
+        async def attack(raw: bytes = raw, got: dict[str, Any] = got) -> None:
             got["hostile"] = await submit(live, live.hostile, raw)
 
         async def meanwhile() -> None:
@@ -245,3 +249,187 @@ async def test_every_hostile_operation_is_refused_at_every_door(live: Live, door
         assert (got_field, words in reason) == (field, True), (name, got_field, reason)
     good += await still_serving(live)
     await only_these_stored_and_applied(live, good)
+
+
+# -- the RPC door: messages that used to raise out of the handler --------------------------
+async def test_rpc_answers_every_hostile_message_and_serves_the_next(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    explode_on_check(live, monkeypatch)
+    good: list[str] = []
+    async with nest_client(live.service.settings.rmq_queue) as client:
+
+        async def attacks() -> None:
+            order_raw = hostile()
+            for header in (NotUtf8(live.hostile), bytearray(b"\xff"), 7, {"nested": "x"}):
+                refused = await rpc(
+                    client, b'"createOperation"', order_raw, headers={"x-api-key": header}
+                )
+                assert refused["errorCode"] == "UNAUTHORIZED", header
+            deep_pattern = await rpc(client, nested(2_000), b"{}")
+            assert "pattern: nested deeper than 32 levels" in deep_pattern["error"]
+            deep_ref = await rpc(client, b'"getOperation"', b'{"id": ' + nested(5_000) + b"}")
+            assert deep_ref["errorCode"] == "VALIDATION_ERROR"
+            assert "nested deeper than 32 levels" in deep_ref["error"]
+            too_big = await rpc(client, b'"noSuchPattern"', b'"' + b"x" * LIMIT + b'"')
+            assert too_big["error"] == f"body: larger than the {LIMIT} bytes allowed"
+            boom = await rpc(
+                client,
+                b'"create_operations"',
+                b"[" + json.dumps(order(next(ids), operationType="EXPLODE")).encode() + b"]",
+                headers={"x-api-key": live.hostile},
+            )
+            assert boom["errorCode"] == "INTERNAL_ERROR"
+            for body in (b"\xff\xfe{", b"[" * 50_000, b'{"pattern": "createOperation"'):
+                request_id = str(uuid.uuid4())
+                await client.publish(body, request_id)
+                assert "malformed request" in (await client.reply(request_id))["err"]
+            # events are never answered, hostile ones neither, and consuming goes on
+            emitted = b'{"pattern": "createOperation", "data": ' + nested(3_000) + b"}"
+            await client.channel.default_exchange.publish(
+                aio_pika.Message(emitted), routing_key=client.queue
+            )
+
+        async def meanwhile() -> None:
+            for _ in range(3):
+                good.append(await good_one(live, via_rpc))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(attacks)
+            tg.start_soon(meanwhile)
+    good += await still_serving(live)
+    await only_these_stored_and_applied(live, good)
+
+
+class NotUtf8(str):
+    """A header value sent as an AMQP long string that is not valid UTF-8."""
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return b"\xff\xfe" + super().encode(encoding, errors)
+
+
+def explode_on_check(live: Live, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An operation of type EXPLODE makes validation itself fail: a bug's stand-in."""
+    check = live.service.ingress.check
+
+    async def exploding(op: Operation, caller: Caller) -> None:
+        if op.operation_type == "EXPLODE":
+            raise RuntimeError("a bug in validation")
+        await check(op, caller)
+
+    monkeypatch.setattr(live.service.ingress, "check", exploding)
+
+
+# -- the inbox: bad entries read together with good ones -----------------------------------
+async def test_inbox_rejects_hostile_entries_and_stores_the_good_ones_read_with_them(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    explode_on_check(live, monkeypatch)
+    redis, names = live.service.streams.redis, live.service.streams.names
+    good_ids = [str(uuid.uuid4()) for _ in range(3)]
+    entries: list[tuple[dict[str, Any], str]] = [
+        ({"op": json.dumps(order(next(ids), userOperationId=good_ids[0])), "key": live.good}, ""),
+        ({"op": spliced("meta", nested(2_000)), "key": live.hostile}, "meta: nested deeper"),
+        ({"op": b"\xff\xfe" + b"[" * 10_000, "key": live.hostile}, "body: "),
+        ({"op": b"x" * (LIMIT + 1), "key": live.hostile}, f"larger than the {LIMIT} bytes"),
+        ({"nothing": "here", "key": live.hostile}, "op: entry has no `op` field"),
+        (
+            {"op": json.dumps({**order(next(ids), meta="\x00"), "apiKey": live.hostile})},
+            "meta: contains a NUL",
+        ),
+        ({"op": hostile(), "key": b"\xff" + live.hostile.encode()}, "key: "),
+        ({"op": hostile(operationType="EXPLODE"), "key": live.hostile}, "could not be stored"),
+        (
+            {"op": json.dumps(order(next(ids), userOperationId=good_ids[1])), "key": live.hostile},
+            "",
+        ),
+        ({"op": json.dumps(order(next(ids), userOperationId=good_ids[2])), "key": live.good}, ""),
+    ]
+    async with redis.pipeline(transaction=True) as pipe:  # one read takes them all
+        for fields, _ in entries:
+            pipe.xadd(names.inbox, fields)
+        entry_ids = await pipe.execute()
+
+    async def all_rejected() -> bool:
+        return await redis.xlen(names.rejects) == sum(1 for _, words in entries if words)
+
+    await eventually(all_rejected, within=15)
+    rejects = {fields[b"entry"]: fields for _, fields in await redis.xrange(names.rejects)}
+    for entry_id, (_, words) in zip(entry_ids, entries, strict=True):
+        if words:
+            assert words in rejects[entry_id][b"reason"].decode(), (words, rejects[entry_id])
+    kept = b"".join(b"".join(fields.values()) for fields in rejects.values())
+    assert live.hostile.encode() not in kept and live.good.encode() not in kept
+    for op_id in good_ids:
+        await eventually(lambda op_id=op_id: stored(live, op_id), within=10)
+    await only_these_stored_and_applied(live, good_ids + await still_serving(live))
+
+
+# -- the HTTP door: sizes are checked on the bytes received --------------------------------
+async def test_http_refuses_oversized_chunked_bodies_and_deep_bulk_items(live: Live) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"operationType": "T", "meta": "'
+        for _ in range(LIMIT // 1024 + 1):
+            yield b"x" * 1024
+        yield b'"}'
+
+    headers = {"x-api-key": live.hostile, "content-type": "application/json"}
+    async with httpx.AsyncClient(base_url=live.base) as c:
+        response = await c.post("/api/operations", content=chunks(), headers=headers)
+        assert "content-length" not in response.request.headers
+        assert response.status_code == 413
+        assert response.json()["errors"][0]["reason"] == f"larger than the {LIMIT} bytes allowed"
+        ok = json.dumps(order(next(ids))).encode()
+        bulk = b"[" + ok + b"," + ok + b"," + spliced("meta", nested(40)) + b"]"
+        response = await c.post("/api/operations/batch", content=bulk, headers=headers)
+        assert response.status_code == 422
+        assert response.json()["errors"][0] == {
+            "field": "2.meta",
+            "reason": "nested deeper than 32 levels",
+        }
+    await only_these_stored_and_applied(live, await still_serving(live))
+
+
+# -- the notifier: an outcome RabbitMQ cannot route ----------------------------------------
+async def test_an_outcome_rabbitmq_cannot_route_is_dead_lettered_and_the_rest_delivered(
+    live: Live,
+) -> None:
+    settings = live.service.settings
+    connection = await aio_pika.connect(settings.rmq_url)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(
+            settings.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        events = await channel.declare_queue(exclusive=True)
+        await events.bind(exchange, routing_key="#")
+        long_type = "x" * 250  # a valid operationType; <type>.SUCCESS is 258 bytes
+        long_id, normal_id = str(uuid.uuid4()), str(uuid.uuid4())
+        async with anyio.create_task_group() as tg:
+            for op in (
+                order(next(ids), operationType=long_type, userOperationId=long_id),
+                order(next(ids), userOperationId=normal_id),
+            ):
+                tg.start_soon(via_http, live, live.good, json.dumps(op).encode())
+        redis, names = live.service.streams.redis, live.service.streams.names
+
+        async def dead_lettered() -> bool:
+            return await redis.xlen(names.dead) == 1
+
+        await eventually(dead_lettered, within=20)
+        (_, dead), *_ = await redis.xrange(names.dead)
+        assert "AMQP allows 255" in dead[b"reason"].decode()
+        assert [o["id"] for o in msgspec.json.decode(dead[b"outcomes"])] == [long_id]
+        later = await still_serving(live)
+        delivered: set[str] = set()
+
+        async def all_delivered() -> bool:
+            message = await events.get(fail=False)
+            if message is not None:
+                delivered.add(json.loads(message.body)["data"]["id"])
+                await message.ack()
+            return delivered >= {normal_id, *later}
+
+        await eventually(all_delivered, within=20)
+        assert long_id not in delivered
+    await only_these_stored_and_applied(live, [long_id, normal_id, *later])
