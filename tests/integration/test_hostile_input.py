@@ -18,15 +18,20 @@ import aio_pika
 import anyio
 import asyncpg
 import httpx
+import hypothesis
 import msgspec
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import strategies as st
 
-from streamsvc.model import Operation
-from streamsvc.supervisor import Service
-from streamsvc.validate import Caller
+from streamsvc.errors import InvalidOperation
+from streamsvc.model import Operation, Receipt, Rejection, decode_operation
+from streamsvc.supervisor import Service, open_service
+from streamsvc.validate import ANONYMOUS, Caller
 from tests.conftest import PG, make_settings
 from tests.nest import NestClient, nest_client
-from tests.pipeline import eventually, order, serving
+from tests.pipeline import drain, eventually, order, running, serving
+from tests.unit.test_envelope_fuzz import envelopes
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -433,3 +438,106 @@ async def test_an_outcome_rabbitmq_cannot_route_is_dead_lettered_and_the_rest_de
         await eventually(all_delivered, within=20)
         assert long_id not in delivered
     await only_these_stored_and_applied(live, [long_id, normal_id, *later])
+
+
+# -- the group commit: the last line, should validation let something through ---------------
+async def test_a_group_commit_refused_on_its_data_fails_only_the_bad_operations(
+    database: str, prefix: str, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def op(**fields: Any) -> Operation:
+        return msgspec.convert(order(next(ids), **fields), Operation)
+
+    bad = {
+        "NUL in meta (jsonb refuses it)": op(meta={"a": "\x00"}),
+        "NUL in orderingKey (text refuses it)": op(orderingKey="k\x00"),
+        "runAt past year 9999 in UTC": op(runAt="9999-12-31T23:59:59-14:00"),
+        "delayMs beyond any date": msgspec.structs.replace(op(), delay_ms=10**20),
+    }
+    good = [op(userOperationId=str(uuid.uuid4())) for _ in range(6)]
+    results: dict[str, Receipt | Rejection] = {}
+    async with open_service(make_settings(database, prefix)) as service:
+
+        async def unchecked(op: Operation, caller: Caller) -> None:
+            return None  # the door let everything through
+
+        monkeypatch.setattr(service.ingress, "check", unchecked)
+
+        async def submit(name: str, op: Operation) -> None:
+            caller = Caller(name=name[:20])  # each its own caller
+            (results[name],) = await service.ingress.submit([op], caller=caller, source="test")
+
+        async with anyio.create_task_group() as tg:
+            submissions = [*bad.items(), *((f"good {i}", g) for i, g in enumerate(good))]
+            for name, one in submissions:
+                tg.start_soon(submit, name, one)
+
+            async def all_queued() -> bool:
+                return len(service.ingress._queue) == len(submissions)
+
+            await eventually(all_queued, within=5)  # one group: committed together
+            committer = anyio.CancelScope()
+
+            async def commit() -> None:
+                with committer:
+                    await service.ingress.run()
+
+            tg.start_soon(commit)
+
+            async def all_answered() -> bool:
+                return len(results) == len(submissions)
+
+            await eventually(all_answered, within=10)
+            committer.cancel()
+        for name in bad:
+            refused = results[name]
+            assert isinstance(refused, Rejection), name
+            assert refused.field == "body" and refused.reason.startswith("cannot be stored")
+        receipts = [results[f"good {i}"] for i in range(len(good))]
+        assert all(isinstance(r, Receipt) and r.created for r in receipts)
+        await drain(service)
+    rows = await conn.fetch('SELECT id::text, status FROM "BatchOperations"')
+    assert {r[0]: r[1] for r in rows} == {str(g.user_operation_id): "SUCCESS" for g in good}
+
+
+# -- property: what the door accepts, PostgreSQL stores ------------------------------------
+@pytest.mark.parametrize("validated", [True, False], ids=["validated", "unvalidated"])
+async def test_every_decoded_operation_is_stored_or_refused_by_field(
+    database: str, prefix: str, conn: asyncpg.Connection, validated: bool
+) -> None:
+    """Random envelopes through decode and submit, into the real database: each becomes a
+    stored operation or a refusal naming a field, never an error. Unvalidated, it is the
+    group commit's split that keeps this promise alone."""
+    async with running(make_settings(database, prefix)) as service:
+        if not validated:
+
+            async def unchecked(op: Operation, caller: Caller) -> None:
+                return None
+
+            service.ingress.check = unchecked  # type: ignore[method-assign]
+
+        async def door(raws: list[bytes]) -> None:
+            decoded = []
+            for raw in raws:
+                try:
+                    decoded.append(decode_operation(raw))
+                except InvalidOperation as refused:
+                    assert refused.field and refused.reason
+            results = await service.ingress.submit(decoded, caller=ANONYMOUS, source="fuzz")
+            for result in results:
+                if isinstance(result, Rejection):
+                    assert result.field and result.reason
+                    continue
+                assert await conn.fetchval(
+                    'SELECT count(*) FROM "BatchOperations" WHERE id = $1::uuid', result.id
+                )
+
+        @hypothesis.settings(
+            max_examples=30,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        )
+        @given(st.lists(envelopes.map(lambda e: json.dumps(e).encode()), max_size=6))
+        def holds(raws: list[bytes]) -> None:
+            anyio.from_thread.run(door, raws)
+
+        await anyio.to_thread.run_sync(holds)
