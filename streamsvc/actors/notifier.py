@@ -4,7 +4,8 @@ Messages are NestJS events (``{"pattern": ..., "data": ...}``, no ``id``) so a N
 ``@EventPattern`` handler receives them. Each outcome goes to the topic exchange under
 ``<operationType>.<STATUS>``, and to the queue configured for its operationType. In
 ``aggregate`` mode (the old service's grouping) the outcomes of one flush travel as one
-message per route; in ``operation`` mode one message per operation.
+message per route (cut in parts of about 4 MiB when their ``meta`` is large); in
+``operation`` mode one message per operation.
 
 Messages are persistent and published with confirms; the stream entry is acked only once
 RabbitMQ confirmed every message of it. While RabbitMQ is away, outcomes wait in the stream.
@@ -64,6 +65,10 @@ class Grouped(msgspec.Struct, rename="camel"):
 
 _encoder = msgspec.json.Encoder()
 MAX_ROUTING_KEY_BYTES = 255  # AMQP's short string
+# RabbitMQ 4 refuses messages above 16 MiB by default (max_message_size), closing the channel:
+# aggregated events are cut below that, and a message still above it is dead-lettered.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+AGGREGATE_BUDGET_BYTES = 4 * 1024 * 1024
 
 
 class Publication(NamedTuple):
@@ -100,15 +105,33 @@ def publications(
     for op_type, group in by_type.items():
         for status in (Status.SUCCESS, Status.FAIL):
             subset = [o for o in group if o.status is status]
-            if subset:
-                event = Event(AGGREGATE_PATTERN, _grouped(op_type, subset))
+            for part in _parts(subset):
+                event = Event(AGGREGATE_PATTERN, _grouped(op_type, part))
                 key = f"{op_type}.{status.value}"
-                out.append(Publication(exchange, key, _encoder.encode(event), subset))
+                out.append(Publication(exchange, key, _encoder.encode(event), part))
         route = routes.get(op_type)
         if route is not None:
-            event = Event(route.pattern or AGGREGATE_PATTERN, _grouped(op_type, group))
-            out.append(Publication(None, route.queue, _encoder.encode(event), group))
+            for part in _parts(group):
+                event = Event(route.pattern or AGGREGATE_PATTERN, _grouped(op_type, part))
+                out.append(Publication(None, route.queue, _encoder.encode(event), part))
     return out
+
+
+def _parts(outcomes: list[Outcome], budget: int = AGGREGATE_BUDGET_BYTES) -> list[list[Outcome]]:
+    """``outcomes`` in runs whose aggregated message stays around ``budget`` bytes (one
+    outcome alone may exceed it): big ``meta`` values do not add up past the broker's limit."""
+    parts: list[list[Outcome]] = [[]]
+    size = 0
+    for o in outcomes:
+        weight = 100 + len(o.id) + len(o.error or "")
+        if o.meta is not None:
+            weight += len(_encoder.encode(o.meta))
+        if parts[-1] and size + weight > budget:
+            parts.append([])
+            size = 0
+        parts[-1].append(o)
+        size += weight
+    return parts if parts[0] else []
 
 
 def _grouped(op_type: str, outcomes: list[Outcome]) -> Grouped:
@@ -263,6 +286,8 @@ def unpublishable(publication: Publication) -> str | None:
     size = len(publication.key.encode(errors="surrogatepass"))
     if size > MAX_ROUTING_KEY_BYTES:
         return f"routing key of {size} bytes, AMQP allows {MAX_ROUTING_KEY_BYTES}"
+    if len(publication.body) > MAX_MESSAGE_BYTES:
+        return f"message of {len(publication.body)} bytes, above the {MAX_MESSAGE_BYTES} allowed"
     return None
 
 

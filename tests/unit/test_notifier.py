@@ -194,3 +194,19 @@ async def test_a_connection_error_leaves_the_entries_to_be_read_again() -> None:
         await relayed(["BOOM"], aiormq.exceptions.ChannelInvalidStateError("closed"), streams)
     assert await streams.length(streams.names.outcomes) == 2
     assert await streams.length(streams.names.dead) == 0
+
+
+def test_aggregated_events_are_cut_before_big_metas_add_up_past_the_broker_limit() -> None:
+    big = "m" * 1_500_000
+    outcomes = [Outcome(str(i), "ORDER", Status.SUCCESS, None, 1, "b", big) for i in range(7)]
+    pubs = publications(outcomes, ROUTES, "aggregate", "events")
+    topic = [p for p in pubs if p.exchange == "events"]
+    assert [len(p.outcomes) for p in topic] == [2, 2, 2, 1]
+    assert [o.id for p in topic for o in p.outcomes] == [str(i) for i in range(7)]
+    assert all(len(p.body) < 4 * 1024 * 1024 for p in pubs)
+    assert [len(p.outcomes) for p in pubs if p.exchange is None] == [2, 2, 2, 1]
+
+
+def test_a_message_above_the_broker_limit_is_unpublishable() -> None:
+    huge = Publication(None, "orders", b"x" * (16 * 1024 * 1024 + 1), [])
+    assert "above the 16777216 allowed" in (unpublishable(huge) or "")
