@@ -233,14 +233,14 @@ class RpcServer:
         )
         if request.id is None:
             if not response.status:
-                log.warning("rpc.event_refused", pattern=key, error=response.error)
+                log.warning("rpc.event_refused", pattern=key[:200], error=response.error)
             return None
         return Reply(response)
 
     def _caller(self, message: AbstractIncomingMessage, request: Request) -> Caller | None:
         """The caller by header ``x-api-key`` or ``data.apiKey``; None when refused."""
         header = (message.headers or {}).get("x-api-key")
-        key = header.decode(errors="replace") if isinstance(header, bytes) else header
+        key = header.decode(errors="replace") if isinstance(header, bytes | bytearray) else header
         if key is None:
             key = _api_key_in(request.data)
         try:
