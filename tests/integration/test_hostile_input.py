@@ -29,9 +29,9 @@ from streamsvc.model import Operation, Receipt, Rejection, decode_operation
 from streamsvc.supervisor import Service, open_service
 from streamsvc.validate import ANONYMOUS, Caller
 from tests.conftest import PG, make_settings
+from tests.envelopes import envelopes
 from tests.nest import NestClient, nest_client
 from tests.pipeline import drain, eventually, order, running, serving
-from tests.unit.test_envelope_fuzz import envelopes
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
