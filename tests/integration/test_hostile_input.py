@@ -202,7 +202,11 @@ async def good_one(live: Live, door: Door) -> str:
     if door is via_inbox:
         redis, names = live.service.streams.redis, live.service.streams.names
         await redis.xadd(names.inbox, {"op": json.dumps(op), "key": live.good})
-        await eventually(lambda: stored(live, op_id), within=10)
+
+        async def arrived() -> bool:
+            return await stored(live, op_id)
+
+        await eventually(arrived, within=10)
         return op_id
     result = await door(live, live.good, json.dumps(op).encode())
     assert result == op_id, result
@@ -356,7 +360,7 @@ async def test_inbox_rejects_hostile_entries_and_stores_the_good_ones_read_with_
         entry_ids = await pipe.execute()
 
     async def all_rejected() -> bool:
-        return await redis.xlen(names.rejects) == sum(1 for _, words in entries if words)
+        return bool(await redis.xlen(names.rejects) == sum(1 for _, w in entries if w))
 
     await eventually(all_rejected, within=15)
     rejects = {fields[b"entry"]: fields for _, fields in await redis.xrange(names.rejects)}
@@ -366,7 +370,11 @@ async def test_inbox_rejects_hostile_entries_and_stores_the_good_ones_read_with_
     kept = b"".join(b"".join(fields.values()) for fields in rejects.values())
     assert live.hostile.encode() not in kept and live.good.encode() not in kept
     for op_id in good_ids:
-        await eventually(lambda op_id=op_id: stored(live, op_id), within=10)
+
+        async def arrived(op_id: str = op_id) -> bool:
+            return await stored(live, op_id)
+
+        await eventually(arrived, within=10)
     await only_these_stored_and_applied(live, good_ids + await still_serving(live))
 
 
@@ -419,7 +427,7 @@ async def test_an_outcome_rabbitmq_cannot_route_is_dead_lettered_and_the_rest_de
         redis, names = live.service.streams.redis, live.service.streams.names
 
         async def dead_lettered() -> bool:
-            return await redis.xlen(names.dead) == 1
+            return bool(await redis.xlen(names.dead) == 1)
 
         await eventually(dead_lettered, within=20)
         (_, dead), *_ = await redis.xrange(names.dead)
