@@ -209,7 +209,13 @@ class Notifier:
             if not entries:
                 own_pending = False
                 continue
-            await self.relay(exchanges, entries)
+            try:
+                await self.relay(exchanges, entries)
+            except rs.CONNECTION_EXCEPTIONS as exc:  # the ack: published again, at least once
+                failures, own_pending = failures + 1, True
+                await pause(
+                    log, "notifier.redis_unavailable", exc, self.retry, failures, "reading again"
+                )
 
     async def relay(
         self, exchanges: dict[str | None, AbstractExchange], entries: list[rs.Entry]
