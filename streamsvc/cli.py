@@ -39,6 +39,15 @@ def _parser() -> argparse.ArgumentParser:
         help="comma list of insert, upsert, update, delete",
     )
     create.add_argument("--allow-sql", action="store_true", help="may send SQL statements")
+    create.add_argument(
+        "--admin", action="store_true", help="may see every caller's operations, not only its own"
+    )
+    create.add_argument(
+        "--rate",
+        type=int,
+        metavar="N",
+        help="most operations per second (default: STREAMSVC_RATE_LIMIT_OPS; 0: no limit)",
+    )
     keys.add_parser("list", help="list keys (never the keys themselves)")
     revoke = keys.add_parser("revoke", help="revoke a key; every process refuses it in seconds")
     revoke.add_argument("name")
@@ -55,8 +64,7 @@ async def _migrate(config: Settings) -> None:
 
 
 async def _keys(config: Settings, args: argparse.Namespace) -> None:
-    if not config.api_key_secret:
-        raise ConfigError("API_KEY_ENCRYPTION_SECRET: required to create or check API keys")
+    settings.check_secret(config.api_key_secret, "required to create or check API keys")
     store = KeyStore(config.api_key_secret, config.allow_list)
     conn = await asyncpg.connect(**postgres.dsn_kwargs(config))
     try:
@@ -69,6 +77,8 @@ async def _keys(config: Settings, args: argparse.Namespace) -> None:
                 tables=tables,
                 actions=_split(args.actions),
                 allow_sql=args.allow_sql,
+                admin=args.admin,
+                rate_limit_ops=args.rate,
             )
             print(key)
         elif args.keys == "list":
@@ -76,8 +86,12 @@ async def _keys(config: Settings, args: argparse.Namespace) -> None:
                 state = f"revoked {info.revoked_at:%Y-%m-%d %H:%M}" if info.revoked_at else "active"
                 scope = ",".join(info.tables) if info.tables is not None else "*"
                 sql = " sql" if info.allow_sql else ""
+                admin = " admin" if info.admin else ""
+                rate = info.rate_limit_ops
+                rate_text = "default" if rate is None else f"{rate}/s" if rate else "unlimited"
                 print(
-                    f"{info.name}\t{state}\ttables={scope}\tactions={','.join(info.actions)}{sql}"
+                    f"{info.name}\t{state}\ttables={scope}\tactions={','.join(info.actions)}"
+                    f"{sql}{admin}\trate={rate_text}"
                 )
         elif not await store.revoke(conn, args.name):
             raise InvalidOperation("name", f"no active key named {args.name!r}")

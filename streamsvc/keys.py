@@ -20,6 +20,7 @@ import structlog
 
 from streamsvc.allowlist import AllowList
 from streamsvc.errors import InvalidOperation
+from streamsvc.ratelimit import RateLimiter, Refusal
 from streamsvc.validate import ALL_ACTIONS, ANONYMOUS, Caller
 
 log = structlog.get_logger("streamsvc.keys")
@@ -27,15 +28,15 @@ log = structlog.get_logger("streamsvc.keys")
 KEY_PREFIX = "ssk_"
 
 ACTIVE_KEYS = """
-SELECT name, key_hash, tables, actions, allow_sql FROM streamsvc_api_keys
+SELECT name, key_hash, tables, actions, allow_sql, admin, rate_limit_ops FROM streamsvc_api_keys
 WHERE revoked_at IS NULL
 """
 CREATE_KEY = """
-INSERT INTO streamsvc_api_keys (name, key_hash, tables, actions, allow_sql)
-VALUES ($1, $2, $3, $4, $5)
+INSERT INTO streamsvc_api_keys (name, key_hash, tables, actions, allow_sql, admin, rate_limit_ops)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
 """
 LIST_KEYS = """
-SELECT name, tables, actions, allow_sql, created_at, revoked_at
+SELECT name, tables, actions, allow_sql, admin, rate_limit_ops, created_at, revoked_at
 FROM streamsvc_api_keys ORDER BY name
 """
 REVOKE_KEY = """
@@ -44,11 +45,25 @@ UPDATE streamsvc_api_keys SET revoked_at = now() WHERE name = $1 AND revoked_at 
 
 
 class Authenticator:
-    """The one place every ingress path asks who a caller is. With STREAMSVC_AUTH=off
-    every caller is ``anonymous`` with full scope."""
+    """The one place every ingress path asks who a caller is, and whether it may send this
+    many operations now. With STREAMSVC_AUTH=off every caller is ``anonymous`` with full
+    scope (and one shared rate limit, the service default)."""
 
-    def __init__(self, store: KeyStore | None) -> None:
+    def __init__(self, store: KeyStore | None, limiter: RateLimiter | None = None) -> None:
         self.store = store
+        self.limiter = limiter
+
+    async def admit(self, caller: Caller, count: int) -> Refusal | None:
+        """None when ``caller`` may submit ``count`` operations now (see ratelimit)."""
+        if self.limiter is None:
+            return None
+        return await self.limiter.admit(caller, count)
+
+    async def admit_some(self, caller: Caller, count: int) -> tuple[int, Refusal | None]:
+        """How many of ``count`` operations, in order, ``caller`` may submit now."""
+        if self.limiter is None:
+            return count, None
+        return await self.limiter.admit_some(caller, count)
 
     def caller_for(self, key: str | bytes | None) -> Caller:
         if self.store is None:
@@ -68,6 +83,8 @@ class KeyInfo:
     tables: list[str] | None
     actions: list[str]
     allow_sql: bool
+    admin: bool
+    rate_limit_ops: int | None  # None: the service default (STREAMSVC_RATE_LIMIT_OPS)
     created_at: dt.datetime
     revoked_at: dt.datetime | None
 
@@ -95,11 +112,19 @@ class KeyStore:
 
     async def load(self, conn: asyncpg.Connection) -> None:
         callers = {}
-        for name, key_hash, tables, actions, allow_sql in await conn.fetch(ACTIVE_KEYS):
+        for row in await conn.fetch(ACTIVE_KEYS):
             refs = None
-            if tables is not None:
-                refs = frozenset(r for r in (self.allow.resolve(t) for t in tables) if r)
-            callers[bytes(key_hash)] = Caller(name, refs, frozenset(actions), allow_sql)
+            if row["tables"] is not None:
+                resolved = (self.allow.resolve(t) for t in row["tables"])
+                refs = frozenset(r for r in resolved if r)
+            callers[bytes(row["key_hash"])] = Caller(
+                row["name"],
+                refs,
+                frozenset(row["actions"]),
+                row["allow_sql"],
+                admin=row["admin"],
+                rate_limit_ops=row["rate_limit_ops"],
+            )
         self._callers = callers
 
     async def run(self, pool: asyncpg.Pool) -> None:
@@ -125,8 +150,17 @@ class KeyStore:
         tables: Sequence[str] | None,
         actions: Sequence[str],
         allow_sql: bool,
+        admin: bool = False,
+        rate_limit_ops: int | None = None,
     ) -> str:
-        """Store a new key and return it: the only time it is ever shown."""
+        """Store a new key and return it: the only time it is ever shown.
+
+        ``admin`` lets it see every caller's operations; ``rate_limit_ops`` caps its
+        operations per second (None: the service default, 0: no limit)."""
+        if not name or name == ANONYMOUS.name:
+            raise InvalidOperation("name", f"{name!r} cannot name a key")
+        if rate_limit_ops is not None and rate_limit_ops < 0:
+            raise InvalidOperation("rate", "operations per second cannot be negative")
         unknown = sorted(set(actions) - ALL_ACTIONS)
         if unknown:
             raise InvalidOperation("actions", f"unknown action {unknown[0]!r}")
@@ -144,6 +178,8 @@ class KeyStore:
                 list(tables) if tables is not None else None,
                 sorted(actions),
                 allow_sql,
+                admin,
+                rate_limit_ops,
             )
         except asyncpg.UniqueViolationError:
             raise InvalidOperation("name", f"a key named {name!r} exists already") from None

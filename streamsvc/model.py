@@ -93,6 +93,12 @@ class Outcome(msgspec.Struct, rename="camel"):
     attempts: int
     batch_id: str | None
     meta: Any = None
+    user_operation_id: str | None = None  # the caller's own id, when it gave one
+
+
+def user_id(op: Operation) -> str | None:
+    """The caller's userOperationId as events carry it."""
+    return str(op.user_operation_id) if op.user_operation_id else None
 
 
 class Receipt(msgspec.Struct, rename="camel"):

@@ -80,11 +80,17 @@ WHERE id IN (
 RETURNING id::text, body::text
 """
 
+# One operation by its id or its caller's userOperationId, seen by $2 (NULL: by anyone);
+# an id match first, then the looker's own ($3), then the oldest.
 GET_OPERATION = f"""
 SELECT id::text AS id, operation_type, status, error, attempts, priority, source,
        batch_id::text AS batch_id, run_at, ordering_key, created_at, updated_at, processed_at,
        body::text AS body
-FROM {OPS} WHERE id = $1::uuid
+FROM {OPS}
+WHERE (id = $1::uuid OR user_operation_id = $1::uuid)
+  AND ($2::text IS NULL OR submitted_by = $2::text)
+ORDER BY id = $1::uuid DESC, submitted_by = $3::text DESC, created_at
+LIMIT 1
 """
 
 STATUS_COUNTS = f"SELECT status, count(*) FROM {OPS} GROUP BY status"

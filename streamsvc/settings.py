@@ -76,6 +76,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     )
     notify_routes_json: str = msgspec.field(default="{}", name="STREAMSVC_NOTIFY_ROUTES")
     notify_mode: NotifyMode = msgspec.field(default="aggregate", name="STREAMSVC_NOTIFY_MODE")
+    rate_limit_ops: NonNegative = msgspec.field(default=0, name="STREAMSVC_RATE_LIMIT_OPS")
+    stream_maxlen: Positive = msgspec.field(default=100_000, name="STREAMSVC_STREAM_MAXLEN")
 
     @property
     def allow_list(self) -> AllowList:
@@ -95,15 +97,34 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def auth_on(self) -> bool:
         return self.auth == "on"
 
+    @property
+    def production(self) -> bool:
+        """NODE_ENV is ``production`` in any spelling (``Production``, `` PRODUCTION``)."""
+        return self.node_env.strip().casefold() == "production"
+
     def check_auth(self) -> None:
         """Refuse to serve callers with auth half set up, or off in production."""
-        if self.auth_on and not self.api_key_secret:
-            raise ConfigError(
-                "API_KEY_ENCRYPTION_SECRET: required while STREAMSVC_AUTH=on "
-                "(set a long random value, or STREAMSVC_AUTH=off outside production)"
-            )
-        if not self.auth_on and self.node_env == "production":
+        if self.auth_on:
+            check_secret(self.api_key_secret, "required while STREAMSVC_AUTH=on")
+        elif self.production:
             raise ConfigError("STREAMSVC_AUTH: cannot be off when NODE_ENV=production")
+
+
+MIN_SECRET_BYTES = 32
+
+
+def check_secret(secret: str, why: str) -> None:
+    """API_KEY_ENCRYPTION_SECRET must be set and at least 32 bytes of UTF-8 long: every
+    key's HMAC is only as strong as it."""
+    hint = "e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(48))'"
+    if not secret:
+        raise ConfigError(f"API_KEY_ENCRYPTION_SECRET: {why} (set a long random value, {hint})")
+    size = len(secret.encode())
+    if size < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"API_KEY_ENCRYPTION_SECRET: {size} bytes is too short, at least "
+            f"{MIN_SECRET_BYTES} are required ({hint})"
+        )
 
 
 def env_names() -> tuple[str, ...]:

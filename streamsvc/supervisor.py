@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 import asyncpg
@@ -32,6 +32,7 @@ from streamsvc.api.rpc import RpcServer
 from streamsvc.catalog import Catalog
 from streamsvc.keys import Authenticator, KeyStore
 from streamsvc.policy import RetryPolicy
+from streamsvc.ratelimit import RateLimiter
 from streamsvc.settings import Settings
 
 log = structlog.get_logger("streamsvc.supervisor")
@@ -89,15 +90,19 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
                 keys = KeyStore(settings.api_key_secret, settings.allow_list)
                 await keys.load(conn)
         _warn_about_allow_list(catalog)
-        streams = rs.Streams(client, rs.Names(settings.redis_prefix))
+        streams = rs.Streams(client, rs.Names(settings.redis_prefix), maxlen=settings.stream_maxlen)
         retry = retry_policy(settings)
+        limiter = RateLimiter(
+            client, prefix=settings.redis_prefix, default_ops=settings.rate_limit_ops
+        )
+        auth = Authenticator(keys, limiter)
         base = f"{socket.gethostname()}-{os.getpid()}"
         ingress = Ingress(pool, streams, catalog, chunk=settings.batch_limit)
         inbox = InboxConsumer(
             f"{base}-inbox",
             ingress,
             streams,
-            Authenticator(keys),
+            auth,
             retry,
             count=settings.ingress_read_count,
             claim_idle_ms=settings.claim_idle_ms,
@@ -121,7 +126,7 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
         )
         rpc = RpcServer(
             ingress,
-            Authenticator(keys),
+            auth,
             retry,
             url=settings.rmq_url,
             queue=settings.rmq_queue,
@@ -140,14 +145,10 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
             durable_queues=settings.rmq_queue_durable,
         )
 
-        async def ready() -> None:
-            async with pool.acquire() as conn:
-                await conn.fetchval("SELECT 1")
-            await client.ping()
+        async def ready() -> list[str]:
+            return await unavailable(pool, client)
 
-        app = http.create_app(
-            ingress, Authenticator(keys), ready, max_body_bytes=settings.max_body_bytes
-        )
+        app = http.create_app(ingress, auth, ready, max_body_bytes=settings.max_body_bytes)
         web = http.server(app, host=settings.http_host, port=settings.http_port)
         yield Service(
             settings,
@@ -166,6 +167,39 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
     finally:
         await client.aclose()
         await pool.close()
+
+
+READY_TIMEOUT_S = 2.0
+
+
+async def unavailable(
+    pool: asyncpg.Pool, client: Any, *, timeout_s: float = READY_TIMEOUT_S
+) -> list[str]:
+    """The servers this process cannot reach now (``postgresql``, ``redis``), each checked
+    within ``timeout_s``; empty when ready. Only names: why is for the logs, never for an
+    unauthenticated probe."""
+
+    async def postgresql() -> None:
+        async with pool.acquire() as conn:
+            await conn.fetchval("SELECT 1")
+
+    async def redis() -> None:
+        await client.ping()
+
+    down: list[str] = []
+
+    async def probe(name: str, check: Callable[[], Awaitable[None]]) -> None:
+        try:
+            with anyio.fail_after(timeout_s):
+                await check()
+        except Exception as exc:
+            log.warning("ready.unavailable", server=name, error=str(exc) or type(exc).__name__)
+            down.append(name)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(probe, "postgresql", postgresql)
+        tg.start_soon(probe, "redis", redis)
+    return sorted(down)
 
 
 def _warn_about_allow_list(catalog: Catalog) -> None:

@@ -40,12 +40,14 @@ class Caller:
     tables: frozenset[TableRef] | None = None  # None: every allowed table
     actions: frozenset[str] = ALL_ACTIONS
     allow_sql: bool = True
+    admin: bool = False  # sees every caller's operations, not only its own
+    rate_limit_ops: int | None = None  # per second; None: the service default, 0: none
 
     def may_touch(self, table: TableRef) -> bool:
         return self.tables is None or table in self.tables
 
 
-ANONYMOUS = Caller(name="anonymous")
+ANONYMOUS = Caller(name="anonymous", admin=True)  # STREAMSVC_AUTH=off: everyone
 
 # Which bodies an action needs: (values required, key required); absent ones are refused.
 _SHAPE: dict[str, tuple[bool, bool]] = {

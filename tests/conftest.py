@@ -20,6 +20,7 @@ from streamsvc.adapters import streams as rs
 from streamsvc.settings import Settings
 
 ALLOWED = f"{workload.ALLOWED}, profiles(id, name)"
+SECRET = "test-secret-that-is-at-least-32-bytes-long"  # API_KEY_ENCRYPTION_SECRET: >= 32 bytes
 
 
 @pytest.fixture

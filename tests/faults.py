@@ -14,7 +14,16 @@ class TcpProxy:
         self.target = (target_host, target_port)
         self.port = 0
         self.cuts = 0
+        self.refusing = False
         self._live: set[anyio.CancelScope] = set()
+
+    def down(self) -> None:
+        """Cut every connection and refuse new ones until ``up()``: the server is away."""
+        self.refusing = True
+        self.cut()
+
+    def up(self) -> None:
+        self.refusing = False
 
     def cut(self) -> None:
         """Drop every connection through the proxy, as a network failure would."""
@@ -24,6 +33,8 @@ class TcpProxy:
 
     async def _handle(self, client: SocketStream) -> None:
         async with client:
+            if self.refusing:
+                return
             try:
                 upstream = await anyio.connect_tcp(*self.target)
             except OSError:

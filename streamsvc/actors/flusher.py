@@ -29,7 +29,7 @@ from streamsvc.adapters.postgres import is_transient, translate
 from streamsvc.backoff import pause
 from streamsvc.catalog import Catalog
 from streamsvc.errors import TransientError
-from streamsvc.model import Outcome, Status, WorkOp, work_decoder, work_encoder
+from streamsvc.model import Outcome, Status, WorkOp, user_id, work_decoder, work_encoder
 from streamsvc.policy import RetryPolicy, Verdict
 
 log = structlog.get_logger("streamsvc.flusher")
@@ -240,6 +240,7 @@ class Flusher:
                     attempts[item.id],
                     result.batch_id,
                     item.op.meta,
+                    user_id(item.op),
                 )
             )
         metrics.succeeded.inc(len(pending) - len(errors))
@@ -276,6 +277,7 @@ class Flusher:
                 attempts,
                 batch_id,
                 by_id[op_id].op.meta,
+                user_id(by_id[op_id].op),
             )
             for op_id, status, error, attempts, batch_id in rows
         ]
@@ -395,9 +397,10 @@ class Flusher:
                 next="left unacked for redelivery",
             )
             return None
+        users = {i.id: user_id(i.op) for i in items}
         for op_id, op_type, attempts, meta in rows:
             result.outcomes.append(
-                Outcome(op_id, op_type, Status.FAIL, error, attempts, None, meta)
+                Outcome(op_id, op_type, Status.FAIL, error, attempts, None, meta, users.get(op_id))
             )
         metrics.failed.inc(len(rows))
         return result

@@ -8,6 +8,12 @@ runs the next one gathers.
 One caller never fails another: validation refuses what PostgreSQL would not take, and
 should a group's INSERT still fail on the data, the group is halved until the bad
 operations are alone; those are refused, the rest stored.
+
+Every operation is its caller's: a keyed caller's is stored under an id derived from the
+key's name and its userOperationId (or the door's default id), so idempotency is per key
+and no key can take another's id in advance; it sees only its own operations unless it is
+an admin. The anonymous caller (STREAMSVC_AUTH=off) keeps id == userOperationId and sees
+everything.
 """
 
 from __future__ import annotations
@@ -35,17 +41,32 @@ from streamsvc.model import (
     Rejection,
     Status,
     WorkOp,
+    derived_id,
     json_encoder,
     operation_decoder,
     work_encoder,
 )
-from streamsvc.validate import Caller, UnknownToCatalog, validate
+from streamsvc.validate import ANONYMOUS, Caller, UnknownToCatalog, validate
 
 log = structlog.get_logger("streamsvc.ingress")
 
 Result = Receipt | Rejection
 _Place = tuple[int, int]  # (ticket, operation) in one group
 _Row = tuple[_Place, tuple[Any, ...]]  # a place and its INSERT_OPERATIONS values
+
+_PER_KEY = uuid.UUID("3f1d9a8e-7c2b-5e4f-8a61-0d9c4b7e2f15")
+
+
+def stored_id(caller: Caller, given: uuid.UUID | None, default: str | None) -> str:
+    """The id an operation is stored under: the caller's userOperationId (``given``) or the
+    door's default id, made the caller's own. Pure."""
+    base = str(given) if given else default
+    if base is None:
+        return str(uuid.uuid4())
+    if caller.name == ANONYMOUS.name:  # auth off: one caller, ids as the callers gave them
+        return base
+    # The name's length first, so no two (name, base) pairs make the same string.
+    return derived_id(_PER_KEY, f"{len(caller.name)}:{caller.name}:{base}")
 
 
 @dataclass(slots=True)
@@ -101,9 +122,8 @@ class Ingress:
             except InvalidOperation as exc:
                 results[i] = Rejection(exc.field, exc.reason, i)
                 continue
-            given = op.user_operation_id
             default = ids[i] if ids is not None else None
-            ticket.ids.append(str(given) if given else default or str(uuid.uuid4()))
+            ticket.ids.append(stored_id(caller, op.user_operation_id, default))
             ticket.ops.append(msgspec.structs.replace(op, api_key=None) if op.api_key else op)
             positions.append(i)
         if len(positions) < len(ops):
@@ -119,14 +139,19 @@ class Ingress:
                 results[i] = result if stored else msgspec.structs.replace(result, index=i)
         return [r for r in results if r is not None]
 
-    async def get(self, op_id: str) -> OperationView | None:
-        """The stored operation ``op_id`` and where it stands, or None when unknown."""
+    async def get(self, op_id: str, *, caller: Caller | None = None) -> OperationView | None:
+        """The operation whose id, or whose caller's userOperationId, is ``op_id``, and where
+        it stands; None when unknown. ``caller`` sees only its own operations unless it is an
+        admin: another caller's answers None, exactly as an unknown id (None: the service
+        itself, which sees all)."""
         try:
             uuid.UUID(op_id)
         except ValueError:
             return None
+        owner = None if caller is None or caller.admin else caller.name
+        looker = caller.name if caller is not None else None
         async with self.pool.acquire() as conn:
-            row = await conn.fetchrow(queries.GET_OPERATION, op_id)
+            row = await conn.fetchrow(queries.GET_OPERATION, op_id, owner, looker)
         if row is None:
             return None
         fields = dict(row)

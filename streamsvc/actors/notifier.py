@@ -46,15 +46,17 @@ class Event(msgspec.Struct):
     data: Any
 
 
-class Succeeded(msgspec.Struct):
+class Succeeded(msgspec.Struct, rename="camel"):
     id: str
     meta: Any = None
+    user_operation_id: str | None = None
 
 
-class Failed(msgspec.Struct):
+class Failed(msgspec.Struct, rename="camel"):
     id: str
     error: str | None
     meta: Any = None
+    user_operation_id: str | None = None
 
 
 class Grouped(msgspec.Struct, rename="camel"):
@@ -137,8 +139,16 @@ def _parts(outcomes: list[Outcome], budget: int = AGGREGATE_BUDGET_BYTES) -> lis
 def _grouped(op_type: str, outcomes: list[Outcome]) -> Grouped:
     return Grouped(
         op_type,
-        [Succeeded(o.id, o.meta) for o in outcomes if o.status is Status.SUCCESS],
-        [Failed(o.id, o.error, o.meta) for o in outcomes if o.status is not Status.SUCCESS],
+        [
+            Succeeded(o.id, o.meta, o.user_operation_id)
+            for o in outcomes
+            if o.status is Status.SUCCESS
+        ],
+        [
+            Failed(o.id, o.error, o.meta, o.user_operation_id)
+            for o in outcomes
+            if o.status is not Status.SUCCESS
+        ],
     )
 
 

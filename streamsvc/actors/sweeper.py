@@ -24,7 +24,15 @@ import structlog
 from streamsvc import metrics, queries
 from streamsvc.adapters import streams as rs
 from streamsvc.adapters.postgres import translate
-from streamsvc.model import Operation, Outcome, Status, WorkOp, work_decoder, work_encoder
+from streamsvc.model import (
+    Operation,
+    Outcome,
+    Status,
+    WorkOp,
+    user_id,
+    work_decoder,
+    work_encoder,
+)
 from streamsvc.policy import StuckAction, halves, stuck_entry
 
 log = structlog.get_logger("streamsvc.sweeper")
@@ -148,8 +156,9 @@ class Sweeper:
         if items:
             async with self.pool.acquire() as conn:
                 rows = await conn.fetch(queries.FAIL_PENDING, [i.id for i in items], reason)
+            users = {i.id: user_id(i.op) for i in items}
             outcomes = [
-                Outcome(op_id, op_type, Status.FAIL, reason, attempts, None, meta)
+                Outcome(op_id, op_type, Status.FAIL, reason, attempts, None, meta, users.get(op_id))
                 for op_id, op_type, attempts, meta in rows
             ]
         if outcomes:

@@ -3,6 +3,13 @@
 Entries carry many operations each (msgpack lists), so one XADD, XREADGROUP or XACK moves
 a whole batch. Acked entries are deleted at once: a stream holds only live work, which is
 what lets the sweeper reason about what Redis still holds.
+
+The streams only callers and operators read (rejects, dead letters) and the outcome stream
+are capped: each XADD to them trims to about ``maxlen`` entries (``MAXLEN ~``,
+STREAMSVC_STREAM_MAXLEN), oldest first, so no caller can grow Redis without bound. The
+inbox and the work stream are never trimmed: their unacked entries are operations not yet
+stored or not yet applied. An outcome trimmed before the notifier sent it is only a lost
+notification: PostgreSQL keeps the operation's status.
 """
 
 from __future__ import annotations
@@ -48,6 +55,11 @@ class Names:
     def outcomes(self) -> str:
         return f"{self.prefix}:outcomes"
 
+    @property
+    def capped(self) -> frozenset[str]:
+        """The streams trimmed on every XADD (never the inbox or the work stream)."""
+        return frozenset((self.rejects, self.dead, self.outcomes))
+
 
 INGRESS_GROUP = "ingress"
 FLUSHER_GROUP = "flushers"
@@ -61,11 +73,19 @@ def connect(url: str) -> aioredis.Redis:
 class Streams:
     """Thin, typed wrappers over the stream commands the actors use."""
 
-    def __init__(self, client: aioredis.Redis, names: Names) -> None:
+    def __init__(self, client: aioredis.Redis, names: Names, *, maxlen: int = 100_000) -> None:
         # redis-py's reply types are unions of every protocol's shapes; this class is where
         # replies get their real types, so the client is used untyped here.
         self.redis: Any = client
         self.names = names
+        self.maxlen = maxlen
+        self._capped = names.capped
+
+    def _xadd(self, pipe: Any, stream: str, fields: dict[Any, Any]) -> None:
+        if stream in self._capped:
+            pipe.xadd(stream, fields, maxlen=self.maxlen, approximate=True)
+        else:
+            pipe.xadd(stream, fields)
 
     async def ensure_group(self, stream: str, group: str) -> None:
         """Create the consumer group (and stream) if missing; from the start, so nothing
@@ -100,13 +120,15 @@ class Streams:
                     raise
                 await self.ensure_group(stream, group)
                 continue
-            return list(reply[0][1]) if reply else []
+            # An entry trimmed (MAXLEN) while pending comes back without fields: {} here,
+            # which the reader refuses as undecodable and acks.
+            return [(eid, fields or {}) for eid, fields in reply[0][1]] if reply else []
         return []
 
     async def add(self, stream: str, entries: list[dict[Any, Any]]) -> list[bytes]:
         async with self.redis.pipeline(transaction=False) as pipe:
             for fields in entries:
-                pipe.xadd(stream, fields)
+                self._xadd(pipe, stream, fields)
             return list(await pipe.execute())
 
     async def ack(self, stream: str, group: str, ids: list[bytes]) -> None:
@@ -123,7 +145,7 @@ class Streams:
         """Atomically add ``entries`` to ``then`` and ack (and delete) ``ids``."""
         async with self.redis.pipeline(transaction=True) as pipe:
             for fields in entries:
-                pipe.xadd(then, fields)
+                self._xadd(pipe, then, fields)
             if ids:
                 pipe.xack(stream, group, *ids)
                 pipe.xdel(stream, *ids)

@@ -16,7 +16,7 @@ import prometheus_client
 import uvicorn
 from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException, ValidationException
-from litestar.openapi import OpenAPIConfig
+from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.params import FromPath, JSONBody
 from litestar.static_files import create_static_files_router
 
@@ -32,6 +32,7 @@ from streamsvc.model import (
     check_nesting,
     rejection,
 )
+from streamsvc.ratelimit import Refusal
 from streamsvc.validate import Caller
 
 SOURCE = "http"
@@ -66,13 +67,28 @@ class BatchItem(msgspec.Struct, omit_defaults=True, rename="camel"):
 
 
 class ProblemError(Exception):
-    def __init__(self, problem: Problem) -> None:
+    def __init__(self, problem: Problem, headers: dict[str, str] | None = None) -> None:
         super().__init__(problem.detail)
         self.problem = problem
+        self.headers = headers
 
 
-def _problem_response(problem: Problem) -> Response[Problem]:
-    return Response(problem, status_code=problem.status, media_type=PROBLEM)
+def _problem_response(problem: Problem, headers: dict[str, str] | None = None) -> Response[Problem]:
+    return Response(problem, status_code=problem.status, media_type=PROBLEM, headers=headers)
+
+
+def _rate_limited(refusal: Refusal) -> ProblemError:
+    """429, with Retry-After when waiting helps; nothing of the request was stored."""
+    retry = refusal.retry_after_s
+    return ProblemError(
+        Problem(
+            title="Too many requests",
+            status=429,
+            detail=f"rate: {refusal.reason}",
+            errors=[FieldError("rate", refusal.reason)],
+        ),
+        headers={"retry-after": str(retry)} if retry is not None else None,
+    )
 
 
 def _refused(rejections: list[Rejection], status: int = 422) -> ProblemError:
@@ -87,14 +103,25 @@ def _refused(rejections: list[Rejection], status: int = 422) -> ProblemError:
     )
 
 
+RATE_LIMITED = {
+    429: ResponseSpec(
+        Problem,
+        generate_examples=False,
+        description="Over the key's rate of operations per second: nothing was stored; "
+        "Retry-After says when to try again (absent when the request alone is too large).",
+        media_type=PROBLEM,
+    )
+}
+
+
 def create_app(
     ingress: Ingress,
     auth: Authenticator,
-    ready: Callable[[], Awaitable[None]],
+    ready: Callable[[], Awaitable[list[str]]],
     *,
     max_body_bytes: int,
 ) -> Litestar:
-    """The HTTP API over one process's ingress; ``ready`` raises when a server is away."""
+    """The HTTP API over one process's ingress; ``ready`` names the servers that are away."""
 
     def caller_of(request: Request[Any, Any, Any]) -> Caller:
         header = request.headers.get("authorization", "")
@@ -119,11 +146,15 @@ def create_app(
         summary="Submit one operation",
         description="201 when stored, 200 when an operation with this userOperationId "
         "exists already (it is not applied twice).",
+        responses=RATE_LIMITED,
     )
     async def create_operation(
         data: JSONBody[Operation], request: Request[Any, Any, Any]
     ) -> Response[Receipt]:
-        result = (await ingress.submit([data], caller=caller_of(request), source=SOURCE))[0]
+        caller = caller_of(request)
+        if refusal := await auth.admit(caller, 1):
+            raise _rate_limited(refusal)
+        result = (await ingress.submit([data], caller=caller, source=SOURCE))[0]
         if isinstance(result, Rejection):
             raise _refused([result])
         return Response(result, status_code=201 if result.created else 200)
@@ -134,19 +165,28 @@ def create_app(
         status_code=200,
         summary="Submit a list of operations",
         description="Every valid operation is stored; each item says what became of it.",
+        responses=RATE_LIMITED,
     )
     async def create_operations(
         data: JSONBody[list[Operation]], request: Request[Any, Any, Any]
     ) -> list[BatchItem]:
-        results = await ingress.submit(data, caller=caller_of(request), source=SOURCE)
+        caller = caller_of(request)
+        if refusal := await auth.admit(caller, len(data)):  # a list counts its operations
+            raise _rate_limited(refusal)
+        results = await ingress.submit(data, caller=caller, source=SOURCE)
         return [_item(i, r) for i, r in enumerate(results)]
 
-    @get("/api/operations/{operation_id:str}", summary="Look an operation up by id")
+    @get(
+        "/api/operations/{operation_id:str}",
+        summary="Look an operation up by id",
+        description="By the stored id or the caller's userOperationId. A key sees only the "
+        "operations it submitted (an admin key: all); any other answers 404.",
+    )
     async def get_operation(
         operation_id: FromPath[str], request: Request[Any, Any, Any]
     ) -> OperationView:
-        caller_of(request)
-        view = await ingress.get(operation_id)
+        # Another key's operation is not found, exactly as an unknown id.
+        view = await ingress.get(operation_id, caller=caller_of(request))
         if view is None:
             raise ProblemError(
                 Problem(
@@ -164,11 +204,11 @@ def create_app(
         return {"status": "ok"}
 
     @get("/readyz", include_in_schema=False)
-    async def readyz() -> Response[dict[str, str]]:
-        try:
-            await ready()
-        except Exception as exc:
-            return Response({"status": "unavailable", "reason": str(exc)}, status_code=503)
+    async def readyz() -> Response[dict[str, Any]]:
+        """503 naming the servers that are down; why is logged, never answered."""
+        down = await ready()
+        if down:
+            return Response({"status": "unavailable", "down": down}, status_code=503)
         return Response({"status": "ready"})
 
     assets = create_static_files_router(
@@ -185,7 +225,7 @@ def create_app(
             description="Batch Service: operations stored, applied in batches, exactly once.",
         ),
         exception_handlers={
-            ProblemError: lambda _, exc: _problem_response(exc.problem),
+            ProblemError: lambda _, exc: _problem_response(exc.problem, exc.headers),
             ValidationException: _validation_problem,
             HTTPException: lambda _, exc: _http_problem(exc, max_body_bytes),
         },

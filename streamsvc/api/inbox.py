@@ -152,6 +152,14 @@ class InboxConsumer:
             ids.append(derived_id(_NAMESPACE, f"{names.inbox}:{entry_id.decode()}"))
             entry_ids.append(entry_id)
         for caller, (ops, ids, entry_ids) in by_caller.items():
+            admitted, refusal = await self.auth.admit_some(caller, len(ops))
+            if refusal is not None:  # over the key's rate: the later entries are refused
+                rejection = Rejection("rate", refusal.reason)
+                for entry_id, op in zip(entry_ids[admitted:], ops[admitted:], strict=True):
+                    rejects.append(_reject(entry_id, op, rejection))
+                ops, ids = ops[:admitted], ids[:admitted]
+                if not ops:
+                    continue
             try:
                 results = await self.ingress.submit(ops, caller=caller, source=SOURCE, ids=ids)
             except Exception as exc:

@@ -40,6 +40,7 @@ from streamsvc.model import (
     too_deep,
 )
 from streamsvc.policy import RetryPolicy
+from streamsvc.ratelimit import Refusal
 from streamsvc.validate import Caller
 
 log = structlog.get_logger("streamsvc.rpc")
@@ -295,7 +296,7 @@ class RpcServer:
         if not op_id:
             raise _Refusal(_refused(Rejection("id", "give the operation's id")))
         try:
-            view = await self.ingress.get(op_id)
+            view = await self.ingress.get(op_id, caller=caller)  # another key's: not found
         except Exception as exc:
             raise Unavailable(str(translate(exc))) from exc
         if view is None:
@@ -310,7 +311,10 @@ class RpcServer:
 
     async def _submit(self, ops: list[Any], caller: Caller, request_id: str | None) -> list[Result]:
         """Store ``ops``. Operations without a userOperationId get ids derived from the
-        request id, so a request redelivered after a lost ack is not stored twice."""
+        request id, so a request redelivered after a lost ack is not stored twice. Over the
+        caller's rate limit nothing is stored and the answer is RATE_LIMITED."""
+        if refusal := await self.auth.admit(caller, len(ops)):
+            raise _Refusal(_rate_limited(refusal))
         ids: list[str | None] | None = None
         if request_id is not None:
             ids = [derived_id(_NAMESPACE, f"{request_id}:{i}") for i in range(len(ops))]
@@ -396,6 +400,16 @@ def _internal_error() -> IResponse:
         message="Internal error",
         error="the request could not be handled; nothing of it was stored",
         error_code="INTERNAL_ERROR",
+    )
+
+
+def _rate_limited(refusal: Refusal) -> IResponse:
+    return IResponse(
+        status=False,
+        message="Rate limited",
+        error=f"rate: {refusal.reason}",
+        error_code="RATE_LIMITED",
+        data={"retryAfterS": refusal.retry_after_s},
     )
 
 

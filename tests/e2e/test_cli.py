@@ -12,7 +12,7 @@ import anyio
 import asyncpg
 import pytest
 
-from tests.conftest import PG, settings_env
+from tests.conftest import PG, SECRET, settings_env
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -53,7 +53,7 @@ async def test_migrate_creates_only_its_own_tables_and_is_safe_to_rerun(
     env = settings_env(empty_database, "unused")
     first = await streamsvc(env, tmp_path, "migrate")
     assert first.returncode == 0, first.stderr
-    assert "applied: 001_batch_operations.sql, 002_api_keys.sql" in first.stdout
+    assert "applied: 001_batch_operations.sql, 002_api_keys.sql, 003_" in first.stdout
     again = await streamsvc(env, tmp_path, "migrate")
     assert again.returncode == 0, again.stderr
     assert "database is up to date" in again.stdout
@@ -101,7 +101,7 @@ async def test_settings_come_from_a_dotenv_file(tmp_path: Path) -> None:
 async def test_keys_are_created_shown_once_listed_and_revoked(
     database: str, tmp_path: Path
 ) -> None:
-    env = {**settings_env(database, "unused"), "API_KEY_ENCRYPTION_SECRET": "s3cret"}
+    env = {**settings_env(database, "unused"), "API_KEY_ENCRYPTION_SECRET": SECRET}
     created = await streamsvc(
         env,
         tmp_path,
@@ -118,11 +118,12 @@ async def test_keys_are_created_shown_once_listed_and_revoked(
     key = created.stdout.strip()
     assert key.startswith("ssk_") and len(key) > 40
     listed = await streamsvc(env, tmp_path, "keys", "list")
-    assert listed.stdout.split("\t")[:4] == [
+    assert listed.stdout.split("\t") == [
         "orders",
         "active",
         "tables=orders,payments",
-        "actions=insert,update\n",
+        "actions=insert,update",
+        "rate=default\n",
     ]
     assert key not in listed.stdout
     twice = await streamsvc(env, tmp_path, "keys", "create", "--name", "orders")
@@ -135,6 +136,48 @@ async def test_keys_are_created_shown_once_listed_and_revoked(
     assert "\trevoked " in (await streamsvc(env, tmp_path, "keys", "list")).stdout
 
 
+async def test_keys_with_admin_scope_and_their_own_rate(database: str, tmp_path: Path) -> None:
+    env = {**settings_env(database, "unused"), "API_KEY_ENCRYPTION_SECRET": SECRET}
+    for args in (("--name", "ops", "--admin"), ("--name", "batch", "--rate", "50")):
+        created = await streamsvc(env, tmp_path, "keys", "create", *args)
+        assert created.returncode == 0, created.stderr
+    free = await streamsvc(env, tmp_path, "keys", "create", "--name", "free", "--rate", "0")
+    assert free.returncode == 0, free.stderr
+    rows = [
+        line.split("\t")
+        for line in (await streamsvc(env, tmp_path, "keys", "list")).stdout.splitlines()
+    ]
+    scopes = {row[0]: (row[3], row[4]) for row in rows}
+    everything = "actions=delete,insert,update,upsert"
+    assert scopes == {
+        "batch": (everything, "rate=50/s"),
+        "free": (everything, "rate=unlimited"),
+        "ops": (f"{everything} admin", "rate=default"),
+    }
+    for bad, message in (
+        (("--name", "anonymous"), "name: 'anonymous' cannot name a key"),
+        (("--name", "x", "--rate", "-1"), "rate: operations per second cannot be negative"),
+    ):
+        refused = await streamsvc(env, tmp_path, "keys", "create", *bad)
+        assert (refused.returncode, refused.stderr.strip()) == (2, f"streamsvc: {message}")
+
+
+@pytest.mark.parametrize("command", [("run",), ("keys", "list")])
+async def test_a_short_secret_is_refused_naming_the_variable(
+    database: str, tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    env = {
+        **settings_env(database, "unused"),
+        "STREAMSVC_AUTH": "on",
+        "API_KEY_ENCRYPTION_SECRET": "x" * 31,
+    }
+    result = await streamsvc(env, tmp_path, *command)
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        "streamsvc: API_KEY_ENCRYPTION_SECRET: 31 bytes is too short, at least 32 are required"
+    )
+
+
 async def test_auth_on_without_a_secret_is_one_clear_error(database: str, tmp_path: Path) -> None:
     env = {**settings_env(database, "unused"), "STREAMSVC_AUTH": "on"}
     result = await streamsvc(env, tmp_path, "run")
@@ -142,8 +185,9 @@ async def test_auth_on_without_a_secret_is_one_clear_error(database: str, tmp_pa
     assert result.stderr.startswith("streamsvc: API_KEY_ENCRYPTION_SECRET: required")
 
 
-async def test_production_refuses_auth_off(database: str, tmp_path: Path) -> None:
-    env = {**settings_env(database, "unused"), "NODE_ENV": "production"}
+@pytest.mark.parametrize("spelling", ["production", "Production", "PRODUCTION"])
+async def test_production_refuses_auth_off(database: str, tmp_path: Path, spelling: str) -> None:
+    env = {**settings_env(database, "unused"), "NODE_ENV": spelling}
     result = await streamsvc(env, tmp_path, "run")
     assert (result.returncode, result.stderr.strip()) == (
         2,
@@ -192,7 +236,7 @@ async def test_a_revoked_key_is_refused_within_seconds_by_a_running_service(
     env = {
         **settings_env(database, prefix),
         "STREAMSVC_AUTH": "on",
-        "API_KEY_ENCRYPTION_SECRET": "s3cret",
+        "API_KEY_ENCRYPTION_SECRET": SECRET,
     }
     key = (await streamsvc(env, tmp_path, "keys", "create", "--name", "app")).stdout.strip()
     service = ServiceProcess(env, tmp_path)

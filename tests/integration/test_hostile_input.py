@@ -196,7 +196,7 @@ DOORS: dict[str, Door] = {"http": via_http, "rpc": via_rpc, "inbox": via_inbox}
 
 
 async def good_one(live: Live, door: Door) -> str:
-    """Another caller's good operation through ``door``; its stored id."""
+    """Another caller's good operation through ``door``, stored; its userOperationId."""
     op_id = str(uuid.uuid4())
     op = order(next(ids), userOperationId=op_id)
     if door is via_inbox:
@@ -209,19 +209,25 @@ async def good_one(live: Live, door: Door) -> str:
         await eventually(arrived, within=10)
         return op_id
     result = await door(live, live.good, json.dumps(op).encode())
-    assert result == op_id, result
+    assert isinstance(result, str), result
+    assert await stored(live, op_id)
     return op_id
 
 
-async def stored(live: Live, op_id: str) -> bool:
+# Stored ids are the key's own (derived from its name): operations are found by the
+# userOperationId their caller gave.
+USER_ID = "body->>'userOperationId'"
+
+
+async def stored(live: Live, user_id: str) -> bool:
     row = await live.conn.fetchval(
-        """SELECT count(*) FROM "BatchOperations" WHERE id = $1::uuid""", op_id
+        f'SELECT count(*) FROM "BatchOperations" WHERE {USER_ID} = $1', user_id
     )
     return bool(row)
 
 
 async def still_serving(live: Live) -> list[str]:
-    """The service answers on all three doors and /healthz; the ids it stored."""
+    """The service answers on all three doors and /healthz; what it stored."""
     async with httpx.AsyncClient(base_url=live.base) as c:
         assert (await c.get("/healthz")).status_code == 200
     return [await good_one(live, door) for door in DOORS.values()]
@@ -229,7 +235,7 @@ async def still_serving(live: Live) -> list[str]:
 
 async def only_these_stored_and_applied(live: Live, good: list[str]) -> None:
     async def applied() -> bool:
-        rows = await live.conn.fetch('SELECT id::text, status FROM "BatchOperations"')
+        rows = await live.conn.fetch(f'SELECT {USER_ID}, status FROM "BatchOperations"')
         return {r[0] for r in rows} == set(good) and all(r[1] == "SUCCESS" for r in rows)
 
     await eventually(applied, within=20)
@@ -432,14 +438,15 @@ async def test_an_outcome_rabbitmq_cannot_route_is_dead_lettered_and_the_rest_de
         await eventually(dead_lettered, within=20)
         (_, dead), *_ = await redis.xrange(names.dead)
         assert "AMQP allows 255" in dead[b"reason"].decode()
-        assert [o["id"] for o in msgspec.json.decode(dead[b"outcomes"])] == [long_id]
+        outcomes = msgspec.json.decode(dead[b"outcomes"])
+        assert [o["userOperationId"] for o in outcomes] == [long_id]
         later = await still_serving(live)
         delivered: set[str] = set()
 
         async def all_delivered() -> bool:
             message = await events.get(fail=False)
             if message is not None:
-                delivered.add(json.loads(message.body)["data"]["id"])
+                delivered.add(json.loads(message.body)["data"]["userOperationId"])
                 await message.ack()
             return delivered >= {normal_id, *later}
 
@@ -503,7 +510,7 @@ async def test_a_group_commit_refused_on_its_data_fails_only_the_bad_operations(
         receipts = [results[f"good {i}"] for i in range(len(good))]
         assert all(isinstance(r, Receipt) and r.created for r in receipts)
         await drain(service)
-    rows = await conn.fetch('SELECT id::text, status FROM "BatchOperations"')
+    rows = await conn.fetch(f'SELECT {USER_ID}, status FROM "BatchOperations"')
     assert {r[0]: r[1] for r in rows} == {str(g.user_operation_id): "SUCCESS" for g in good}
 
 

@@ -13,7 +13,7 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
 from streamsvc.settings import Settings
-from tests.conftest import PG, make_settings
+from tests.conftest import PG, SECRET, make_settings
 from tests.nest import NestClient, nest_client
 from tests.pipeline import eventually, order, serving
 
@@ -194,7 +194,7 @@ async def test_outcomes_reach_the_topic_exchange_and_the_route_queue(
     assert mode == aio_pika.DeliveryMode.PERSISTENT
     assert success["pattern"] == "batch_operations_finished"
     assert {s["id"] for s in success["data"]["success"]} == set(ids[:2])
-    assert {"id": ids[0], "meta": {"req": 7}} in success["data"]["success"]
+    assert {"id": ids[0], "meta": {"req": 7}, "userOperationId": None} in success["data"]["success"]
     failed = by_key["ORDER_CREATED.FAIL"][0]["data"]["failed"]
     assert [f["id"] for f in failed] == [ids[2]]
     assert "duplicate key" in failed[0]["error"]
@@ -218,7 +218,7 @@ async def _next(queue: aio_pika.abc.AbstractQueue) -> AbstractIncomingMessage:
 
 async def test_api_key_in_header_or_data(database: str, prefix: str) -> None:
     settings = make_settings(
-        database, prefix, STREAMSVC_AUTH="on", API_KEY_ENCRYPTION_SECRET="test-secret"
+        database, prefix, STREAMSVC_AUTH="on", API_KEY_ENCRYPTION_SECRET=SECRET
     )
     db = await asyncpg.connect(database=database, **PG)
     try:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from streamsvc.supervisor import Service
-from tests.conftest import PG, make_settings
+from tests.conftest import PG, SECRET, make_settings
 from tests.nest import nest_client
 from tests.pipeline import eventually, order, serving
 
@@ -90,7 +90,7 @@ Submit = Callable[[str | None, dict[str, Any]], Awaitable[tuple[str, str]]]
 @pytest.fixture
 async def secured(database: str, prefix: str) -> AsyncIterator[tuple[Service, dict[str, str]]]:
     settings = make_settings(
-        database, prefix, STREAMSVC_AUTH="on", API_KEY_ENCRYPTION_SECRET="test-secret"
+        database, prefix, STREAMSVC_AUTH="on", API_KEY_ENCRYPTION_SECRET=SECRET
     )
     conn = await asyncpg.connect(database=database, **PG)
     try:
@@ -179,7 +179,7 @@ async def test_every_refusal_on_every_path(
         service.inbox.stopping = True
     conn = await asyncpg.connect(database=service.settings.db_name, **PG)
     try:
-        stored = await conn.fetch('SELECT id::text FROM "BatchOperations"')
+        stored = await conn.fetch('SELECT user_operation_id::text FROM "BatchOperations"')
     finally:
         await conn.close()
     assert [r[0] for r in stored] == [accepted], "nothing refused was stored"

@@ -1,5 +1,6 @@
 """The files users deploy with stay in step with the settings the service reads."""
 
+import re
 from pathlib import Path
 
 import yaml
@@ -60,3 +61,25 @@ def test_grafana_dashboard_queries_only_metrics_the_service_declares() -> None:
     ours = sorted(f"{name}:3000" for name in compose["services"] if name.startswith("streamsvc"))
     assert sorted(prometheus["scrape_configs"][0]["static_configs"][0]["targets"]) == ours
     assert {"prometheus", "grafana"} <= set(compose["services"])
+
+
+def test_compose_ships_no_secret_and_runs_the_service_as_a_non_superuser_role() -> None:
+    text = (ROOT / "compose.yaml").read_text()
+    compose = yaml.safe_load(text)
+    services = compose["services"]
+    env = services["streamsvc"]["environment"]
+    # Secrets come from the environment or compose refuses to start: `${NAME:?message}`.
+    for name in ("API_KEY_ENCRYPTION_SECRET", "DB_PASSWORD"):
+        assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]+\}", env[name]), name
+    pg = services["postgres"]["environment"]
+    assert re.fullmatch(r"\$\{POSTGRES_PASSWORD:\?[^}]+\}", pg["POSTGRES_PASSWORD"])
+    assert "SECRET:-" not in text and "PASSWORD:-" not in text  # no default for either
+    # The service's role is the one the init script creates, never the superuser.
+    assert env["DB_USERNAME"] == pg["SERVICE_DB_USER"] != pg["POSTGRES_USER"]
+    assert env["DB_PASSWORD"] == pg["SERVICE_DB_PASSWORD"]
+    assert env["DB_NAME"] == pg["POSTGRES_DB"]
+    assert "./deploy/postgres:/docker-entrypoint-initdb.d:ro" in services["postgres"]["volumes"]
+    script = (ROOT / "deploy" / "postgres" / "10-streamsvc-role.sh").read_text()
+    assert "NOSUPERUSER" in script and "NOCREATEROLE" in script
+    for role in ("streamsvc", "streamsvc-flusher", "streamsvc-notifier", "streamsvc-sweeper"):
+        assert services[role]["environment"] == env, role  # every role shares the same

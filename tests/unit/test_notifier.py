@@ -13,7 +13,7 @@ from streamsvc.policy import RetryPolicy
 from streamsvc.settings import Route
 
 OUTCOMES = [
-    Outcome("a", "ORDER", Status.SUCCESS, None, 1, "b1", {"req": 1}),
+    Outcome("a", "ORDER", Status.SUCCESS, None, 1, "b1", {"req": 1}, "u-a"),
     Outcome("b", "ORDER", Status.FAIL, "duplicate key", 1, "b1"),
     Outcome("c", "PAY", Status.SUCCESS, None, 2, "b1"),
 ]
@@ -24,7 +24,7 @@ def decoded(pubs: list[Publication]) -> list[tuple[str | None, str, object]]:
     return [(exchange, key, msgspec.json.decode(body)) for exchange, key, body, _ in pubs]
 
 
-def test_aggregate_mode_groups_a_flush_per_type_status_and_route() -> None:
+def test_aggregate_mode_groups_a_flush_per_type_status_and_route_with_both_ids() -> None:
     assert decoded(publications(OUTCOMES, ROUTES, "aggregate", "events")) == [
         (
             "events",
@@ -33,7 +33,7 @@ def test_aggregate_mode_groups_a_flush_per_type_status_and_route() -> None:
                 "pattern": "batch_operations_finished",
                 "data": {
                     "operationType": "ORDER",
-                    "success": [{"id": "a", "meta": {"req": 1}}],
+                    "success": [{"id": "a", "meta": {"req": 1}, "userOperationId": "u-a"}],
                     "failed": [],
                 },
             },
@@ -46,7 +46,9 @@ def test_aggregate_mode_groups_a_flush_per_type_status_and_route() -> None:
                 "data": {
                     "operationType": "ORDER",
                     "success": [],
-                    "failed": [{"id": "b", "error": "duplicate key", "meta": None}],
+                    "failed": [
+                        {"id": "b", "error": "duplicate key", "meta": None, "userOperationId": None}
+                    ],
                 },
             },
         ),
@@ -57,8 +59,10 @@ def test_aggregate_mode_groups_a_flush_per_type_status_and_route() -> None:
                 "pattern": "order_done",
                 "data": {
                     "operationType": "ORDER",
-                    "success": [{"id": "a", "meta": {"req": 1}}],
-                    "failed": [{"id": "b", "error": "duplicate key", "meta": None}],
+                    "success": [{"id": "a", "meta": {"req": 1}, "userOperationId": "u-a"}],
+                    "failed": [
+                        {"id": "b", "error": "duplicate key", "meta": None, "userOperationId": None}
+                    ],
                 },
             },
         ),
@@ -69,7 +73,7 @@ def test_aggregate_mode_groups_a_flush_per_type_status_and_route() -> None:
                 "pattern": "batch_operations_finished",
                 "data": {
                     "operationType": "PAY",
-                    "success": [{"id": "c", "meta": None}],
+                    "success": [{"id": "c", "meta": None, "userOperationId": None}],
                     "failed": [],
                 },
             },
@@ -96,6 +100,7 @@ def test_operation_mode_sends_one_event_per_operation() -> None:
             "attempts": 1,
             "batchId": "b1",
             "meta": {"req": 1},
+            "userOperationId": "u-a",
         },
     }
     assert pubs[1][2]["pattern"] == "order_done"  # type: ignore[index]

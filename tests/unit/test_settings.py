@@ -72,3 +72,52 @@ def test_allow_list_parsing() -> None:
 
 def test_empty_allow_list_allows_nothing() -> None:
     assert not settings.load({}, env_file=None).allow_list
+
+
+@pytest.mark.parametrize("spelling", ["production", "Production", "PRODUCTION", " production "])
+def test_production_in_any_spelling_refuses_auth_off(spelling: str) -> None:
+    s = settings.load({"NODE_ENV": spelling, "STREAMSVC_AUTH": "off"}, env_file=None)
+    assert s.production
+    with pytest.raises(ConfigError, match=r"^STREAMSVC_AUTH: cannot be off when NODE_ENV="):
+        s.check_auth()
+
+
+@pytest.mark.parametrize("env", ["development", "test", "productionish", ""])
+def test_other_environments_may_switch_auth_off(env: str) -> None:
+    s = settings.load({"NODE_ENV": env, "STREAMSVC_AUTH": "off"}, env_file=None)
+    assert not s.production
+    s.check_auth()
+
+
+@pytest.mark.parametrize(
+    ("secret", "message"),
+    [
+        ("", "API_KEY_ENCRYPTION_SECRET: required while STREAMSVC_AUTH=on"),
+        ("x" * 31, "API_KEY_ENCRYPTION_SECRET: 31 bytes is too short, at least 32"),
+        ("é" * 15, "API_KEY_ENCRYPTION_SECRET: 30 bytes is too short"),  # bytes, not characters
+    ],
+)
+def test_auth_on_needs_a_secret_of_at_least_32_bytes(secret: str, message: str) -> None:
+    s = settings.load({"API_KEY_ENCRYPTION_SECRET": secret}, env_file=None)
+    with pytest.raises(ConfigError) as info:
+        s.check_auth()
+    assert str(info.value).startswith(message)
+    assert secret not in str(info.value) or not secret  # the secret itself is never shown
+
+
+@pytest.mark.parametrize("secret", ["x" * 32, "é" * 16])
+def test_a_secret_of_32_bytes_is_enough(secret: str) -> None:
+    settings.load({"API_KEY_ENCRYPTION_SECRET": secret}, env_file=None).check_auth()
+
+
+def test_rate_limit_and_stream_cap_settings() -> None:
+    s = settings.load({}, env_file=None)
+    assert (s.rate_limit_ops, s.stream_maxlen) == (0, 100_000)
+    s = settings.load(
+        {"STREAMSVC_RATE_LIMIT_OPS": "200", "STREAMSVC_STREAM_MAXLEN": "5000"}, env_file=None
+    )
+    assert (s.rate_limit_ops, s.stream_maxlen) == (200, 5000)
+    with pytest.raises(ConfigError, match=r"^STREAMSVC_STREAM_MAXLEN: expected `int` >= 1"):
+        settings.load({"STREAMSVC_STREAM_MAXLEN": "0"}, env_file=None)
+    with pytest.raises(ConfigError, match=r"^STREAMSVC_RATE_LIMIT_OPS: expected `int` >= 0"):
+        settings.load({"STREAMSVC_RATE_LIMIT_OPS": "-1"}, env_file=None)

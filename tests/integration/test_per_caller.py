@@ -1,0 +1,186 @@
+"""Per-caller data: a key sees only the operations it submitted (an admin key sees all), and
+a userOperationId is the idempotency key of one key, not of the whole service."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import anyio
+import asyncpg
+import httpx
+import pytest
+
+from streamsvc.supervisor import Service
+from tests.conftest import PG, SECRET, make_settings
+from tests.nest import NestClient, nest_client
+from tests.pipeline import eventually, order, serving
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+
+@dataclass
+class World:
+    service: Service
+    db: asyncpg.Connection
+    http: httpx.AsyncClient
+    rpc: NestClient
+    keys: dict[str, str]  # "a", "b": ordinary keys; "admin": an admin key
+    events: aio_pika.abc.AbstractQueue  # every ORDER_CREATED outcome event
+
+    async def post(self, who: str, body: Any, path: str = "/api/operations") -> httpx.Response:
+        return await self.http.post(path, json=body, headers={"x-api-key": self.keys[who]})
+
+    async def get(self, who: str, ref: str) -> httpx.Response:
+        return await self.http.get(f"/api/operations/{ref}", headers={"x-api-key": self.keys[who]})
+
+    async def send(self, who: str, pattern: str, data: Any) -> dict[str, Any]:
+        if isinstance(data, dict):
+            data = {**data, "apiKey": self.keys[who]}
+            reply = await self.rpc.send(pattern, data)
+        else:  # a list or a bare id: the key goes in the header
+            request_id = str(uuid.uuid4())
+            body = json.dumps({"pattern": pattern, "data": data, "id": request_id}).encode()
+            await self.rpc.publish(body, request_id, headers={"x-api-key": self.keys[who]})
+            reply = await self.rpc.reply(request_id)
+        response: dict[str, Any] = reply["response"]
+        return response
+
+    async def applied(self, op_id: str) -> None:
+        async def done() -> bool:
+            status = await self.db.fetchval(
+                'SELECT status FROM "BatchOperations" WHERE id = $1::uuid', op_id
+            )
+            return bool(status == "SUCCESS")
+
+        await eventually(done, within=15)
+
+
+@pytest.fixture
+async def world(database: str, prefix: str) -> AsyncIterator[World]:
+    settings = make_settings(
+        database, prefix, STREAMSVC_AUTH="on", API_KEY_ENCRYPTION_SECRET=SECRET
+    )
+    db = await asyncpg.connect(database=database, **PG)
+    base = f"http://127.0.0.1:{settings.http_port}"
+    try:
+        async with (
+            nest_client(settings.rmq_queue) as rpc,
+            serving(settings) as service,
+            httpx.AsyncClient(base_url=base) as http,
+        ):
+            store = service.keys
+            assert store is not None
+            keys = {
+                name: await store.create(
+                    db, name, tables=["orders"], actions=["insert"], allow_sql=False, admin=admin
+                )
+                for name, admin in (("a", False), ("b", False), ("admin", True))
+            }
+            await store.load(db)
+            exchange = await rpc.channel.declare_exchange(
+                settings.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+            events = await rpc.channel.declare_queue(exclusive=True)
+            await events.bind(exchange, routing_key="ORDER_CREATED.*")
+            yield World(service, db, http, rpc, keys, events)
+    finally:
+        await db.close()
+
+
+async def test_a_key_sees_only_its_own_operations_over_http(world: World) -> None:
+    user_id = str(uuid.uuid4())
+    created = await world.post("a", order(1, userOperationId=user_id))
+    assert created.status_code == 201
+    op_id = created.json()["id"]
+    assert op_id != user_id  # stored under the key's own id
+
+    for ref in (op_id, user_id):  # the owner finds it by either id
+        mine = await world.get("a", ref)
+        assert mine.status_code == 200 and mine.json()["id"] == op_id
+        admin = await world.get("admin", ref)
+        assert admin.status_code == 200 and admin.json()["id"] == op_id
+
+    unknown = str(uuid.uuid4())
+    nothing = await world.get("b", unknown)
+    assert nothing.status_code == 404
+    for ref in (op_id, user_id):  # not found, exactly as an unknown id: no existence oracle
+        other = await world.get("b", ref)
+        assert other.status_code == 404
+        assert other.headers["content-type"] == nothing.headers["content-type"]
+        assert other.text == nothing.text.replace(unknown, ref)
+        assert "orders" not in other.text and "ORDER_CREATED" not in other.text
+
+
+async def test_a_key_sees_only_its_own_operations_over_rpc(world: World) -> None:
+    user_id = str(uuid.uuid4())
+    created = await world.send("a", "createOperation", order(2, userOperationId=user_id))
+    assert created["status"] is True
+    op_id = created["data"]["id"]
+
+    for ref in ({"id": op_id}, {"userOperationId": user_id}, {"id": user_id}):
+        mine = await world.send("a", "getOperation", ref)
+        assert (mine["status"], mine["data"]["id"]) == (True, op_id)
+        admin = await world.send("admin", "getOperation", ref)
+        assert (admin["status"], admin["data"]["id"]) == (True, op_id)
+    assert (await world.send("a", "get_operation", op_id))["data"]["id"] == op_id  # bare id
+
+    unknown = await world.send("b", "getOperation", {"id": str(uuid.uuid4())})
+    assert unknown["errorCode"] == "NOT_FOUND"
+    for ref in ({"id": op_id}, {"userOperationId": user_id}):
+        assert await world.send("b", "getOperation", ref) == unknown
+    assert await world.send("b", "get_operation", op_id) == unknown
+
+
+async def test_the_same_user_operation_id_from_two_keys_is_two_operations(world: World) -> None:
+    user_id = str(uuid.uuid4())
+    from_a = await world.post("a", order(10, userOperationId=user_id))
+    from_b = await world.send("b", "createOperation", order(11, userOperationId=user_id))
+    assert from_a.status_code == 201 and from_b["message"] == "Operation created"
+    a_id, b_id = from_a.json()["id"], from_b["data"]["id"]
+    assert a_id != b_id
+    await world.applied(a_id)
+    await world.applied(b_id)
+
+    # A's repeat answers A's operation and is not applied again, on either door.
+    again = await world.post("a", order(10, userOperationId=user_id))
+    assert (again.status_code, again.json()) == (
+        200,
+        {"id": a_id, "operationType": "ORDER_CREATED", "status": "SUCCESS", "created": False},
+    )
+    bulk = await world.send("a", "create_operations", [order(10, userOperationId=user_id)])
+    assert bulk["data"] == [again.json()]
+    # B's bulk repeat shows B's own operation, whatever A's stands at.
+    b_bulk = await world.post(
+        "b", [order(11, userOperationId=user_id)], path="/api/operations/batch"
+    )
+    assert [(i["id"], i["created"]) for i in b_bulk.json()] == [(b_id, False)]
+
+    rows = await world.db.fetch("SELECT id FROM orders WHERE id IN (10, 11) ORDER BY id")
+    assert [r["id"] for r in rows] == [10, 11]  # each applied once
+    who = await world.db.fetch(
+        """SELECT submitted_by, id::text FROM "BatchOperations"
+        WHERE user_operation_id = $1 ORDER BY submitted_by""",
+        user_id,
+    )
+    assert [tuple(r) for r in who] == [("a", a_id), ("b", b_id)]
+
+
+async def test_outcome_events_carry_the_callers_user_operation_id(world: World) -> None:
+    user_id = str(uuid.uuid4())
+    op_id = (await world.post("a", order(20, userOperationId=user_id))).json()["id"]
+    await world.applied(op_id)
+    with anyio.fail_after(10):
+        while True:
+            message = await world.events.get(fail=False)
+            if message is None:
+                await anyio.sleep(0.05)
+                continue
+            success = json.loads(message.body)["data"]["success"]
+            if any(s["id"] == op_id for s in success):
+                break
+    assert {"id": op_id, "userOperationId": user_id, "meta": None} in success
