@@ -5,6 +5,7 @@ import aiormq
 import fakeredis
 import msgspec
 import pytest
+import redis.exceptions
 
 from streamsvc.actors.notifier import Notifier, Publication, publications, unpublishable
 from streamsvc.adapters import streams as rs
@@ -215,3 +216,57 @@ def test_aggregated_events_are_cut_before_big_metas_add_up_past_the_broker_limit
 def test_a_message_above_the_broker_limit_is_unpublishable() -> None:
     huge = Publication(None, "orders", b"x" * (16 * 1024 * 1024 + 1), [])
     assert "above the 16777216 allowed" in (unpublishable(huge) or "")
+
+
+class AckFailsOnce(rs.Streams):
+    """Redis drops the connection at the first ack; the notifier stops after the second."""
+
+    notifier: Notifier
+    acks = 0
+
+    async def ack_with(self, *args: Any, **kwargs: Any) -> None:
+        self.acks += 1
+        if self.acks == 1:
+            raise redis.exceptions.ConnectionError("connection reset")
+        await super().ack_with(*args, **kwargs)
+        self.notifier.stop()
+
+
+class FakeChannel:
+    def __init__(self, exchange: FakeExchange) -> None:
+        self.default_exchange = exchange
+
+    async def declare_exchange(self, *_: Any, **__: Any) -> FakeExchange:
+        return self.default_exchange
+
+
+class FakeConnection:
+    def __init__(self, exchange: FakeExchange) -> None:
+        self.exchange = exchange
+
+    async def channel(self, **_: Any) -> FakeChannel:
+        return FakeChannel(self.exchange)
+
+
+@pytest.mark.anyio
+async def test_redis_away_at_the_ack_means_publishing_again_not_stopping() -> None:
+    streams = AckFailsOnce(fakeredis.FakeAsyncRedis(), rs.Names("t"))
+    names = streams.names
+    await streams.ensure_group(names.outcomes, rs.NOTIFIER_GROUP)
+    outcome = Outcome("1", "A", Status.SUCCESS, None, 1, "b")
+    await streams.add(names.outcomes, [{"o": work_encoder.encode([outcome])}])
+    notifier = Notifier(
+        "n",
+        streams,
+        RetryPolicy(max_attempts=1, base_ms=1, cap_ms=1),
+        url="",
+        exchange="events",
+        routes={},
+        mode="operation",
+        durable_queues=True,
+    )
+    streams.notifier = notifier
+    exchange = FakeExchange("never", TypeError())
+    await notifier._session(FakeConnection(exchange))  # type: ignore[arg-type]
+    assert exchange.published == ["A.SUCCESS", "A.SUCCESS"], "at least once"
+    assert await streams.length(names.outcomes) == 0
