@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.live import Live
 
 from streamsvc import logs, settings, status
-from streamsvc.adapters import postgres
+from streamsvc.adapters import caller_role, postgres
 from streamsvc.adapters import streams as rs
 from streamsvc.errors import ConfigError, InvalidOperation, NotMigratedError
 from streamsvc.keys import KeyStore
@@ -25,7 +25,16 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run_cmd = sub.add_parser("run", help="run every actor, or one role for scaling out")
     run_cmd.add_argument("--role", choices=ROLES, default="all")
-    sub.add_parser("migrate", help="create or upgrade the service's own tables")
+    sub.add_parser(
+        "migrate", help="create or upgrade the service's own tables and set up the caller role"
+    )
+    role = sub.add_parser(
+        "caller-role",
+        help="grant the role callers' statements run as what the allow-list needs, no more",
+    )
+    role.add_argument(
+        "--sql", action="store_true", help="print the statements instead (for an administrator)"
+    )
     status = sub.add_parser("status", help="stream depths, consumers, throughput, failures")
     status.add_argument("--watch", action="store_true", help="refresh until interrupted")
     status.add_argument("--every", type=float, default=2.0, help="seconds between refreshes")
@@ -58,9 +67,28 @@ async def _migrate(config: Settings) -> None:
     conn = await asyncpg.connect(**postgres.dsn_kwargs(config))
     try:
         applied = await postgres.migrate(conn)
+        print("applied: " + ", ".join(applied) if applied else "database is up to date")
+        await _sync_caller_role(conn, config)
     finally:
         await conn.close()
-    print("applied: " + ", ".join(applied) if applied else "database is up to date")
+
+
+async def _caller_role(config: Settings, args: argparse.Namespace) -> None:
+    conn = await asyncpg.connect(**postgres.dsn_kwargs(config))
+    try:
+        if not args.sql:
+            await _sync_caller_role(conn, config)
+            return
+        for statement in await caller_role.plan(conn, config.caller_role, config.allow_list):
+            print(f"{statement};")
+    finally:
+        await conn.close()
+
+
+async def _sync_caller_role(conn: asyncpg.Connection, config: Settings) -> None:
+    done = await caller_role.sync(conn, config.caller_role, config.allow_list)
+    changes = f"{len(done)} change{'s' if len(done) != 1 else ''}" if done else "up to date"
+    print(f"caller role {config.caller_role}: {changes}")
 
 
 async def _keys(config: Settings, args: argparse.Namespace) -> None:
@@ -134,6 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             async def job() -> None:
                 await _migrate(config)
+        elif args.command == "caller-role":
+
+            async def job() -> None:
+                await _caller_role(config, args)
         elif args.command == "keys":
 
             async def job() -> None:

@@ -11,6 +11,7 @@ class Verdict(enum.Enum):
     RETRY = "retry"  # transient: try the same batch again after a pause
     FAIL = "fail"  # give up: the operations end as FAIL with the error
     LEAVE = "leave"  # stop trying here; the entry stays unacked for redelivery
+    SPLIT = "split"  # apply the batch's halves apart, to find the operations at fault
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,12 +34,32 @@ class RetryPolicy:
         jitter: float = (rng or random).uniform(0.5, 1.0)
         return ceiling * jitter / 1000
 
-    def decide(self, *, transient: bool, attempt: int, stopping: bool = False) -> RetryDecision:
+    def decide(
+        self,
+        *,
+        transient: bool,
+        attempt: int,
+        stopping: bool = False,
+        timeouts: int = 0,
+        operations: int = 1,
+    ) -> RetryDecision:
         """After ``attempt`` failed tries: retry transient errors until the budget is spent.
+
+        ``timeouts``: when this failure is a statement timeout, how many the batch has met
+        (this one included, and those of the batch it was cut from). The first is retried
+        like any transient error (a lock may be gone by then); after that, or when the
+        budget is spent, the batch of ``operations`` is split, so that a slow operation
+        ends up alone and fails, and the others apply.
 
         While the process is stopping a transient failure is not retried here; the batch
         stays unacked and the sweeper hands it to another flusher later."""
-        if not transient or attempt >= self.max_attempts:
+        if not transient:
+            return RetryDecision(Verdict.FAIL)
+        if timeouts >= 2 or (timeouts and attempt >= self.max_attempts):
+            if stopping:
+                return RetryDecision(Verdict.LEAVE)
+            return RetryDecision(Verdict.SPLIT if operations > 1 else Verdict.FAIL)
+        if attempt >= self.max_attempts:
             return RetryDecision(Verdict.FAIL)
         if stopping:
             return RetryDecision(Verdict.LEAVE)

@@ -33,20 +33,27 @@ SELECT id::text, status, error, attempts, batch_id::text FROM {OPS} WHERE id = A
 # connections of a flushing process create, says how): `tables` sorted.
 LOCK_TABLES = "SELECT pg_temp.streamsvc_lock_tables($1::text[])"
 
-# Multi-row statements, their refused rows searched out inside PostgreSQL, in one round
+# A batch's statements, their refused rows searched out inside PostgreSQL, in one round
 # trip (sql/apply_rows.sql, sql/batch.sql): the table locks first (an empty list when taken
-# already), then each statement over its rows (a JSON array in text). The rows a statement
-# accepts are applied; each refused one returns with its statement's index, its position,
-# SQLSTATE and message. A batch's first call also claims its rows (claim ids, else NULL)
-# and stops when any had finished; its last call also marks the refused FAIL (each
-# statement's operation ids, comma-separated, else NULL; and the ids and errors refused
-# earlier in the batch). Arguments: claim ids, batch id, tables, statements, rows, mark
-# ids, failed ids, failed errors.
+# already), then each statement over its rows (a JSON array in text), as the caller role:
+# a multi-row statement over all its rows, or (each: true) a caller's statement once per
+# row, a row holding its parameters. The rows a statement accepts are applied; each
+# refused one returns with its statement's index, its position, SQLSTATE and message. A
+# batch's first call also claims its rows (claim ids, else NULL) and stops when any had
+# finished; its last call also marks the refused FAIL (each statement's operation ids,
+# comma-separated, else NULL; and the ids and errors refused earlier in the batch).
+# Arguments: claim ids, batch id, tables, statements, rows, each, mark ids, failed ids,
+# failed errors.
 APPLY_BATCH = """
 SELECT op_id, attempts, group_index, row_position, error_state, error_message
 FROM pg_temp.streamsvc_apply_batch($1::uuid[], $2::uuid, $3::text[], $4::text[], $5::text[],
-                                   $6::text[], $7::uuid[], $8::text[])
+                                   $6::boolean[], $7::text[], $8::uuid[], $9::text[])
 """
+
+# After a batch that ran callers' statements: what they may have left on the session for
+# the next user of the connection (settings changed with set_config(..., false), session
+# advisory locks). RESET ALL returns every setting to the connection's start-up value.
+CLEAN_SESSION = "RESET ALL; SELECT pg_advisory_unlock_all()"
 
 # Count a transient failure on rows still pending; they stay in the stream for a retry.
 COUNT_ATTEMPT = f"""

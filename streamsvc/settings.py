@@ -20,6 +20,7 @@ from streamsvc.errors import ConfigError
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+RoleName = Annotated[str, msgspec.Meta(min_length=1, max_length=63)]
 OnOff = Literal["on", "off"]
 LogLevel = Literal["debug", "info", "warning", "warn", "error", "critical"]
 NotifyMode = Literal["operation", "aggregate"]
@@ -53,6 +54,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     redis_prefix: str = msgspec.field(default="streamsvc", name="STREAMSVC_REDIS_PREFIX")
     auth: OnOff = msgspec.field(default="on", name="STREAMSVC_AUTH")
     allowed_tables: str = msgspec.field(default="", name="STREAMSVC_ALLOWED_TABLES")
+    caller_role: RoleName = msgspec.field(default="streamsvc_caller", name="STREAMSVC_CALLER_ROLE")
     http_port: Port = msgspec.field(default=3000, name="STREAMSVC_HTTP_PORT")
     http_host: str = msgspec.field(default="0.0.0.0", name="STREAMSVC_HTTP_HOST")
     max_body_bytes: Positive = msgspec.field(default=1_048_576, name="STREAMSVC_MAX_BODY_BYTES")

@@ -3,7 +3,10 @@
 Structured operations with the same table, action and columns merge into one multi-row
 statement fed by a single JSON parameter (``json_to_recordset``), so PostgreSQL parses the
 values with its own input functions and reports bad ones in its own words. Statement
-operations with the same SQL text run as one pipelined executemany.
+operations with the same SQL text form one group too: the text becomes a format()
+template (``caller_template``) that PostgreSQL fills with each operation's parameters,
+quoted as literals, and runs once per operation. Every statement runs inside PostgreSQL,
+as the caller role (sql/apply_rows.sql, streamsvc.adapters.caller_role).
 
 Order: groups run in the order they were first needed. An operation never joins a group
 that would move it ahead of an earlier operation on the same row (same table and key), and
@@ -13,9 +16,12 @@ keep their submission order within a batch.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from pglast import parser
 
 from streamsvc import sqlguard
 from streamsvc.allowlist import TableRef, quote_ident
@@ -45,11 +51,14 @@ class Group:
 
 @dataclass(frozen=True, slots=True)
 class Statement:
-    """One round trip: ``sql`` with ``args``, or executemany over ``many``."""
+    """What PostgreSQL applies for a group: ``sql`` over ``rows``, a JSON array in text with
+    one element per member. Either a multi-row statement taking them all as $1, or
+    (``each``) a caller's statement as a format() template, run once per element, the
+    element being that member's parameters."""
 
     sql: str
-    args: tuple[Any, ...] = ()
-    many: list[tuple[Any, ...]] | None = None
+    rows: str
+    each: bool = False
 
 
 def plan(items: Sequence[WorkOp], catalog: Catalog) -> list[Group]:
@@ -114,18 +123,57 @@ def render(group: Group, catalog: Catalog) -> Statement:
     first = group.members[0].op
     if first.kind is not BodyKind.STRUCTURED:
         assert first.sql is not None
-        return Statement(first.sql, many=[tuple(m.op.params or ()) for m in group.members])
+        params = [[param_text(p) for p in m.op.params or ()] for m in group.members]
+        return Statement(caller_template(first.sql), json_encoder.encode(params).decode(), True)
     table = _table(first, catalog)
     values = sorted(first.values or ())
     keys = sorted(first.key or ())
     records = json_encoder.encode([_record(m.op, values, keys) for m in group.members]).decode()
     if first.action == "insert":
-        return Statement(_insert_sql(table, values, None), (records,))
+        return Statement(_insert_sql(table, values, None), records)
     if first.action == "upsert":
-        return Statement(_insert_sql(table, values + keys, keys), (records,))
+        return Statement(_insert_sql(table, values + keys, keys), records)
     if first.action == "update":
-        return Statement(_update_sql(table, values, keys), (records,))
-    return Statement(_delete_sql(table, keys), (records,))
+        return Statement(_update_sql(table, values, keys), records)
+    return Statement(_delete_sql(table, keys), records)
+
+
+@functools.lru_cache(maxsize=1024)
+def caller_template(sql: str) -> str:
+    """A caller's statement as a format() template: each ``$n`` placeholder (as PostgreSQL's
+    own scanner finds it, so not one inside a string or comment) becomes ``%n$L``, which
+    format() replaces with the n-th parameter quoted as a literal (or NULL); every other
+    ``%`` is doubled; a trailing ``;`` is dropped (the statement runs inside a WITH).
+    A text the scanner cannot read raises, and its operation fails alone."""
+    tokens = list(parser.scan(sql))
+    end = len(sql)
+    for token in reversed(tokens):
+        if token.name == "ASCII_59":  # ;
+            end = token.start
+        elif token.name not in ("SQL_COMMENT", "C_COMMENT"):
+            break
+    parts, at = [], 0
+    for token in tokens:
+        if token.start >= end:
+            break
+        if token.name == "PARAM":
+            parts.append(sql[at : token.start].replace("%", "%%"))
+            parts.append(f"%{int(sql[token.start + 1 : token.end + 1])}$L")
+            at = token.end + 1
+    parts.append(sql[at:end].replace("%", "%%"))
+    return "".join(parts)
+
+
+def param_text(value: Any) -> str | None:
+    """A JSON parameter in PostgreSQL's text input form; null is SQL NULL. Objects and
+    arrays become JSON text (for json and jsonb columns)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return json_encoder.encode(value).decode()
 
 
 def _record(op: Operation, values: list[str], keys: list[str]) -> dict[str, Any]:

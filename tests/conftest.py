@@ -15,8 +15,9 @@ import pytest
 from benchmarks import workload
 from benchmarks.harness import PG, REDIS_URL, RMQ_URL, free_port
 from streamsvc import settings as settings_module
-from streamsvc.adapters import postgres
+from streamsvc.adapters import caller_role, postgres
 from streamsvc.adapters import streams as rs
+from streamsvc.allowlist import AllowList
 from streamsvc.settings import Settings
 
 ALLOWED = f"{workload.ALLOWED}, profiles(id, name)"
@@ -30,7 +31,8 @@ def anyio_backend() -> str:
 
 @pytest.fixture
 async def database() -> AsyncIterator[str]:
-    """A fresh database with the target tables, migrated, dropped afterwards."""
+    """A fresh database with the target tables, migrated, its caller role granted what
+    ALLOWED needs, dropped afterwards."""
     name = f"streamsvc_t_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(database="postgres", **PG)
     try:
@@ -39,6 +41,7 @@ async def database() -> AsyncIterator[str]:
         try:
             await conn.execute(workload.SCHEMA)
             await postgres.migrate(conn)
+            await caller_role.sync(conn, caller_role.DEFAULT, AllowList.parse(ALLOWED))
         finally:
             await conn.close()
         yield name

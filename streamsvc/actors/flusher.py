@@ -6,9 +6,12 @@ ones FAIL before the same commit. A redelivered or doubly-claimed entry therefor
 its operations finished and applies nothing; it only re-reports them.
 
 A statement that fails is searched inside the transaction until the bad operations stand
-alone (inside PostgreSQL for the JSON-fed statements, see sql/apply_rows.sql); they end
-as FAIL with the database's message while every good one still lands in the same batch.
-Transient errors roll back and retry with backoff.
+alone (inside PostgreSQL, see sql/apply_rows.sql); they end as FAIL with the database's
+message while every good one still lands in the same batch. Every statement runs there as
+the caller role (streamsvc.adapters.caller_role), and a connection that ran callers'
+statements is cleaned before it goes back to the pool. Transient errors roll back and
+retry with backoff; a batch that hits the statement timeout twice is cut in halves, each
+its own transaction, until the slow operation fails alone (streamsvc.policy).
 """
 
 from __future__ import annotations
@@ -25,12 +28,20 @@ import structlog
 
 from streamsvc import metrics, queries, sqlbuild
 from streamsvc.adapters import streams as rs
-from streamsvc.adapters.postgres import is_transient, translate
+from streamsvc.adapters.postgres import StatementTimeout, is_transient, translate
 from streamsvc.backoff import pause
 from streamsvc.catalog import Catalog
 from streamsvc.errors import TransientError
-from streamsvc.model import Outcome, Status, WorkOp, user_id, work_decoder, work_encoder
-from streamsvc.policy import RetryPolicy, Verdict
+from streamsvc.model import (
+    BodyKind,
+    Outcome,
+    Status,
+    WorkOp,
+    user_id,
+    work_decoder,
+    work_encoder,
+)
+from streamsvc.policy import RetryPolicy, Verdict, halves
 
 log = structlog.get_logger("streamsvc.flusher")
 
@@ -137,8 +148,9 @@ class Flusher:
         await self.streams.ack_with(names.work, rs.FLUSHER_GROUP, ids, names.outcomes, payload)
 
     # -- one batch ---------------------------------------------------------------------
-    async def flush(self, items: Sequence[WorkOp]) -> BatchResult | None:
-        """Apply ``items`` exactly once, retrying transient errors; None means leave it."""
+    async def flush(self, items: Sequence[WorkOp], *, timeouts: int = 0) -> BatchResult | None:
+        """Apply ``items`` exactly once, retrying transient errors; None means leave it.
+        ``timeouts``: statement timeouts met already by the batch ``items`` were cut from."""
         attempt = 0
         trigger = "claim"
         while True:
@@ -146,13 +158,17 @@ class Flusher:
             metrics.flushes.labels(trigger).inc()
             started = time.perf_counter()
             try:
-                result = await self._transaction(items)
+                result = await self._attempt(items)
             except Exception as exc:
                 error = translate(exc)
+                timed_out = isinstance(error, StatementTimeout)
+                timeouts += timed_out
                 decision = self.retry.decide(
                     transient=isinstance(error, TransientError),
                     attempt=attempt,
                     stopping=self.stopping,
+                    timeouts=timeouts if timed_out else 0,
+                    operations=len(items),
                 )
                 log.warning(
                     "flush.failed",
@@ -168,6 +184,8 @@ class Flusher:
                     await anyio.sleep(decision.delay_s)
                     trigger = "retry"
                     continue
+                if decision.verdict is Verdict.SPLIT:
+                    return await self._split(items, timeouts)
                 if decision.verdict is Verdict.LEAVE:
                     return None
                 return await self._fail_all(items, str(error))
@@ -175,60 +193,42 @@ class Flusher:
             metrics.flush_size.observe(len(items))
             return result
 
-    async def _transaction(self, items: Sequence[WorkOp]) -> BatchResult:
-        """One batch transaction: first with no savepoint around the statements applied
-        from here, and when one of them fails, once more with them."""
-        try:
-            return await self._attempt(items, careful=False)
-        except _Careful:
-            return await self._attempt(items, careful=True)
+    async def _split(self, items: Sequence[WorkOp], timeouts: int) -> BatchResult | None:
+        """Apply the halves of ``items`` one after the other, each in its own transactions
+        (cut further while they time out), so the operations at fault end up alone."""
+        first, _ = halves(len(items))
+        result = BatchResult(batch_id=str(uuid.uuid4()))
+        for part in (items[:first], items[first:]):
+            done = await self.flush(part, timeouts=timeouts)
+            if done is None:
+                return None  # left unacked: what committed is only reported again
+            result.outcomes.extend(done.outcomes)
+        return result
 
-    async def _attempt(self, items: Sequence[WorkOp], *, careful: bool) -> BatchResult:
-        """One batch transaction (``careful``: see ``_apply``).
+    async def _attempt(self, items: Sequence[WorkOp]) -> BatchResult:
+        """One batch transaction.
 
         Its first call claims the batch's pending rows (marking them SUCCESS), takes the
-        table locks and, when the batch starts with statements PostgreSQL applies, applies
-        those too; then the rest follows in order, each group in a subtransaction so a bad
-        operation costs the search of its own group only. The few that failed are marked
-        FAIL before the commit, by the batch's last call when PostgreSQL applies it.
-        Statements are rendered before the transaction; when some operations had finished
-        earlier, the first call applies nothing and the batch is planned again without
-        them."""
+        table locks and applies the statements, in order, each in a subtransaction so a bad
+        operation costs the search of its own group only; the few that failed are marked
+        FAIL in the same call. Statements are rendered before the transaction; when some
+        operations had finished earlier, the first call applies nothing and the batch is
+        planned again without them. (A group whose statement could not be rendered makes
+        the batch take more calls, see ``_apply_unrendered``.)"""
         unique = list({item.id: item for item in items}.values())
         result = BatchResult(batch_id=str(uuid.uuid4()))
         prepared = self._prepare(unique)
         errors: dict[str, str] = {}
-        async with self.pool.acquire() as conn, conn.transaction():
-            runs = _runs(prepared)
-            lead = runs.pop(0)[1] if runs and runs[0][0] else []
-            tables = sqlbuild.tables_of([g for g, _ in prepared], self.catalog)
-            claim = ([i.id for i in unique], result.batch_id)
-            attempts = await self._apply_in_postgres(
-                conn, lead, errors, tables, claim=claim, mark=not runs
-            )
-            pending = [i for i in unique if i.id in attempts]
-            if len(pending) < len(unique):  # some finished earlier: plan without them
-                prepared = self._prepare(pending)
-                earlier = [i.id for i in unique if i.id not in attempts]
-                result.outcomes.extend(await self._earlier(conn, earlier, unique))
-                runs = _runs(prepared)
-                tables = sqlbuild.tables_of([g for g, _ in prepared], self.catalog)
-            else:
-                tables = []  # the first call took the locks
-            for n, (in_postgres, run) in enumerate(runs):
-                if in_postgres:  # the table locks go with the first round trip
-                    last = n == len(runs) - 1
-                    await self._apply_in_postgres(conn, run, errors, tables, mark=last)
-                else:
-                    if tables:
-                        await conn.execute(queries.LOCK_TABLES, tables)
-                    for group, statement in run:
-                        await self._apply(conn, group, errors, statement, careful=careful)
-                tables = []
-            # A last call of PostgreSQL's marked them (so did the first, when it was last).
-            if errors and runs and not runs[-1][0]:
-                failed = list(errors)
-                await conn.execute(queries.MARK_FAILED, failed, [errors[i] for i in failed])
+        callers_sql = any(i.op.kind is not BodyKind.STRUCTURED for i in unique)
+        async with self.pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    pending, attempts = await self._apply_all(
+                        conn, unique, prepared, errors, result
+                    )
+            finally:
+                if callers_sql:
+                    await _clean_session(conn)
         for item in pending:
             error = errors.get(item.id)
             result.outcomes.append(
@@ -248,9 +248,50 @@ class Flusher:
         metrics.last_success.set_to_current_time()
         return result
 
+    async def _apply_all(
+        self,
+        conn: asyncpg.Connection,
+        unique: list[WorkOp],
+        prepared: Prepared,
+        errors: dict[str, str],
+        result: BatchResult,
+    ) -> tuple[list[WorkOp], dict[str, int]]:
+        """The calls of ``_attempt``'s transaction; the claimed operations and attempts."""
+        runs = _runs(prepared)
+        lead = runs.pop(0)[1] if runs and runs[0][0] else []
+        tables = sqlbuild.tables_of([g for g, _ in prepared], self.catalog)
+        claim = ([i.id for i in unique], result.batch_id)
+        attempts = await self._apply_in_postgres(
+            conn, lead, errors, tables, claim=claim, mark=not runs
+        )
+        pending = [i for i in unique if i.id in attempts]
+        if len(pending) < len(unique):  # some finished earlier: plan without them
+            prepared = self._prepare(pending)
+            earlier = [i.id for i in unique if i.id not in attempts]
+            result.outcomes.extend(await self._earlier(conn, earlier, unique))
+            runs = _runs(prepared)
+            tables = sqlbuild.tables_of([g for g, _ in prepared], self.catalog)
+        else:
+            tables = []  # the first call took the locks
+        for n, (rendered, run) in enumerate(runs):
+            if rendered:  # the table locks go with the first round trip
+                last = n == len(runs) - 1
+                await self._apply_in_postgres(conn, run, errors, tables, mark=last)
+            else:
+                if tables:
+                    await conn.execute(queries.LOCK_TABLES, tables)
+                for group, _ in run:
+                    await self._apply_unrendered(conn, group, errors)
+            tables = []
+        # A last call of PostgreSQL's marked them (so did the first, when it was last).
+        if errors and runs and not runs[-1][0]:
+            failed = list(errors)
+            await conn.execute(queries.MARK_FAILED, failed, [errors[i] for i in failed])
+        return pending, attempts
+
     def _prepare(self, items: Sequence[WorkOp]) -> Prepared:
         """The groups of ``items`` with their statements (None: rendering failed, and
-        ``_apply`` finds out for which members)."""
+        ``_apply_unrendered`` finds out for which members)."""
         prepared: Prepared = []
         for group in sqlbuild.plan(items, self.catalog):
             try:
@@ -282,47 +323,22 @@ class Flusher:
             for op_id, status, error, attempts, batch_id in rows
         ]
 
-    async def _apply(
-        self,
-        conn: asyncpg.Connection,
-        group: sqlbuild.Group,
-        errors: dict[str, str],
-        statement: sqlbuild.Statement | None = None,
-        *,
-        careful: bool,
+    async def _apply_unrendered(
+        self, conn: asyncpg.Connection, group: sqlbuild.Group, errors: dict[str, str]
     ) -> None:
-        """Run one group here. ``careful``: under a savepoint, so that a permanent error
-        halves the group until the bad members stand alone; a savepoint that succeeded is
-        left open (the commit releases them all), a round trip fewer. Otherwise without
-        one, betting that the group succeeds, as it nearly always does: when it fails the
-        transaction is lost, and `_Careful` has the batch start again with savepoints.
-        (JSON-fed groups go to ``_apply_in_postgres``; one whose statement could not be
-        rendered comes here to find its bad members.)"""
+        """A group whose statement could not be rendered (a column or table gone from the
+        catalog, a text the scanner cannot read): halved until the members at fault stand
+        alone, each refused with the reason; the halves that render are applied."""
         try:
-            statement = statement or sqlbuild.render(group, self.catalog)
-            if careful:
-                await conn.execute(_SAVEPOINT)
-            try:
-                await _execute(conn, statement)
-            except Exception:
-                if careful:
-                    await conn.execute(_ROLLBACK_TO_SAVEPOINT)
-                raise
-            return
+            statement = sqlbuild.render(group, self.catalog)
         except Exception as exc:
-            error = translate(exc)
-            if isinstance(error, TransientError):
-                raise error from exc
-            if not careful:
-                raise _Careful from exc
-            if isinstance(exc, asyncpg.UndefinedColumnError | asyncpg.UndefinedTableError):
-                await self.catalog.refresh(conn)
             if len(group.members) == 1:
-                errors[group.members[0].id] = str(error)
+                errors[group.members[0].id] = str(translate(exc))
                 return
-        first, second = group.split()
-        await self._apply(conn, first, errors, careful=True)
-        await self._apply(conn, second, errors, careful=True)
+            for half in group.split():
+                await self._apply_unrendered(conn, half, errors)
+            return
+        await self._apply_in_postgres(conn, [(group, statement)], errors, [])
 
     async def _apply_in_postgres(
         self,
@@ -340,11 +356,12 @@ class Flusher:
         ``claim`` (operation ids, batch id), those rows are claimed first for the batch, and
         nothing is applied unless every one of them was pending; returns the claimed rows'
         attempts by id. With ``mark``, every error so far is marked FAIL in the same call."""
-        statements, rows = [], []
+        statements, rows, each = [], [], []
         for _, statement in run:
             assert statement is not None  # `_runs` sends only rendered ones here
             statements.append(statement.sql)
-            rows.append(statement.args[0])
+            rows.append(statement.rows)
+            each.append(statement.each)
         ids = [",".join(m.id for m in group.members) for group, _ in run] if mark else None
         failed = list(errors) if mark else []
         claim_ids, batch_id = claim or (None, None)
@@ -356,6 +373,7 @@ class Flusher:
                 tables,
                 statements,
                 rows,
+                each,
                 ids,
                 failed,
                 [errors[i] for i in failed],
@@ -364,6 +382,8 @@ class Flusher:
             # The call itself failed, not a row: the transaction is aborted, so the batch
             # must start again; refused rows never end up here.
             error = translate(exc)
+            if isinstance(error, StatementTimeout):
+                raise error from exc
             raise TransientError(f"applying the batch failed: {error}") from exc
         claimed: dict[str, int] = {}
         for op_id, attempts, index, position, state, message in reply:
@@ -409,37 +429,35 @@ class Flusher:
 _SCHEMA_CHANGED = ("42703", "42P01")  # undefined column, undefined table
 
 
-class _Careful(Exception):
-    """A group applied without a savepoint failed: the transaction is lost, and the batch
-    must start again with savepoints."""
-
-
-# One name for every group's savepoint: rolling back to it returns to the newest one.
-_SAVEPOINT = "SAVEPOINT streamsvc_group"
-_ROLLBACK_TO_SAVEPOINT = "ROLLBACK TO SAVEPOINT streamsvc_group"
-
-
 Prepared = list[tuple[sqlbuild.Group, sqlbuild.Statement | None]]
 
 
 def _runs(prepared: Prepared) -> list[tuple[bool, Prepared]]:
-    """``prepared`` cut, in order, into runs of groups that PostgreSQL applies in one call
-    (those fed by one JSON parameter: True) and runs of groups applied from here (statement
-    groups, executemany; and groups whose statement failed to render: False)."""
+    """``prepared`` cut, in order, into runs of rendered groups, which PostgreSQL applies in
+    one call (True), and runs of groups whose statement failed to render (False)."""
     runs: list[tuple[bool, Prepared]] = []
     for group, statement in prepared:
-        in_postgres = statement is not None and statement.many is None
-        if not runs or runs[-1][0] != in_postgres:
-            runs.append((in_postgres, []))
+        rendered = statement is not None
+        if not runs or runs[-1][0] != rendered:
+            runs.append((rendered, []))
         runs[-1][1].append((group, statement))
     return runs
 
 
-async def _execute(conn: asyncpg.Connection, statement: sqlbuild.Statement) -> None:
-    if statement.many is not None:
-        await conn.executemany(statement.sql, statement.many)
-    else:
-        await conn.execute(statement.sql, *statement.args)
+async def _clean_session(conn: asyncpg.Connection) -> None:
+    """After a batch that ran callers' statements, whether it committed or not: what they
+    can leave on the session goes (queries.CLEAN_SESSION). A connection that cannot be
+    cleaned is closed rather than handed to the next user."""
+    with anyio.move_on_after(_CLEAN_TIMEOUT_S, shield=True):
+        try:
+            await conn.execute(queries.CLEAN_SESSION)
+            return
+        except Exception as exc:
+            log.warning("flush.session_not_cleaned", error=str(exc), next="closing it")
+    conn.terminate()
+
+
+_CLEAN_TIMEOUT_S = 5.0
 
 
 def _observe_latency(entries: list[rs.Entry], operations: int) -> None:

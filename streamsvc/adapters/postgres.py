@@ -10,12 +10,13 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from streamsvc.adapters import caller_role
 from streamsvc.errors import NotMigratedError, PermanentError, StreamsvcError, TransientError
 from streamsvc.settings import Settings
 
 # SQLSTATE classes worth a retry: connection exception, transaction rollback (serialization
 # failure, deadlock), insufficient resources, operator intervention (shutdown, statement
-# timeout via query_canceled), system error; plus lock_not_available.
+# timeout via query_canceled: see StatementTimeout), system error; plus lock_not_available.
 TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57", "58")
 TRANSIENT_SQLSTATES = ("55P03",)
 CONNECTION_EXCEPTIONS: tuple[type[BaseException], ...] = (
@@ -28,6 +29,13 @@ CONNECTION_EXCEPTIONS: tuple[type[BaseException], ...] = (
 MIGRATIONS_TABLE = "streamsvc_migrations"
 _MIGRATION_FILE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 _LOCK_KEY = 0x5354524D  # advisory lock serialising concurrent `streamsvc migrate`
+QUERY_CANCELED = "57014"  # statement_timeout, or a cancel request
+
+
+class StatementTimeout(TransientError):
+    """A statement ran past STREAMSVC_STATEMENT_TIMEOUT_MS (or was cancelled). Retried once
+    with its batch; after that the batch is cut until the slow operation stands alone
+    (streamsvc.policy)."""
 
 
 def is_transient(sqlstate: str) -> bool:
@@ -41,6 +49,8 @@ def translate(exc: BaseException) -> StreamsvcError:
     if isinstance(exc, asyncpg.PostgresError):
         state = exc.sqlstate or ""
         message = str(exc)  # asyncpg's text carries the DETAIL and HINT lines too
+        if state == QUERY_CANCELED:
+            return StatementTimeout(f"statement timeout: {message}")
         if is_transient(state):
             return TransientError(message)
         return PermanentError(message)
@@ -64,8 +74,10 @@ def dsn_kwargs(settings: Settings) -> dict[str, Any]:
 async def _reset_connection(conn: asyncpg.Connection) -> None:
     """Only end a transaction left open. asyncpg's default reset (unlock advisory locks,
     CLOSE ALL, UNLISTEN *, RESET ALL) costs a round trip per release, and the service leaves
-    none of that behind: it takes transaction-level locks only, and sqlguard refuses the
-    functions that could set session state (advisory locks, set_config)."""
+    none of that behind: it takes transaction-level locks only. What callers' statements
+    can leave (settings changed for the session, session advisory locks) the flusher
+    cleans after each batch that ran them (queries.CLEAN_SESSION); they can open no cursor,
+    LISTEN or prepare anything, running as one INSERT, UPDATE or DELETE each."""
     if conn.is_in_transaction():
         await conn.execute("ROLLBACK")
 
@@ -82,11 +94,15 @@ async def create_flush_functions(conn: asyncpg.Connection) -> None:
     await conn.execute(_FLUSH_FUNCTIONS)
 
 
-async def init_connection(conn: asyncpg.Connection, *, flushing: bool = True) -> None:
+async def init_connection(
+    conn: asyncpg.Connection, *, flushing: bool = True, caller: str = caller_role.DEFAULT
+) -> None:
     """JSON values bound natively; for a process that flushes, the functions of a batch
-    transaction in the connection's pg_temp too (``create_flush_functions``)."""
+    transaction in the connection's pg_temp too (``create_flush_functions``), the one
+    callers' statements run in handed to the role ``caller`` (streamsvc.adapters.caller_role)."""
     if flushing:
         await create_flush_functions(conn)
+        await conn.execute(caller_role.hand_over_sql(caller))
     for name in ("json", "jsonb"):
         await conn.set_type_codec(
             name,
@@ -100,7 +116,15 @@ async def create_pool(
     settings: Settings, *, size: int | None = None, flushing: bool = True
 ) -> asyncpg.Pool:
     """A pool whose connections bind JSON values natively and time out stuck statements;
-    ``flushing``: the process runs flushers (see ``init_connection``)."""
+    ``flushing``: the process runs flushers (see ``init_connection``), and the caller role
+    is first checked and, when the allow-list changed, set up again (``caller_role.sync``)."""
+    if flushing:
+        conn = await asyncpg.connect(**dsn_kwargs(settings))
+        try:
+            await check_migrated(conn)
+            await caller_role.sync(conn, settings.caller_role, settings.allow_list)
+        finally:
+            await conn.close()
     server_settings = {"application_name": "streamsvc"}
     if settings.statement_timeout_ms:
         server_settings["statement_timeout"] = str(settings.statement_timeout_ms)
@@ -108,7 +132,7 @@ async def create_pool(
         **dsn_kwargs(settings),
         min_size=1,
         max_size=size or settings.db_pool_size,
-        init=functools.partial(init_connection, flushing=flushing),
+        init=functools.partial(init_connection, flushing=flushing, caller=settings.caller_role),
         reset=_reset_connection,
         server_settings=server_settings,
     )

@@ -1,7 +1,8 @@
 -- Isolating the rows a multi-row statement refuses, inside PostgreSQL: one round trip
 -- instead of one per probe. Not a migration: every connection of a flushing process
 -- creates these in its own temporary schema (pg_temp), so the database keeps no object of
--- them.
+-- them. Every function here is revoked from PUBLIC as it is created: the caller role, under
+-- which callers' statements run, can execute none of them (see streamsvc_as_caller).
 --
 -- `statement` takes its rows as $1, a JSON array in text (the flusher's json_to_recordset
 -- statements). Every row the statement accepts is applied; each refused row is returned
@@ -20,6 +21,27 @@
 -- probe is halved instead.
 CREATE SEQUENCE pg_temp.streamsvc_rows_reached MINVALUE 0 CACHE 64;
 
+-- Every statement applied for callers runs here, as the caller role: a SECURITY DEFINER
+-- function that the connection hands to that role once created (ALTER FUNCTION ... OWNER
+-- TO, streamsvc.adapters.caller_role), so the statement has only the privileges the
+-- allow-list grants it, and PostgreSQL refuses any change of `role` or
+-- `session_authorization` inside it (SET ROLE is checked against the session's login,
+-- which could otherwise switch back). Wrapped in a WITH and read as a cursor, the text
+-- must be exactly one INSERT, UPDATE or DELETE (or a query): a second statement makes a
+-- multi-query plan, which a cursor refuses, so no DDL (a temporary table shadowing the
+-- service's own) can ride along. `rows` is the statement's $1 (NULL when it has none).
+CREATE FUNCTION pg_temp.streamsvc_as_caller(statement text, rows text)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+DECLARE
+    done record;
+BEGIN
+    FOR done IN EXECUTE 'WITH streamsvc_statement AS (' || statement || E'\n) SELECT' USING rows
+    LOOP
+    END LOOP;
+END
+$$;
+
 -- One probe: the statement over `rows`, in a subtransaction. On success every OUT is
 -- NULL; on failure, the error and how many rows the statement reached.
 CREATE FUNCTION pg_temp.streamsvc_try_rows(
@@ -31,7 +53,7 @@ DECLARE
     hint text;
 BEGIN
     PERFORM setval('pg_temp.streamsvc_rows_reached', 0);
-    EXECUTE statement USING rows;
+    PERFORM pg_temp.streamsvc_as_caller(statement, rows);
 EXCEPTION WHEN OTHERS THEN
     GET STACKED DIAGNOSTICS detail = PG_EXCEPTION_DETAIL, hint = PG_EXCEPTION_HINT;
     error_state := SQLSTATE;
@@ -41,6 +63,7 @@ EXCEPTION WHEN OTHERS THEN
     reached := currval('pg_temp.streamsvc_rows_reached');
 END
 $$;
+REVOKE EXECUTE ON FUNCTION pg_temp.streamsvc_try_rows(text, text) FROM PUBLIC;
 
 -- `rows` (positions `first`..) failed as one probe with this error, having reached row
 -- `reached`: apply what can be applied, return the refused. `trust` is false once the
@@ -97,6 +120,8 @@ BEGIN
     END LOOP;
 END
 $$;
+REVOKE EXECUTE ON FUNCTION pg_temp.streamsvc_isolate_rows(
+    text, json[], integer, boolean, text, text, bigint) FROM PUBLIC;
 
 CREATE FUNCTION pg_temp.streamsvc_probe_rows(
     statement text, rows json[], first integer, trust boolean)
@@ -113,6 +138,8 @@ BEGIN
     END IF;
 END
 $$;
+REVOKE EXECUTE ON FUNCTION pg_temp.streamsvc_probe_rows(text, json[], integer, boolean)
+    FROM PUBLIC;
 
 -- The entry point: the whole statement first; only when it fails, the rows one by one
 -- as JSON values, to be probed in parts.
@@ -130,6 +157,77 @@ BEGIN
     END IF;
 END
 $$;
+REVOKE EXECUTE ON FUNCTION pg_temp.streamsvc_apply_rows(text, json) FROM PUBLIC;
+
+-- A caller's statements, one per operation (a statement group: the same text for every
+-- member). `template` is the statement with each `$n` turned into format()'s `%n$L`
+-- (streamsvc.sqlbuild.caller_template), `params` holds each operation's parameters as a
+-- JSON array of texts and nulls; each statement runs as the caller role with its values
+-- quoted as literals, which PostgreSQL types as it would the placeholders.
+--
+-- One probe: the statements at `lo`..`hi` in one subtransaction; on failure, the position
+-- that failed with its error (the ones before it went back with it).
+CREATE FUNCTION pg_temp.streamsvc_try_each(
+    template text, params json[], lo integer, hi integer,
+    OUT failed integer, OUT error_state text, OUT error_message text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    k integer := lo;
+    detail text;
+    hint text;
+BEGIN
+    WHILE k <= hi LOOP
+        PERFORM pg_temp.streamsvc_as_caller(
+            format(template, VARIADIC ARRAY(SELECT json_array_elements_text(params[k]))), NULL);
+        k := k + 1;
+    END LOOP;
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS detail = PG_EXCEPTION_DETAIL, hint = PG_EXCEPTION_HINT;
+    failed := k;
+    error_state := SQLSTATE;
+    error_message := SQLERRM
+        || coalesce(E'\nDETAIL:  ' || nullif(detail, ''), '')
+        || coalesce(E'\nHINT:  ' || nullif(hint, ''), '');
+END
+$$;
+REVOKE EXECUTE ON FUNCTION pg_temp.streamsvc_try_each(text, json[], integer, integer)
+    FROM PUBLIC;
+
+-- All the statements in one probe; when statement k fails, it is refused, the ones before
+-- it go in again together (they passed a moment ago; should they not now, each alone), and
+-- the rest goes on from k + 1. A refused statement costs about two probes.
+CREATE FUNCTION pg_temp.streamsvc_apply_each(template text, params json)
+RETURNS TABLE (row_position integer, error_state text, error_message text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    each_params json[] := ARRAY(SELECT json_array_elements(params));
+    n integer := cardinality(each_params);
+    lo integer := 1;
+    probe record;
+    again record;
+BEGIN
+    WHILE lo <= n LOOP
+        probe := pg_temp.streamsvc_try_each(template, each_params, lo, n);
+        IF probe.failed IS NULL THEN
+            RETURN;
+        END IF;
+        IF probe.failed > lo THEN
+            again := pg_temp.streamsvc_try_each(template, each_params, lo, probe.failed - 1);
+            IF again.failed IS NOT NULL THEN
+                FOR k IN lo .. probe.failed - 1 LOOP
+                    again := pg_temp.streamsvc_try_each(template, each_params, k, k);
+                    IF again.failed IS NOT NULL THEN
+                        RETURN QUERY SELECT k, again.error_state, again.error_message;
+                    END IF;
+                END LOOP;
+            END IF;
+        END IF;
+        RETURN QUERY SELECT probe.failed, probe.error_state, probe.error_message;
+        lo := probe.failed + 1;
+    END LOOP;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION pg_temp.streamsvc_apply_each(text, json) FROM PUBLIC;
 
 -- Batches writing the same table apply one after the other: each takes a transaction-level
 -- advisory lock per table, all in one sorted order (`tables` comes sorted), so concurrent
@@ -146,19 +244,29 @@ BEGIN
     END LOOP;
 END
 $$;
+REVOKE EXECUTE ON FUNCTION pg_temp.streamsvc_lock_tables(text[]) FROM PUBLIC;
 
 -- Several statements of a batch in one round trip: first the table locks `tables` (none
 -- when the batch holds them already), then each statement over its rows, in order, as
--- streamsvc_apply_rows does it; each refused row comes back with its statement's 1-based
--- index.
-CREATE FUNCTION pg_temp.streamsvc_apply_groups(tables text[], statements text[], rows text[])
+-- streamsvc_apply_rows does it (or, when `each` says so, a caller's statement once per
+-- operation, as streamsvc_apply_each does it); each refused row comes back with its
+-- statement's 1-based index.
+CREATE FUNCTION pg_temp.streamsvc_apply_groups(
+    tables text[], statements text[], rows text[], each boolean[])
 RETURNS TABLE (group_index integer, row_position integer, error_state text, error_message text)
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_temp.streamsvc_lock_tables(tables);
     FOR i IN 1 .. cardinality(statements) LOOP
-        RETURN QUERY SELECT i, r.row_position, r.error_state, r.error_message
-            FROM pg_temp.streamsvc_apply_rows(statements[i], rows[i]::json) AS r;
+        IF each[i] THEN
+            RETURN QUERY SELECT i, r.row_position, r.error_state, r.error_message
+                FROM pg_temp.streamsvc_apply_each(statements[i], rows[i]::json) AS r;
+        ELSE
+            RETURN QUERY SELECT i, r.row_position, r.error_state, r.error_message
+                FROM pg_temp.streamsvc_apply_rows(statements[i], rows[i]::json) AS r;
+        END IF;
     END LOOP;
 END
 $$;
+REVOKE EXECUTE ON FUNCTION pg_temp.streamsvc_apply_groups(text[], text[], text[], boolean[])
+    FROM PUBLIC;

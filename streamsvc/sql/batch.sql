@@ -1,7 +1,9 @@
 -- A batch transaction's bookkeeping in "BatchOperations", and the call that carries it
 -- together with the batch's statements, so that a batch makes fewer round trips. Not a
 -- migration: like apply_rows.sql, every connection of a flushing process creates these in
--- its own temporary schema (pg_temp).
+-- its own temporary schema (pg_temp), each revoked from PUBLIC as it is created (the caller
+-- role must not execute them). The bookkeeping keeps the search_path it was created with:
+-- a caller's statement earlier in the batch cannot make "BatchOperations" unresolvable.
 
 -- Claim the batch's rows still pending, marking them SUCCESS: the effects and this mark
 -- commit together (the refused are marked FAIL before the commit). A row another flusher
@@ -10,7 +12,7 @@
 -- join over a scan of the whole table).
 CREATE FUNCTION pg_temp.streamsvc_claim(ids uuid[], batch uuid)
 RETURNS TABLE (op_id text, attempts integer)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 BEGIN
     RETURN QUERY
     UPDATE "BatchOperations" AS b
@@ -20,18 +22,20 @@ BEGIN
     RETURNING b.id::text, b.attempts;
 END
 $$;
+REVOKE EXECUTE ON FUNCTION pg_temp.streamsvc_claim(uuid[], uuid) FROM PUBLIC;
 
 -- The refused among the claimed rows, marked FAIL before the commit (`b.id = ANY(ids)`:
 -- by primary key, as in streamsvc_claim).
 CREATE FUNCTION pg_temp.streamsvc_mark_failed(ids uuid[], errors text[])
 RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 BEGIN
     UPDATE "BatchOperations" AS b SET status = 'FAIL', error = u.error
     FROM unnest(ids, errors) AS u(id, error)
     WHERE b.id = u.id AND b.id = ANY(ids);
 END
 $$;
+REVOKE EXECUTE ON FUNCTION pg_temp.streamsvc_mark_failed(uuid[], text[]) FROM PUBLIC;
 
 -- One call of a batch transaction: statements over their rows, applied as
 -- streamsvc_apply_groups does (table locks first), with the bookkeeping around them.
@@ -41,10 +45,11 @@ $$;
 -- - mark_ids (a batch's last call): each statement's operation ids, comma-separated, in
 --   the order of its rows; every refused row is marked FAIL with its message, and so are
 --   failed_ids with failed_errors (refused earlier in the batch).
--- Each refused row comes back as (group_index, row_position, error_state, error_message).
+-- `each` says which statements are callers' (see streamsvc_apply_groups). Each refused row
+-- comes back as (group_index, row_position, error_state, error_message).
 CREATE FUNCTION pg_temp.streamsvc_apply_batch(
     claim_ids uuid[], batch uuid, tables text[], statements text[], rows text[],
-    mark_ids text[], failed_ids uuid[], failed_errors text[])
+    each boolean[], mark_ids text[], failed_ids uuid[], failed_errors text[])
 RETURNS TABLE (op_id text, attempts integer, group_index integer, row_position integer,
                error_state text, error_message text)
 LANGUAGE plpgsql AS $$
@@ -62,7 +67,7 @@ BEGIN
         END IF;
     END IF;
     FOR refused IN
-        SELECT * FROM pg_temp.streamsvc_apply_groups(tables, statements, rows)
+        SELECT * FROM pg_temp.streamsvc_apply_groups(tables, statements, rows, each)
     LOOP
         op_id := NULL;
         attempts := NULL;
@@ -82,3 +87,5 @@ BEGIN
     END IF;
 END
 $$;
+REVOKE EXECUTE ON FUNCTION pg_temp.streamsvc_apply_batch(
+    uuid[], uuid, text[], text[], text[], boolean[], text[], uuid[], text[]) FROM PUBLIC;

@@ -16,7 +16,8 @@ import msgspec
 import pytest
 
 from streamsvc import queries
-from streamsvc.adapters import postgres
+from streamsvc.adapters import caller_role, postgres
+from streamsvc.allowlist import AllowList
 from streamsvc.sqlbuild import COUNT_ROWS
 from tests.conftest import PG
 
@@ -43,8 +44,9 @@ CHECK = 'new row for relation "items" violates check constraint "items_amount_ch
 @pytest.fixture
 async def db(database: str) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(database=database, **PG)
-    await postgres.init_connection(conn)
     await conn.execute(SCHEMA)
+    await caller_role.sync(conn, caller_role.DEFAULT, AllowList.parse("items, parents"))
+    await postgres.init_connection(conn)
     yield conn
     await conn.close()
 
@@ -64,7 +66,16 @@ async def apply_groups(
     """The statements applied in one call, neither claiming nor marking: each refused row
     as (statement index, position, SQLSTATE, message)."""
     reply = await db.fetch(
-        queries.APPLY_BATCH, None, None, tables, statements, records, None, [], []
+        queries.APPLY_BATCH,
+        None,
+        None,
+        tables,
+        statements,
+        records,
+        [False] * len(statements),
+        None,
+        [],
+        [],
     )
     return [tuple(row)[2:] for row in reply]
 
@@ -219,6 +230,7 @@ async def test_a_batch_in_one_call_claims_applies_and_marks_the_refused(
             ["items"],
             [INSERT],
             [text(rows(3, {2}))],
+            [False],
             [",".join(ids[:3])],
             [ids[3]],
             ["refused before"],
@@ -254,6 +266,7 @@ async def test_a_batch_whose_rows_finished_earlier_applies_nothing_in_its_first_
             ["items"],
             [INSERT],
             [text(rows(3))],
+            [False],
             [",".join(ids)],
             [],
             [],
@@ -264,3 +277,39 @@ async def test_a_batch_whose_rows_finished_earlier_applies_nothing_in_its_first_
     assert sorted(r[0] for r in reply) == sorted([ids[0], ids[2]])
     assert held == 0
     assert await stored(db) == []
+
+
+# A caller's statement as the flusher sends it (streamsvc.sqlbuild.caller_template).
+EACH = "INSERT INTO items (id, amount, parent) VALUES (%1$L, %2$L, 1)"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [set(), {1}, {60}, {1, 2, 3}, set(random.Random(3).sample(range(1, 61), 9))],
+    ids=["none", "first", "last", "first-three", "nine-scattered"],
+)
+async def test_each_refused_statement_is_found_and_every_other_applied(
+    db: asyncpg.Connection, bad: set[int]
+) -> None:
+    """A statement group, once per operation: the refused ones (a value that does not
+    convert, a broken CHECK) come back with their positions, the rest is applied, and a
+    refused statement costs about two probes."""
+    params = [[str(i), ("lots" if i % 2 else "-1") if i in bad else str(i)] for i in range(1, 61)]
+    await db.execute("SET track_functions = 'pl'")
+    async with db.transaction():
+        refused = await db.fetch(
+            queries.APPLY_BATCH, None, None, [], [EACH], [text(params)], [True], None, [], []
+        )
+        probes = await db.fetchval(
+            "SELECT calls FROM pg_stat_xact_user_functions WHERE funcname = 'streamsvc_try_each'"
+        )
+    messages = {r[3]: r[5] for r in refused}
+    assert set(messages) == bad
+    for position, message in messages.items():
+        if position % 2:
+            assert message == 'invalid input syntax for type numeric: "lots"'
+        else:
+            assert message.startswith(CHECK)
+    assert await stored(db) == [i for i in range(1, 61) if i not in bad]
+    assert probes is not None
+    assert probes <= 1 + 2 * len(bad)

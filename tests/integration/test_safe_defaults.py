@@ -26,8 +26,9 @@ pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 ROOT = Path(__file__).resolve().parents[2]
 # What the README's "Least privilege" section has an operator grant on target tables.
 GRANTS = """
-GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "{role}";
-GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO "{role}";
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "{role}"
+    WITH GRANT OPTION;
+GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO "{role}" WITH GRANT OPTION;
 """
 
 

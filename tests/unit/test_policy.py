@@ -25,6 +25,31 @@ def test_retry_decisions(transient: bool, attempt: int, stopping: bool, verdict:
 
 
 @pytest.mark.parametrize(
+    ("attempt", "timeouts", "operations", "stopping", "verdict"),
+    [
+        (1, 1, 100, False, Verdict.RETRY),  # the first timeout: once more, as it is
+        (2, 2, 100, False, Verdict.SPLIT),  # again: cut the batch to find the slow one
+        (2, 2, 1, False, Verdict.FAIL),  # alone: it fails
+        (1, 3, 50, False, Verdict.SPLIT),  # a half of a timed-out batch: cut at once
+        (1, 3, 1, False, Verdict.FAIL),
+        (3, 1, 100, False, Verdict.SPLIT),  # budget spent on other errors: no retry left
+        (2, 2, 100, True, Verdict.LEAVE),  # stopping: leave it for redelivery
+    ],
+)
+def test_statement_timeout_decisions(
+    attempt: int, timeouts: int, operations: int, stopping: bool, verdict: Verdict
+) -> None:
+    decision = POLICY.decide(
+        transient=True,
+        attempt=attempt,
+        stopping=stopping,
+        timeouts=timeouts,
+        operations=operations,
+    )
+    assert decision.verdict is verdict
+
+
+@pytest.mark.parametrize(
     ("attempt", "ceiling_s"), [(1, 0.1), (2, 0.2), (3, 0.4), (4, 0.8), (9, 1.0)]
 )
 def test_backoff_grows_exponentially_up_to_the_cap(attempt: int, ceiling_s: float) -> None:

@@ -1,9 +1,10 @@
 from typing import Any
 
 import msgspec
+import pytest
 
 from streamsvc.model import Operation, WorkOp
-from streamsvc.sqlbuild import plan, render
+from streamsvc.sqlbuild import caller_template, param_text, plan, render
 from tests.unit.fixtures import catalog
 
 CATALOG = catalog()
@@ -40,7 +41,48 @@ def test_identical_sql_texts_merge() -> None:
     groups = plan([item(1, **sql, params=["a"]), item(2, **sql, params=["b"])], CATALOG)
     assert ids(groups) == [["id1", "id2"]]
     statement = render(groups[0], CATALOG)
-    assert statement.many == [("a",), ("b",)]
+    assert statement.each
+    assert statement.sql == "UPDATE counters SET value = value + 1 WHERE name = %1$L"
+    assert msgspec.json.decode(statement.rows) == [["a"], ["b"]]
+
+
+@pytest.mark.parametrize(
+    ("sql", "template"),
+    [
+        ("DELETE FROM t WHERE a = $1 AND b = $12", "DELETE FROM t WHERE a = %1$L AND b = %12$L"),
+        # a % of the caller's is kept as it is; $n inside strings and comments are not params
+        (
+            "UPDATE t SET s = '50% $1' || $2 WHERE x LIKE 'a%' -- $3",
+            "UPDATE t SET s = '50%% $1' || %2$L WHERE x LIKE 'a%%' -- $3",
+        ),
+        ("UPDATE t SET s = $$ $1 $$, u = $1", "UPDATE t SET s = $$ $1 $$, u = %1$L"),
+        ("UPDATE t SET s = 'ü€𝄞', u = $1", "UPDATE t SET s = 'ü€𝄞', u = %1$L"),
+        # a trailing ; (and comments after it) goes: the statement runs inside a WITH
+        ("INSERT INTO t VALUES (1); -- done\n", "INSERT INTO t VALUES (1)"),
+        ("INSERT INTO t VALUES (1);;", "INSERT INTO t VALUES (1)"),
+        # a second statement stays, for PostgreSQL to refuse
+        ("INSERT INTO t VALUES (1); DROP TABLE t", "INSERT INTO t VALUES (1); DROP TABLE t"),
+    ],
+)
+def test_caller_template(sql: str, template: str) -> None:
+    assert caller_template(sql) == template
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (None, None),
+        ("x", "x"),
+        (True, "true"),
+        (False, "false"),
+        (12, "12"),
+        (1.5, "1.5"),
+        ({"a": [1, None]}, '{"a":[1,null]}'),
+        ([1, 2], "[1,2]"),
+    ],
+)
+def test_param_text_is_postgresql_text_input(value: Any, text: str | None) -> None:
+    assert param_text(value) == text
 
 
 def test_a_row_touched_twice_keeps_submission_order() -> None:
@@ -67,7 +109,8 @@ def test_insert_statement_takes_one_json_parameter() -> None:
         "FROM json_to_recordset($1::text::json) AS r(c0 numeric(12,2), c1 text, c2 integer) "
         "WHERE nextval('pg_temp.streamsvc_rows_reached') IS NOT NULL"
     )
-    assert msgspec.json.decode(statement.args[0]) == [
+    assert not statement.each
+    assert msgspec.json.decode(statement.rows) == [
         {"c0": 2, "c1": "a", "c2": 1},
         {"c0": 3, "c1": "b", "c2": 2},
     ]
