@@ -11,14 +11,27 @@ import enum
 import hashlib
 import re
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
+from streamsvc.errors import InvalidOperation
+
+# What the doors accept, so that nothing stored can fail PostgreSQL, Redis or AMQP later
+# (README, "Operations"): labels fit an AMQP short string, times a sane window, and JSON
+# nests at most MAX_DEPTH levels of objects and arrays, the operation itself included.
+MAX_DEPTH = 32
+MAX_LABEL_BYTES = 255
+MAX_DELAY_MS = 366 * 24 * 3600 * 1000
+EARLIEST_RUN_AT = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+RUN_AT_HORIZON = dt.timedelta(days=366)
+
+T = TypeVar("T")
 Action = Literal["insert", "upsert", "update", "delete"]
 Priority = Annotated[int, msgspec.Meta(ge=0, le=9)]
-NonNegative = Annotated[int, msgspec.Meta(ge=0)]
-Label = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+Delay = Annotated[int, msgspec.Meta(ge=0, le=MAX_DELAY_MS)]
+# Characters here, a cheap first bound; validate counts the UTF-8 bytes.
+Label = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_LABEL_BYTES)]
 
 
 class Status(enum.StrEnum):
@@ -50,7 +63,7 @@ class Operation(msgspec.Struct, rename="camel", forbid_unknown_fields=True, omit
     # scheduling and ordering: validated and stored; their behaviour comes later
     priority: Priority = 0
     run_at: dt.datetime | None = None
-    delay_ms: NonNegative | None = None
+    delay_ms: Delay | None = None
     ordering_key: Label | None = None
     meta: Any = None
     # credentials may travel inside the body (NestJS callers put them in data)
@@ -143,6 +156,107 @@ def derived_id(namespace: uuid.UUID, name: str) -> str:
     digest[8] = (digest[8] & 0x3F) | 0x80
     x = digest.hex()
     return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
+
+
+def decode_operation(raw: bytes) -> Operation:
+    """The operation in JSON ``raw``, as every door decodes it: nesting first, then msgspec.
+
+    Raises InvalidOperation naming the field; never anything else for any input."""
+    check_nesting(raw)
+    return _decoded(operation_decoder, raw)
+
+
+def decode_operations(raw: bytes) -> list[Operation]:
+    """A JSON list of operations (bulk submissions), under the same checks."""
+    check_nesting(raw, levels_above=1)
+    return _decoded(operations_decoder, raw)
+
+
+def _decoded(decoder: msgspec.json.Decoder[T], raw: bytes) -> T:
+    try:
+        return decoder.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        refused = decode_error(exc)
+        raise InvalidOperation(refused.field, refused.reason) from None
+
+
+def check_nesting(raw: bytes, *, levels_above: int = 0) -> None:
+    """Refuse JSON ``raw`` when an operation in it nests deeper than MAX_DEPTH levels.
+
+    ``levels_above`` counts the containers around the operation (1 for a list of them).
+    Runs before msgspec builds Python objects (it recurses, and fails at ~1,000 levels)."""
+    path = too_deep(raw, MAX_DEPTH + levels_above)
+    if path is not None:
+        reason = f"nested deeper than {MAX_DEPTH} levels"
+        raise InvalidOperation(field_of(path, levels_above), reason)
+
+
+# A JSON string (and the colon that makes it a key), or a bracket or comma. Inside strings
+# nothing counts, so a string is always consumed whole.
+_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"(\s*:)?|[\[\]{},]')
+
+
+def too_deep(raw: bytes, limit: int) -> list[str | int] | None:
+    """Pure: where JSON ``raw`` first opens more than ``limit`` nested objects and arrays
+    (the keys and indexes leading there), or None when it never does.
+
+    Iterative, and linear in ``len(raw)``: safe on any input, malformed JSON included
+    (whose errors are left to the decoder)."""
+    if raw.count(b"[") + raw.count(b"{") <= limit or _shallow(raw, limit):
+        return None
+    path: list[str | int] = []  # one label per open container: key, or index in a list
+    arrays: list[bool] = []
+    for match in _TOKEN.finditer(raw):
+        token = match[0]
+        first = token[:1]
+        if first == b'"':
+            if match[1] is not None and arrays and not arrays[-1]:
+                path[-1] = _key(token[: match.start(1) - match.start()])
+        elif first in b"[{":
+            if len(arrays) == limit:
+                return path
+            arrays.append(first == b"[")
+            path.append(0 if first == b"[" else "")
+        elif first == b",":
+            if arrays and arrays[-1]:
+                path[-1] = int(path[-1]) + 1
+        elif arrays:
+            arrays.pop()
+            path.pop()
+    return None
+
+
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_PAIR = re.compile(rb"\[\]|\{\}")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def _shallow(raw: bytes, limit: int) -> bool:
+    """A quick sufficient test at C speed (bulk bodies hold many small objects): the
+    brackets outside strings vanish after ``limit`` rounds of removing innermost pairs."""
+    brackets = _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    for _ in range(limit):
+        if not brackets:
+            return True
+        brackets = _PAIR.sub(b"", brackets)
+    return not brackets
+
+
+def _key(token: bytes) -> str:
+    try:
+        return str(msgspec.json.decode(token))
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return token[1:-1].decode(errors="replace")
+
+
+def field_of(path: list[str | int], levels_above: int = 0) -> str:
+    """The field a nesting path is about: ``meta``, or ``3.meta`` inside a list; ``body``
+    (or the index) when what nests is not an operation's field."""
+    where = [str(p) for p in path[:levels_above]]
+    name = path[levels_above : levels_above + 1]
+    if name and isinstance(name[0], str) and name[0]:
+        where.append(name[0])
+    return ".".join(where) or "body"
 
 
 def decode_error(exc: msgspec.ValidationError | msgspec.DecodeError) -> Rejection:

@@ -6,6 +6,8 @@ never touches a server, so the ingress can refuse bad input before storing anyth
 
 from __future__ import annotations
 
+import datetime as dt
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +15,15 @@ from streamsvc import sqlguard
 from streamsvc.allowlist import TableRef
 from streamsvc.catalog import Catalog, Table
 from streamsvc.errors import InvalidOperation
-from streamsvc.model import Action, BodyKind, Operation
+from streamsvc.model import (
+    EARLIEST_RUN_AT,
+    MAX_DEPTH,
+    MAX_LABEL_BYTES,
+    RUN_AT_HORIZON,
+    Action,
+    BodyKind,
+    Operation,
+)
 
 ALL_ACTIONS: frozenset[str] = frozenset({"insert", "upsert", "update", "delete"})
 
@@ -52,10 +62,68 @@ def validate(op: Operation, catalog: Catalog, caller: Caller) -> None:
     """Raise InvalidOperation unless ``op`` may be stored and later applied."""
     if op.run_at is not None and op.delay_ms is not None:
         raise InvalidOperation("delayMs", "give runAt or delayMs, not both")
+    storable(op)
     if op.kind is BodyKind.STRUCTURED:
         _structured(op, catalog, caller)
     else:
         _statement(op, catalog, caller)
+
+
+def storable(op: Operation, now: dt.datetime | None = None) -> None:
+    """Raise InvalidOperation unless PostgreSQL, Redis and AMQP all take every field of
+    ``op``: no NUL in any string (object keys too), labels short enough for an AMQP
+    routing key and free of control characters, times in range, nesting bounded."""
+    _label("operationType", op.operation_type)
+    if op.ordering_key is not None:
+        _label("orderingKey", op.ordering_key)
+    if op.run_at is not None:
+        run_at = op.run_at if op.run_at.tzinfo else op.run_at.replace(tzinfo=dt.UTC)
+        latest = (now or dt.datetime.now(dt.UTC)) + RUN_AT_HORIZON
+        if not EARLIEST_RUN_AT <= run_at <= latest:
+            raise InvalidOperation(
+                "runAt", f"must lie between {EARLIEST_RUN_AT:%Y-%m-%d} and a year from now"
+            )
+    for name in ("table", "sql", "api_key"):
+        if "\x00" in (getattr(op, name) or ""):
+            raise InvalidOperation(_CAMEL.get(name, name), "contains a NUL character")
+    for name, value in (
+        ("values", op.values),
+        ("key", op.key),
+        ("params", op.params),
+        ("meta", op.meta),
+    ):
+        if value is not None:
+            _plain_json(name, value)
+
+
+_CAMEL = {"api_key": "apiKey"}
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def _label(field: str, text: str) -> None:
+    if len(text.encode(errors="surrogatepass")) > MAX_LABEL_BYTES:
+        raise InvalidOperation(field, f"longer than {MAX_LABEL_BYTES} bytes of UTF-8")
+    if _CONTROL.search(text):
+        raise InvalidOperation(field, "contains a control character")
+
+
+def _plain_json(field: str, value: Any) -> None:
+    """No NUL in any string or key of ``value``, at most MAX_DEPTH levels below the
+    operation. Iterative: operations built in Python skip the pre-decode nesting check."""
+    stack: list[tuple[Any, str, int]] = [(value, field, 2)]  # the operation is level 1
+    while stack:
+        item, where, level = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                raise InvalidOperation(where, "contains a NUL character")
+        elif isinstance(item, dict | list):
+            if level > MAX_DEPTH:
+                raise InvalidOperation(field, f"nested deeper than {MAX_DEPTH} levels")
+            pairs = item.items() if isinstance(item, dict) else enumerate(item)
+            for k, v in pairs:
+                if isinstance(k, str) and "\x00" in k:
+                    raise InvalidOperation(where, "contains a NUL character in a key")
+                stack.append((v, f"{where}.{k}" if level == 2 else where, level + 1))
 
 
 def _structured(op: Operation, catalog: Catalog, caller: Caller) -> None:

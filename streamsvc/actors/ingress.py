@@ -5,6 +5,10 @@ queued, store it with a single multi-row INSERT, append it to the work stream in
 entries, and only then answer. Under load the groups grow by themselves: while one commit
 runs the next one gathers.
 
+One caller never fails another: validation refuses what PostgreSQL would not take, and
+should a group's INSERT still fail on the data, the group is halved until the bad
+operations are alone; those are refused, the rest stored.
+
 Every operation is its caller's: a keyed caller's is stored under an id derived from the
 key's name and its userOperationId (or the door's default id), so idempotency is per key
 and no key can take another's id in advance; it sees only its own operations unless it is
@@ -18,6 +22,7 @@ import datetime as dt
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import asyncpg
@@ -46,6 +51,8 @@ from streamsvc.validate import ANONYMOUS, Caller, UnknownToCatalog, validate
 log = structlog.get_logger("streamsvc.ingress")
 
 Result = Receipt | Rejection
+_Place = tuple[int, int]  # (ticket, operation) in one group
+_Row = tuple[_Place, tuple[Any, ...]]  # a place and its INSERT_OPERATIONS values
 
 _PER_KEY = uuid.UUID("3f1d9a8e-7c2b-5e4f-8a61-0d9c4b7e2f15")
 
@@ -71,7 +78,7 @@ class _Ticket:
     source: str
     caller: str
     done: anyio.Event = field(default_factory=anyio.Event)
-    receipts: list[Receipt] = field(default_factory=list)
+    results: list[Receipt | Rejection] = field(default_factory=list)
     error: BaseException | None = None
 
 
@@ -127,8 +134,9 @@ class Ingress:
             await ticket.done.wait()
             if ticket.error is not None:
                 raise ticket.error
-            for i, receipt in zip(positions, ticket.receipts, strict=True):
-                results[i] = receipt
+            for i, result in zip(positions, ticket.results, strict=True):
+                stored = isinstance(result, Receipt)
+                results[i] = result if stored else msgspec.structs.replace(result, index=i)
         return [r for r in results if r is not None]
 
     async def get(self, op_id: str, *, caller: Caller | None = None) -> OperationView | None:
@@ -183,8 +191,8 @@ class Ingress:
 
     async def _commit(self, tickets: list[_Ticket]) -> None:
         try:
-            created = await self._store(tickets)
-            await self._enqueue(tickets, created)
+            created, refused = await self._store(tickets)
+            await self._enqueue(tickets, created, refused)
             existing = await self._existing(tickets, created)
         except Exception as exc:
             error = translate(exc)
@@ -193,9 +201,13 @@ class Ingress:
                 ticket.error = error
                 ticket.done.set()
             return
-        for ticket in tickets:
+        for t, ticket in enumerate(tickets):
             seen: set[str] = set()
-            for op_id, op in zip(ticket.ids, ticket.ops, strict=True):
+            for j, (op_id, op) in enumerate(zip(ticket.ids, ticket.ops, strict=True)):
+                rejection = refused.get((t, j))
+                if rejection is not None:
+                    ticket.results.append(rejection)
+                    continue
                 is_new = op_id in created and op_id not in seen
                 seen.add(op_id)
                 status, op_type = (
@@ -203,53 +215,72 @@ class Ingress:
                     if is_new
                     else existing.get(op_id, (Status.UNPROCESSED, op.operation_type))
                 )
-                ticket.receipts.append(Receipt(op_id, op_type, status, is_new))
-            metrics.received.labels(ticket.source).inc(len(ticket.ops))
+                ticket.results.append(Receipt(op_id, op_type, status, is_new))
+            stored = sum(isinstance(r, Receipt) for r in ticket.results)
+            metrics.received.labels(ticket.source).inc(stored)
+            if stored < len(ticket.ops):
+                metrics.rejected.labels(ticket.source).inc(len(ticket.ops) - stored)
             ticket.done.set()
 
-    async def _store(self, tickets: list[_Ticket]) -> set[str]:
-        """One INSERT for every ticket's operations; returns the ids that were new."""
-        ids, types, bodies, priorities, run_ats, keys, sources, callers = (
-            [],
-            [],
-            [],
-            [],
-            [],
-            [],
-            [],
-            [],
-        )
+    async def _store(self, tickets: list[_Ticket]) -> tuple[set[str], dict[_Place, Rejection]]:
+        """Store every ticket's operations; the ids that were new, and the refused ones by
+        (ticket, operation) position."""
         now = dt.datetime.now(dt.UTC)
-        for ticket in tickets:
-            for op_id, op in zip(ticket.ids, ticket.ops, strict=True):
-                ids.append(op_id)
-                types.append(op.operation_type)
-                bodies.append(json_encoder.encode(op).decode())
-                priorities.append(op.priority)
-                run_ats.append(_run_at(op, now))
-                keys.append(op.ordering_key)
-                sources.append(ticket.source)
-                callers.append(ticket.caller)
-        async with self.pool.acquire() as conn:
-            rows = await conn.fetch(
-                queries.INSERT_OPERATIONS,
-                ids,
-                types,
-                bodies,
-                priorities,
-                run_ats,
-                keys,
-                sources,
-                callers,
-            )
-        return {row[0] for row in rows}
+        rows: list[_Row] = []
+        refused: dict[_Place, Rejection] = {}
+        for t, ticket in enumerate(tickets):
+            for j, (op_id, op) in enumerate(zip(ticket.ids, ticket.ops, strict=True)):
+                try:
+                    body = json_encoder.encode(op).decode()
+                    run_at = _run_at(op, now)
+                except (ValueError, OverflowError, TypeError, msgspec.EncodeError) as exc:
+                    refused[(t, j)] = Rejection("body", f"cannot be stored: {exc}")
+                    continue
+                values = (
+                    op_id,
+                    op.operation_type,
+                    body,
+                    op.priority,
+                    run_at,
+                    op.ordering_key,
+                    ticket.source,
+                    ticket.caller,
+                )
+                rows.append(((t, j), values))
+        return await self._insert(rows, refused), refused
 
-    async def _enqueue(self, tickets: list[_Ticket], created: set[str]) -> None:
+    async def _insert(self, rows: list[_Row], refused: dict[_Place, Rejection]) -> set[str]:
+        """One INSERT for ``rows``; when PostgreSQL refuses their data, halves of them
+        until each refused operation is alone (it lands in ``refused``)."""
+        if not rows:
+            return set()
+        columns = [list(column) for column in zip(*(values for _, values in rows), strict=True)]
+        try:
+            async with self.pool.acquire() as conn:
+                stored = await conn.fetch(queries.INSERT_OPERATIONS, *columns)
+        except asyncpg.PostgresError as exc:
+            if (exc.sqlstate or "")[:2] not in _DATA_SQLSTATE_CLASSES:
+                raise
+            if len(rows) == 1:
+                place, values = rows[0]
+                reason = f"cannot be stored: {translate(exc)}"
+                log.warning("ingress.refused_by_store", id=values[0], reason=reason)
+                refused[place] = Rejection("body", reason)
+                return set()
+            half = len(rows) // 2
+            return await self._insert(rows[:half], refused) | await self._insert(
+                rows[half:], refused
+            )
+        return {row[0] for row in stored}
+
+    async def _enqueue(
+        self, tickets: list[_Ticket], created: set[str], refused: dict[_Place, Rejection]
+    ) -> None:
         """Append the new operations to the work stream; on failure the sweeper re-enqueues."""
         items, queued = [], set()
-        for ticket in tickets:
-            for op_id, op in zip(ticket.ids, ticket.ops, strict=True):
-                if op_id in created and op_id not in queued:
+        for t, ticket in enumerate(tickets):
+            for j, (op_id, op) in enumerate(zip(ticket.ids, ticket.ops, strict=True)):
+                if op_id in created and op_id not in queued and (t, j) not in refused:
                     queued.add(op_id)
                     items.append(WorkOp(op_id, op))
         if not items:
@@ -285,6 +316,12 @@ def _run_at(op: Operation, now: dt.datetime) -> dt.datetime | None:
     if op.delay_ms is not None:
         return now + dt.timedelta(milliseconds=op.delay_ms)
     return None
+
+
+# Errors about the values sent, not the server: data exceptions (a NUL in text, a time out
+# of range; asyncpg reports values it cannot encode as these too), integrity violations,
+# program limits. Any other error fails the whole group, as a transient one does.
+_DATA_SQLSTATE_CLASSES = frozenset({"22", "23", "54"})
 
 
 def _count(tickets: list[_Ticket]) -> int:

@@ -4,16 +4,20 @@ Messages are NestJS events (``{"pattern": ..., "data": ...}``, no ``id``) so a N
 ``@EventPattern`` handler receives them. Each outcome goes to the topic exchange under
 ``<operationType>.<STATUS>``, and to the queue configured for its operationType. In
 ``aggregate`` mode (the old service's grouping) the outcomes of one flush travel as one
-message per route; in ``operation`` mode one message per operation.
+message per route (cut in parts of about 4 MiB when their ``meta`` is large); in
+``operation`` mode one message per operation.
 
 Messages are persistent and published with confirms; the stream entry is acked only once
 RabbitMQ confirmed every message of it. While RabbitMQ is away, outcomes wait in the stream.
+A message RabbitMQ can never take (a routing key beyond AMQP's 255 bytes, any error of that
+one message rather than of the connection) goes to the dead-letter stream with its
+outcomes and the reason, and the notifier goes on with the others.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import aio_pika
 import anyio
@@ -25,7 +29,7 @@ from streamsvc import metrics
 from streamsvc.adapters import amqp
 from streamsvc.adapters import streams as rs
 from streamsvc.backoff import pause
-from streamsvc.model import Outcome, Status, outcomes_decoder
+from streamsvc.model import Outcome, Status, json_encoder, outcomes_decoder
 from streamsvc.policy import RetryPolicy
 from streamsvc.settings import Route
 
@@ -62,7 +66,18 @@ class Grouped(msgspec.Struct, rename="camel"):
 
 
 _encoder = msgspec.json.Encoder()
-Publication = tuple[str | None, str, bytes]  # (exchange name or None for default, key, body)
+MAX_ROUTING_KEY_BYTES = 255  # AMQP's short string
+# RabbitMQ 4 refuses messages above 16 MiB by default (max_message_size), closing the channel:
+# aggregated events are cut below that, and a message still above it is dead-lettered.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+AGGREGATE_BUDGET_BYTES = 4 * 1024 * 1024
+
+
+class Publication(NamedTuple):
+    exchange: str | None  # None: the default exchange (a route's queue)
+    key: str
+    body: bytes
+    outcomes: list[Outcome]  # what the message reports, dead-lettered if it cannot go
 
 
 def publications(
@@ -74,16 +89,17 @@ def publications(
         for o in outcomes:
             data = o  # the Outcome as it is: {id, operationType, status, error, ...}
             out.append(
-                (
+                Publication(
                     exchange,
                     f"{o.operation_type}.{o.status.value}",
                     _encoder.encode(Event(OPERATION_PATTERN, data)),
+                    [o],
                 )
             )
             route = routes.get(o.operation_type)
             if route is not None:
                 event = Event(route.pattern or OPERATION_PATTERN, data)
-                out.append((None, route.queue, _encoder.encode(event)))
+                out.append(Publication(None, route.queue, _encoder.encode(event), [o]))
         return out
     by_type: dict[str, list[Outcome]] = defaultdict(list)
     for o in outcomes:
@@ -91,14 +107,33 @@ def publications(
     for op_type, group in by_type.items():
         for status in (Status.SUCCESS, Status.FAIL):
             subset = [o for o in group if o.status is status]
-            if subset:
-                event = Event(AGGREGATE_PATTERN, _grouped(op_type, subset))
-                out.append((exchange, f"{op_type}.{status.value}", _encoder.encode(event)))
+            for part in _parts(subset):
+                event = Event(AGGREGATE_PATTERN, _grouped(op_type, part))
+                key = f"{op_type}.{status.value}"
+                out.append(Publication(exchange, key, _encoder.encode(event), part))
         route = routes.get(op_type)
         if route is not None:
-            event = Event(route.pattern or AGGREGATE_PATTERN, _grouped(op_type, group))
-            out.append((None, route.queue, _encoder.encode(event)))
+            for part in _parts(group):
+                event = Event(route.pattern or AGGREGATE_PATTERN, _grouped(op_type, part))
+                out.append(Publication(None, route.queue, _encoder.encode(event), part))
     return out
+
+
+def _parts(outcomes: list[Outcome], budget: int = AGGREGATE_BUDGET_BYTES) -> list[list[Outcome]]:
+    """``outcomes`` in runs whose aggregated message stays around ``budget`` bytes (one
+    outcome alone may exceed it): big ``meta`` values do not add up past the broker's limit."""
+    parts: list[list[Outcome]] = [[]]
+    size = 0
+    for o in outcomes:
+        weight = 100 + len(o.id) + len(o.error or "")
+        if o.meta is not None:
+            weight += len(_encoder.encode(o.meta))
+        if parts[-1] and size + weight > budget:
+            parts.append([])
+            size = 0
+        parts[-1].append(o)
+        size += weight
+    return parts if parts[0] else []
 
 
 def _grouped(op_type: str, outcomes: list[Outcome]) -> Grouped:
@@ -184,13 +219,21 @@ class Notifier:
             if not entries:
                 own_pending = False
                 continue
-            await self.relay(exchanges, entries)
+            try:
+                await self.relay(exchanges, entries)
+            except rs.CONNECTION_EXCEPTIONS as exc:  # the ack: published again, at least once
+                failures, own_pending = failures + 1, True
+                await pause(
+                    log, "notifier.redis_unavailable", exc, self.retry, failures, "reading again"
+                )
 
     async def relay(
         self, exchanges: dict[str | None, AbstractExchange], entries: list[rs.Entry]
     ) -> None:
-        """Publish every outcome of ``entries``, wait for the confirms, then ack them."""
+        """Publish every outcome of ``entries``, wait for the confirms, then ack them;
+        what cannot be published is dead-lettered in the same step as the ack."""
         outcomes: list[Outcome] = []
+        dead: list[dict[str, Any]] = []
         for entry_id, fields in entries:
             try:
                 outcomes.extend(outcomes_decoder.decode(fields[b"o"]))
@@ -199,27 +242,75 @@ class Notifier:
                     "notifier.undecodable_entry",
                     entry=entry_id.decode(),
                     error=str(exc),
-                    next="acked and dropped",
+                    next="dead-lettered",
                 )
+                why = f"undecodable outcome entry: {exc}"
+                dead.append({"entry": entry_id, "o": fields.get(b"o", b""), "reason": why})
         # Every entry read together aggregates into the same messages: a notifier that
         # fell behind catches up with fewer, larger ones.
         messages = publications(outcomes, self.routes, self.mode, self.exchange_name)
+        refused: list[tuple[Publication, str]] = []
         async with anyio.create_task_group() as tg:
-            for exchange, key, body in messages:
-                message = aio_pika.Message(
-                    body,
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    content_type="application/json",
-                )
-                tg.start_soon(_publish, exchanges[exchange], message, key)
-        metrics.notifications.labels(self.mode).inc(len(messages))
+            for publication in messages:
+                reason = unpublishable(publication)
+                if reason is not None:
+                    refused.append((publication, reason))
+                    continue
+                tg.start_soon(self._publish, exchanges[publication.exchange], publication, refused)
+        for publication, reason in refused:
+            log.error(
+                "notifier.unpublishable",
+                routing_key=publication.key[:100],
+                outcomes=len(publication.outcomes),
+                reason=reason,
+                next="dead-lettered",
+            )
+            dead.append(_dead_letter(publication, reason))
+            metrics.dead_lettered.inc(len(publication.outcomes))
+        metrics.notifications.labels(self.mode).inc(len(messages) - len(refused))
+        names = self.streams.names
         with anyio.CancelScope(shield=True):
-            await self.streams.ack(
-                self.streams.names.outcomes, rs.NOTIFIER_GROUP, [eid for eid, _ in entries]
+            await self.streams.ack_with(
+                names.outcomes, rs.NOTIFIER_GROUP, [eid for eid, _ in entries], names.dead, dead
             )
 
+    @staticmethod
+    async def _publish(
+        exchange: AbstractExchange,
+        publication: Publication,
+        refused: list[tuple[Publication, str]],
+    ) -> None:
+        """Publish, returning once RabbitMQ confirmed. An error of this message alone lands
+        in ``refused``; a connection's error propagates (the entries are read again)."""
+        message = aio_pika.Message(
+            publication.body,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            content_type="application/json",
+        )
+        try:
+            # Not mandatory: a topic event nobody subscribed to is dropped by design, and
+            # each route's queue is declared before publishing.
+            await exchange.publish(message, routing_key=publication.key, mandatory=False)
+        except amqp.CONNECTION_EXCEPTIONS:
+            raise
+        except Exception as exc:
+            refused.append((publication, f"{type(exc).__name__}: {exc}"))
 
-async def _publish(exchange: AbstractExchange, message: aio_pika.Message, key: str) -> None:
-    # Returns once RabbitMQ confirmed it. Not mandatory: a topic event nobody subscribed to
-    # is dropped by design, and each route's queue is declared before publishing.
-    await exchange.publish(message, routing_key=key, mandatory=False)
+
+def unpublishable(publication: Publication) -> str | None:
+    """Pure: why RabbitMQ could never take ``publication``, or None."""
+    size = len(publication.key.encode(errors="surrogatepass"))
+    if size > MAX_ROUTING_KEY_BYTES:
+        return f"routing key of {size} bytes, AMQP allows {MAX_ROUTING_KEY_BYTES}"
+    if len(publication.body) > MAX_MESSAGE_BYTES:
+        return f"message of {len(publication.body)} bytes, above the {MAX_MESSAGE_BYTES} allowed"
+    return None
+
+
+def _dead_letter(publication: Publication, reason: str) -> dict[str, Any]:
+    return {
+        "outcomes": json_encoder.encode(publication.outcomes),
+        "exchange": publication.exchange or "",
+        "routingKey": publication.key,
+        "reason": reason,
+    }

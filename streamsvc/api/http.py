@@ -24,7 +24,14 @@ from streamsvc.actors.ingress import Ingress, Result
 from streamsvc.api.swagger import ASSETS_DIR, LocalSwagger
 from streamsvc.errors import InvalidOperation
 from streamsvc.keys import Authenticator
-from streamsvc.model import Operation, OperationView, Receipt, Rejection, rejection
+from streamsvc.model import (
+    Operation,
+    OperationView,
+    Receipt,
+    Rejection,
+    check_nesting,
+    rejection,
+)
 from streamsvc.ratelimit import Refusal
 from streamsvc.validate import Caller
 
@@ -134,6 +141,7 @@ def create_app(
 
     @post(
         "/api/operations",
+        before_request=nesting_checked(levels_above=0),
         status_code=201,
         summary="Submit one operation",
         description="201 when stored, 200 when an operation with this userOperationId "
@@ -153,6 +161,7 @@ def create_app(
 
     @post(
         "/api/operations/batch",
+        before_request=nesting_checked(levels_above=1),
         status_code=200,
         summary="Submit a list of operations",
         description="Every valid operation is stored; each item says what became of it.",
@@ -223,6 +232,20 @@ def create_app(
         request_max_body_size=max_body_bytes,
         debug=False,
     )
+
+
+def nesting_checked(levels_above: int) -> Callable[[Request[Any, Any, Any]], Awaitable[None]]:
+    """A before-request hook refusing a body nested too deeply, before Litestar decodes it
+    with msgspec. Reading the body enforces request_max_body_size first (on the bytes
+    received, chunked bodies too); Litestar then decodes the same cached bytes."""
+
+    async def check(request: Request[Any, Any, Any]) -> None:
+        try:
+            check_nesting(await request.body(), levels_above=levels_above)
+        except InvalidOperation as exc:
+            raise _refused([Rejection(exc.field, exc.reason)]) from None
+
+    return check
 
 
 def _item(index: int, result: Result) -> BatchItem:

@@ -4,7 +4,7 @@ Several processes share the inbox through one consumer group. Entries are read i
 validated one by one, stored with one group commit, and acked only after that. An
 operation without a userOperationId gets an id derived from its entry id, so an entry
 delivered twice (after a crash before the ack) is still stored once. Entries that cannot
-be accepted go to the rejects stream with the reason, and are acked.
+be accepted go to the rejects stream with the reason (never with a key), and are acked.
 """
 
 from __future__ import annotations
@@ -20,9 +20,16 @@ from streamsvc.actors.ingress import Ingress
 from streamsvc.adapters import streams as rs
 from streamsvc.adapters.postgres import translate
 from streamsvc.backoff import pause
-from streamsvc.errors import InvalidOperation
+from streamsvc.errors import InvalidOperation, TransientError
 from streamsvc.keys import Authenticator
-from streamsvc.model import Operation, Rejection, decode_error, derived_id, operation_decoder
+from streamsvc.model import (
+    Operation,
+    Receipt,
+    Rejection,
+    decode_operation,
+    derived_id,
+    json_encoder,
+)
 from streamsvc.policy import RetryPolicy
 from streamsvc.validate import Caller
 
@@ -119,67 +126,90 @@ class InboxConsumer:
             await self.ingest(entries)
 
     async def ingest(self, entries: list[rs.Entry]) -> None:
-        """Store every acceptable operation of ``entries``; reject the rest; ack all."""
+        """Store every acceptable operation of ``entries``; reject the rest; ack all.
+
+        Whatever one entry holds, it is stored or rejected on its own: nothing in it makes
+        the reader read the others again. Only a store that is away does (a transient
+        error), and then for every entry, unacked."""
         names = self.streams.names
         rejects: list[dict[str, bytes]] = []
         by_caller: dict[Caller, tuple[list[Operation], list[str | None], list[bytes]]] = {}
         for entry_id, fields in entries:
-            raw = fields.get(b"op")
+            op: Operation | None = None
             try:
-                if raw is None:
-                    raise _Refused(Rejection("op", "entry has no `op` field"))
-                if len(raw) > self.max_body_bytes:
-                    reason = f"larger than the {self.max_body_bytes} bytes allowed"
-                    raise _Refused(Rejection("op", reason))
-                op = _decode(raw)
+                op = self._operation(fields)
                 caller = self.auth.caller_for(fields.get(b"key") or op.api_key)
-            except _Refused as refused:
-                rejects.append(_reject(entry_id, raw, refused.rejection))
-                continue
             except InvalidOperation as exc:
-                rejects.append(_reject(entry_id, raw, Rejection(exc.field, exc.reason)))
+                rejects.append(_reject(entry_id, op, Rejection(exc.field, exc.reason)))
+                continue
+            except Exception as exc:
+                log.exception("inbox.entry_failed", entry=entry_id.decode(), next="rejected")
+                reason = f"could not be read: {type(exc).__name__}"
+                rejects.append(_reject(entry_id, op, Rejection("op", reason)))
                 continue
             ops, ids, entry_ids = by_caller.setdefault(caller, ([], [], []))
             ops.append(op)
             ids.append(derived_id(_NAMESPACE, f"{names.inbox}:{entry_id.decode()}"))
             entry_ids.append(entry_id)
-        raw_by_id = {entry_id: fields.get(b"op") for entry_id, fields in entries}
         for caller, (ops, ids, entry_ids) in by_caller.items():
             admitted, refusal = await self.auth.admit_some(caller, len(ops))
             if refusal is not None:  # over the key's rate: the later entries are refused
-                for entry_id in entry_ids[admitted:]:
-                    rejection = Rejection("rate", refusal.reason)
-                    rejects.append(_reject(entry_id, raw_by_id[entry_id], rejection))
+                rejection = Rejection("rate", refusal.reason)
+                for entry_id, op in zip(entry_ids[admitted:], ops[admitted:], strict=True):
+                    rejects.append(_reject(entry_id, op, rejection))
                 ops, ids = ops[:admitted], ids[:admitted]
                 if not ops:
                     continue
-            results = await self.ingress.submit(ops, caller=caller, source=SOURCE, ids=ids)
+            try:
+                results = await self.ingress.submit(ops, caller=caller, source=SOURCE, ids=ids)
+            except Exception as exc:
+                if isinstance(translate(exc), TransientError):
+                    raise
+                # Something in these entries fails beyond validation: find which, alone.
+                results = [
+                    await self._submit_alone(op, caller, op_id, i)
+                    for i, (op, op_id) in enumerate(zip(ops, ids, strict=True))
+                ]
             for result in results:
                 if isinstance(result, Rejection):
-                    entry_id = entry_ids[result.index]
-                    rejects.append(_reject(entry_id, raw_by_id[entry_id], result))
+                    rejects.append(_reject(entry_ids[result.index], ops[result.index], result))
         if rejects:
             rejects.sort(key=lambda r: _order(r["entry"]))
             await self.streams.add(names.rejects, rejects)
             log.info("inbox.rejected", entries=len(rejects))
         await self.streams.ack(names.inbox, rs.INGRESS_GROUP, [eid for eid, _ in entries])
 
+    async def _submit_alone(
+        self, op: Operation, caller: Caller, op_id: str | None, index: int
+    ) -> Receipt | Rejection:
+        try:
+            return (await self.ingress.submit([op], caller=caller, source=SOURCE, ids=[op_id]))[0]
+        except Exception as exc:
+            error = translate(exc)
+            if isinstance(error, TransientError):
+                raise
+            log.error("inbox.store_refused", error=str(error), next="rejected")
+            return Rejection("op", f"could not be stored: {error}", index)
 
-class _Refused(Exception):
-    def __init__(self, rejection: Rejection) -> None:
-        self.rejection = rejection
-
-
-def _decode(raw: bytes) -> Operation:
-    try:
-        return operation_decoder.decode(raw)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise _Refused(decode_error(exc)) from None
+    def _operation(self, fields: dict[bytes, bytes]) -> Operation:
+        """The entry's operation: its size checked before decoding, its nesting before
+        msgspec builds anything."""
+        raw = fields.get(b"op")
+        if raw is None:
+            raise InvalidOperation("op", "entry has no `op` field")
+        if len(raw) > self.max_body_bytes:
+            raise InvalidOperation("op", f"larger than the {self.max_body_bytes} bytes allowed")
+        return decode_operation(raw)
 
 
 def _order(entry_id: bytes) -> tuple[int, ...]:
     return tuple(int(part) for part in entry_id.split(b"-"))
 
 
-def _reject(entry_id: bytes, raw: bytes | None, rejection: Rejection) -> dict[str, bytes]:
-    return {"entry": entry_id, "op": raw or b"", "reason": rejection.message.encode()}
+def _reject(entry_id: bytes, op: Operation | None, rejection: Rejection) -> dict[str, bytes]:
+    """A rejects entry: never a key. ``op`` is the operation without its apiKey, when the
+    entry decoded into one (the raw field may hold a key anywhere, so it is not kept)."""
+    fields = {"entry": entry_id, "reason": rejection.message.encode()}
+    if op is not None:
+        fields["op"] = json_encoder.encode(msgspec.structs.replace(op, api_key=None))
+    return fields

@@ -26,15 +26,18 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from streamsvc.actors.ingress import Ingress, Result
 from streamsvc.adapters import amqp
 from streamsvc.adapters.postgres import translate
-from streamsvc.errors import InvalidOperation
+from streamsvc.errors import InvalidOperation, TransientError
 from streamsvc.keys import Authenticator
 from streamsvc.model import (
+    MAX_DEPTH,
     Receipt,
     Rejection,
     decode_error,
+    decode_operation,
+    decode_operations,
     derived_id,
-    operation_decoder,
-    operations_decoder,
+    field_of,
+    too_deep,
 )
 from streamsvc.policy import RetryPolicy
 from streamsvc.ratelimit import Refusal
@@ -91,6 +94,7 @@ _encoder = msgspec.json.Encoder()
 
 Handler = Callable[[bytes, Caller, str | None], Awaitable[IResponse]]
 T = TypeVar("T")
+_TOO_DEEP = f"nested deeper than {MAX_DEPTH} levels"
 _NAMESPACE = uuid.UUID("0b7d3f4e-58a4-4d1b-9a3e-2f7c5d1e9a60")
 
 
@@ -168,34 +172,14 @@ class RpcServer:
             raise aio_pika.exceptions.AMQPConnectionError("consumer closed by the broker")
 
     async def handle(self, channel: AbstractChannel, message: AbstractIncomingMessage) -> None:
-        """Answer one request (or handle one event), then ack it."""
+        """Answer one request (or handle one event), then ack it.
+
+        Nothing a caller sends escapes from here: whatever fails is answered INTERNAL_ERROR
+        and acked, so the next message is served. Only a lost connection (the message
+        returns to the queue by itself) or a store that is away (returned after a pause)
+        leaves a message unacked."""
         try:
-            request = _request_decoder.decode(message.body)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            log.warning("rpc.malformed", error=str(exc))
-            await self._reply(channel, message, ErrorReply(f"malformed request: {exc}"))
-            await message.ack()
-            return
-        key = route_key(request.pattern)
-        handler = self.handlers.get(key)
-        if handler is None:
-            log.warning("rpc.no_handler", pattern=key)
-            if request.id is not None:
-                await self._reply(channel, message, NoHandler(request.id))
-            await message.ack()
-            return
-        try:
-            if len(message.body) > self.max_body_bytes:
-                response = _refused(
-                    Rejection("body", f"larger than the {self.max_body_bytes} bytes allowed")
-                )
-            else:
-                caller = self._caller(message, request)
-                response = (
-                    _unauthorized()
-                    if caller is None
-                    else await _answering_refusals(handler(request.data, caller, request.id))
-                )
+            answer = await self._answer(message)
         except Unavailable as exc:
             delay = self.retry.backoff_s(1 + (message.redelivered or 0))
             log.warning(
@@ -206,16 +190,58 @@ class RpcServer:
             await anyio.sleep(delay)
             await message.nack(requeue=True)
             return
-        if request.id is not None:
-            await self._reply(channel, message, Reply(response))
-        elif not response.status:
-            log.warning("rpc.event_refused", pattern=key, error=response.error)
+        except amqp.CONNECTION_EXCEPTIONS:
+            raise
+        except Exception as exc:
+            log.exception(
+                "rpc.handler_failed", error=type(exc).__name__, next="answered INTERNAL_ERROR"
+            )
+            answer = Reply(_internal_error())
+        if answer is not None:
+            await self._reply(channel, message, answer)
         await message.ack()
+
+    async def _answer(self, message: AbstractIncomingMessage) -> msgspec.Struct | None:
+        """What to answer ``message`` with (None: nothing, it is an event). Its size and
+        nesting are checked before anything of it is decoded."""
+        body = message.body
+        if len(body) > self.max_body_bytes:
+            rejection = Rejection("body", f"larger than the {self.max_body_bytes} bytes allowed")
+            log.warning("rpc.refused", error=rejection.message)
+            return Reply(_refused(rejection))  # undecoded, so no id: answered if replyTo
+        # The envelope holds the operation(s) one or two levels down.
+        path = too_deep(body, MAX_DEPTH + 2)
+        if path is not None and path[:1] == ["data"]:
+            in_list = 1 if len(path) > 1 and isinstance(path[1], int) else 0  # a list of ops
+            return Reply(_refused(Rejection(field_of(path[1:], in_list), _TOO_DEEP)))
+        try:
+            if path is not None:
+                raise InvalidOperation(field_of(path), _TOO_DEEP)
+            request = _request_decoder.decode(body)
+        except (msgspec.ValidationError, msgspec.DecodeError, InvalidOperation) as exc:
+            log.warning("rpc.malformed", error=str(exc))
+            return ErrorReply(f"malformed request: {exc}")
+        key = route_key(request.pattern)
+        handler = self.handlers.get(key)
+        if handler is None:
+            log.warning("rpc.no_handler", pattern=key[:200])
+            return None if request.id is None else NoHandler(request.id)
+        caller = self._caller(message, request)
+        response = (
+            _unauthorized()
+            if caller is None
+            else await _answering_refusals(handler(request.data, caller, request.id))
+        )
+        if request.id is None:
+            if not response.status:
+                log.warning("rpc.event_refused", pattern=key[:200], error=response.error)
+            return None
+        return Reply(response)
 
     def _caller(self, message: AbstractIncomingMessage, request: Request) -> Caller | None:
         """The caller by header ``x-api-key`` or ``data.apiKey``; None when refused."""
         header = (message.headers or {}).get("x-api-key")
-        key = header.decode() if isinstance(header, bytes) else header
+        key = header.decode(errors="replace") if isinstance(header, bytes | bytearray) else header
         if key is None:
             key = _api_key_in(request.data)
         try:
@@ -230,24 +256,29 @@ class RpcServer:
             return
         # Not mandatory: with direct reply-to (amq.rabbitmq.reply-to.*, NestJS's default) the
         # broker would also return every mandatory reply to us as unroutable.
-        await channel.default_exchange.publish(
-            aio_pika.Message(_encoder.encode(body), correlation_id=message.correlation_id),
-            routing_key=message.reply_to,
-            mandatory=False,
-        )
+        try:
+            await channel.default_exchange.publish(
+                aio_pika.Message(_encoder.encode(body), correlation_id=message.correlation_id),
+                routing_key=message.reply_to,
+                mandatory=False,
+            )
+        except amqp.CONNECTION_EXCEPTIONS:
+            raise
+        except Exception as exc:  # e.g. a replyTo beyond AMQP's 255 bytes: cannot answer
+            log.warning("rpc.reply_failed", error=str(exc)[:200], next="acked unanswered")
 
     # -- patterns ------------------------------------------------------------------------
     async def create_operation(
         self, data: bytes, caller: Caller, request_id: str | None
     ) -> IResponse:
-        op = _decode(operation_decoder, data)
+        op = _decode_ops(decode_operation, data)
         results = await self._submit([op], caller, request_id)
         return _created(results[0])
 
     async def create_operations(
         self, data: bytes, caller: Caller, request_id: str | None
     ) -> IResponse:
-        ops = _decode(operations_decoder, data)
+        ops = _decode_ops(decode_operations, data)
         results = await self._submit(ops, caller, request_id)
         refused = sum(isinstance(r, Rejection) for r in results)
         created = sum(isinstance(r, Receipt) and r.created for r in results)
@@ -290,15 +321,25 @@ class RpcServer:
         try:
             return await self.ingress.submit(ops, caller=caller, source=SOURCE, ids=ids)
         except Exception as exc:
-            raise Unavailable(str(translate(exc))) from exc
+            error = translate(exc)
+            if isinstance(error, TransientError):
+                raise Unavailable(str(error)) from exc
+            raise  # answered INTERNAL_ERROR: a request that cannot be stored is not retried
+
+
+class _KeyIn(msgspec.Struct, rename="camel"):
+    api_key: Any = None
+
+
+_key_in_decoder = msgspec.json.Decoder(_KeyIn)
 
 
 def _api_key_in(data: bytes) -> Any:
+    """``data.apiKey``, without building the rest of ``data``."""
     try:
-        decoded = msgspec.json.decode(data)
-    except msgspec.DecodeError:
+        return _key_in_decoder.decode(data).api_key
+    except (msgspec.ValidationError, msgspec.DecodeError):
         return None
-    return decoded.get("apiKey") if isinstance(decoded, dict) else None
 
 
 def _result_data(result: Result) -> Any:
@@ -339,11 +380,27 @@ def _decode(decoder: msgspec.json.Decoder[T], data: bytes) -> T:
         raise _Refusal(_refused(decode_error(exc))) from None
 
 
+def _decode_ops(decode: Callable[[bytes], T], data: bytes) -> T:
+    try:
+        return decode(bytes(data))  # data is a msgspec.Raw view into the request
+    except InvalidOperation as exc:
+        raise _Refusal(_refused(Rejection(exc.field, exc.reason))) from None
+
+
 async def _answering_refusals(handling: Awaitable[IResponse]) -> IResponse:
     try:
         return await handling
     except _Refusal as refusal:
         return refusal.response
+
+
+def _internal_error() -> IResponse:
+    return IResponse(
+        status=False,
+        message="Internal error",
+        error="the request could not be handled; nothing of it was stored",
+        error_code="INTERNAL_ERROR",
+    )
 
 
 def _rate_limited(refusal: Refusal) -> IResponse:

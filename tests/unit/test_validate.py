@@ -1,3 +1,4 @@
+import datetime as dt
 from typing import Any
 
 import msgspec
@@ -219,3 +220,72 @@ def test_body_kinds() -> None:
     assert op(table="orders").kind is BodyKind.STRUCTURED
     assert op(sql="DELETE FROM orders WHERE id = $1", params=[1]).kind is BodyKind.STATEMENT
     assert op(sql="DELETE FROM orders").kind is BodyKind.LEGACY
+
+
+def deeply(levels: int) -> Any:
+    value: Any = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
+INSERT = {"table": "orders", "action": "insert", "values": {"id": 1, "customer": "a"}}
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "words"),
+    [
+        ({"operationType": "é" * 128}, "operationType", "longer than 255 bytes"),
+        ({"operationType": "A\nB"}, "operationType", "control character"),
+        ({"operationType": "A\x00"}, "operationType", "control character"),
+        ({"operationType": "A\x85"}, "operationType", "control character"),
+        ({"orderingKey": "k\x00"}, "orderingKey", "control character"),
+        ({"orderingKey": "ü" * 128}, "orderingKey", "longer than 255 bytes"),
+        ({"values": {"id": 1, "customer": "a\x00"}}, "values.customer", "NUL"),
+        ({"values": {"id": 1, "cust\x00omer": "a"}}, "values", "NUL character in a key"),
+        ({"meta": {"a": [{"b": "\x00"}]}}, "meta.a", "NUL"),
+        ({"meta": {"a\x00": 1}}, "meta", "NUL character in a key"),
+        ({"meta": deeply(32)}, "meta", "nested deeper than 32 levels"),
+        ({"table": "orders\x00"}, "table", "NUL"),
+        ({"runAt": "9999-12-31T23:59:59Z"}, "runAt", "between 2000-01-01 and a year from now"),
+        ({"runAt": "1970-01-01T00:00:00"}, "runAt", "between"),
+        ({"runAt": "0001-01-01T00:00:00+14:00"}, "runAt", "between"),
+    ],
+)
+def test_what_the_stores_cannot_take_is_refused_at_the_door(
+    fields: dict[str, Any], field: str, words: str
+) -> None:
+    with pytest.raises(InvalidOperation) as info:
+        validate(op(**{**INSERT, **fields}), CATALOG, ANONYMOUS)
+    assert info.value.field == field
+    assert words in info.value.reason
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"sql": "UPDATE orders SET note = $1 WHERE id = $2", "params": ["a\x00", 1]},
+        {"sql": "DELETE FROM orders WHERE note = 'a\x00'"},
+    ],
+)
+def test_nul_in_statements_and_their_params_is_refused(fields: dict[str, Any]) -> None:
+    with pytest.raises(InvalidOperation) as info:
+        validate(op(**fields), CATALOG, ANONYMOUS)
+    assert "NUL" in info.value.reason
+    assert info.value.field in ("sql", "params.0")
+
+
+def test_labels_and_times_at_their_bounds_are_accepted() -> None:
+    now = dt.datetime.now(dt.UTC)
+    validate(
+        op(
+            **INSERT,
+            operationType="é" * 127 + "x",  # 255 bytes
+            orderingKey="k" * 255,
+            runAt=(now + dt.timedelta(days=365)).isoformat(),
+            meta=deeply(31),
+        ),
+        CATALOG,
+        ANONYMOUS,
+    )
+    validate(op(**INSERT, runAt="2000-01-01T00:00:00Z", delayMs=None), CATALOG, ANONYMOUS)
