@@ -7,8 +7,9 @@ applied, and a good operation another key sends at the same moment lands.
 
 from __future__ import annotations
 
+import json
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -20,6 +21,7 @@ from streamsvc.sqlguard import MAX_SQL_BYTES
 from streamsvc.sqlscope import MAX_SQL_DEPTH
 from streamsvc.supervisor import Service
 from tests.conftest import PG, make_settings
+from tests.integration.test_security import via_inbox
 from tests.nest import nest_client
 from tests.pipeline import eventually, order, serving
 
@@ -213,12 +215,41 @@ async def refused_over_rpc(service: Service, key: str, sql: str) -> tuple[str, s
     return field, reason
 
 
-@pytest.mark.parametrize("path", ["http", "rpc"])
+async def accepted(service: Service, key: str, door: str, op: dict[str, Any]) -> None:
+    """``op`` goes in through ``door``: answered as stored (the inbox answers nothing)."""
+    if door == "http":
+        status, body = await via_http(service, key, op)
+        assert status == 201, body
+    elif door == "rpc":
+        async with nest_client(service.settings.rmq_queue) as client:
+            reply = await client.send("createOperation", {**op, "apiKey": key})
+        assert reply["response"]["status"] is True, reply
+    else:
+        names = service.streams.names
+        await service.streams.redis.xadd(names.inbox, {"op": json.dumps(op), "key": key})
+
+
+async def refused_over_inbox(service: Service, key: str, sql: str) -> tuple[str, str]:
+    return await via_inbox(service, key, {"operationType": "ATTACK", "sql": sql})
+
+
+REFUSED = {"http": refused_over_http, "rpc": refused_over_rpc, "inbox": refused_over_inbox}
+
+
+@pytest.mark.parametrize("path", list(REFUSED))
 async def test_sql_outside_the_key_scope_is_refused_at_the_door(
     keyed: tuple[Service, dict[str, str]], path: str
 ) -> None:
     service, keys = keyed
-    refused = refused_over_http if path == "http" else refused_over_rpc
+    async with anyio.create_task_group() as inbox:
+        inbox.start_soon(service.inbox.run)
+        await attack_all(service, keys, REFUSED[path])
+        service.inbox.stopping = True
+
+
+async def attack_all(
+    service: Service, keys: dict[str, str], refused: Callable[..., Awaitable[tuple[str, str]]]
+) -> None:
     cases = [("attacker", *case) for case in ATTACKS] + [
         ("reader", *case) for case in COLUMN_ATTACKS
     ]
@@ -256,8 +287,17 @@ async def test_sql_outside_the_key_scope_is_refused_at_the_door(
         await eventually(all_applied, within=30)
         stored = await conn.fetch('SELECT id::text FROM "BatchOperations"')
         assert sorted(r["id"] for r in stored) == sorted(good_ids), "no attack was stored"
+        # Afterwards the service still takes the other key's operations on every door.
+        for n, door in enumerate(REFUSED, start=len(cases) + 1):
+            await accepted(service, keys["other"], door, order(n))
+
+        async def all_landed() -> bool:
+            done = await conn.fetchval("SELECT count(*) FROM orders")
+            return bool(done == len(cases) + len(REFUSED) + 1)
+
+        await eventually(all_landed, within=30)
         orders = await conn.fetch("SELECT id, customer FROM orders ORDER BY id")
-        expected = [(i + 1, "c") for i in range(len(cases))] + [(1000000, "seed")]
+        expected = [(i, "c") for i in range(1, len(cases) + 4)] + [(1000000, "seed")]
         assert [tuple(r) for r in orders] == expected
         assert await conn.fetchval("SELECT count(*) FROM payments") == 1
         assert await conn.fetchval("SELECT last_value FROM attack_seq") == 1
