@@ -59,10 +59,10 @@ statements over and over.
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, NamedTuple
 
@@ -148,11 +148,32 @@ def _check_text(sql: str) -> None:
         )
 
 
-@functools.lru_cache(maxsize=4096)
-def _analysed(
-    sql: str, allowed: AllowList, scope: Scope
-) -> tuple[TableRef, Action, frozenset[int]]:
-    return _parser_thread().submit(_analyse, sql, allowed, scope).result()
+Analysis = tuple[TableRef, Action, frozenset[int]]
+REMEMBERED = 4096  # accepted texts whose analysis is kept, least recently used dropped
+_analyses: OrderedDict[tuple[str, AllowList, Scope], Analysis] = OrderedDict()
+_analyses_lock = threading.Lock()
+
+
+def remembered(sql: str, allowed: AllowList, scope: Scope = None) -> bool:
+    """Whether ``sql`` was accepted before, so that checking it again costs microseconds;
+    an unseen text may take up to about 0.3 s of CPU (see the module docstring), which
+    an event loop should not wait for on its own thread."""
+    return (sql, allowed, scope) in _analyses
+
+
+def _analysed(sql: str, allowed: AllowList, scope: Scope) -> Analysis:
+    key = (sql, allowed, scope)
+    with _analyses_lock:
+        found = _analyses.get(key)
+        if found is not None:
+            _analyses.move_to_end(key)
+            return found
+    analysis = _parser_thread().submit(_analyse, sql, allowed, scope).result()
+    with _analyses_lock:
+        _analyses[key] = analysis
+        if len(_analyses) > REMEMBERED:
+            _analyses.popitem(last=False)
+    return analysis
 
 
 _parser_lock = threading.Lock()
@@ -174,7 +195,7 @@ def _parser_thread() -> ThreadPoolExecutor:
         return _parser[1]
 
 
-def _analyse(sql: str, allowed: AllowList, scope: Scope) -> tuple[TableRef, Action, frozenset[int]]:
+def _analyse(sql: str, allowed: AllowList, scope: Scope) -> Analysis:
     stmt = _parse_one(sql)
     if not isinstance(stmt, (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt)):
         raise refuse(f"only INSERT, UPDATE or DELETE are allowed, got {_command(stmt)}")

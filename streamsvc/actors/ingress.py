@@ -29,7 +29,7 @@ import asyncpg
 import msgspec
 import structlog
 
-from streamsvc import metrics, queries
+from streamsvc import metrics, queries, sqlguard
 from streamsvc.adapters import streams as rs
 from streamsvc.adapters.postgres import translate
 from streamsvc.catalog import Catalog
@@ -162,12 +162,20 @@ class Ingress:
     async def check(self, op: Operation, caller: Caller) -> None:
         """Validate; when the loaded schema lacks a name, reload it once and look again."""
         try:
-            validate(op, self.catalog, caller)
+            await self._validate(op, caller)
         except UnknownToCatalog:
             async with self.pool.acquire() as conn:
                 if not await self.catalog.refresh(conn):
                     raise
+            await self._validate(op, caller)
+
+    async def _validate(self, op: Operation, caller: Caller) -> None:
+        """``validate``; in a worker thread for SQL not seen before, whose check can take a
+        large fraction of a second: every other caller's request goes on meanwhile."""
+        if op.sql is None or sqlguard.remembered(op.sql, self.catalog.allow, caller.tables):
             validate(op, self.catalog, caller)
+        else:
+            await anyio.to_thread.run_sync(validate, op, self.catalog, caller)
 
     # -- the committer loop ------------------------------------------------------------
     async def run(self) -> None:
