@@ -77,6 +77,13 @@ def make_settings(database: str, prefix: str, **overrides: str) -> Settings:
     return settings_module.load(settings_env(database, prefix, **overrides), env_file=None)
 
 
+def keyed_settings(database: str, prefix: str, **overrides: str) -> Settings:
+    """Settings with auth on: callers need keys (``service.keys.create``)."""
+    return make_settings(
+        database, prefix, STREAMSVC_AUTH="on", API_KEY_ENCRYPTION_SECRET=SECRET, **overrides
+    )
+
+
 @pytest.fixture
 async def prefix() -> AsyncIterator[str]:
     """A Redis key prefix of the test's own; its keys are deleted afterwards."""

@@ -5,14 +5,18 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
+import asyncpg
+import httpx
 import msgspec
 
+from benchmarks.harness import PG
 from streamsvc.model import Operation
 from streamsvc.settings import Settings
 from streamsvc.supervisor import Service, open_service
+from tests.nest import NestClient, nest_client
 
 
 @asynccontextmanager
@@ -46,6 +50,20 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {within} s")
         await anyio.sleep(every)
+
+
+async def until_applied(conn: Any, *, by: str, value: str, within: float = 15) -> None:
+    """Wait until the operation whose ``by`` column (``id`` or ``user_operation_id``) is
+    ``value`` has succeeded."""
+    assert by in ("id", "user_operation_id")
+
+    async def done() -> bool:
+        status = await conn.fetchval(
+            f'SELECT status FROM "BatchOperations" WHERE {by} = $1::uuid', value
+        )
+        return bool(status == "SUCCESS")
+
+    await eventually(done, within=within)
 
 
 async def statuses(conn: object) -> dict[str, int]:
@@ -85,6 +103,32 @@ async def serving(settings: Settings) -> AsyncIterator[Service]:
             with anyio.move_on_after(5):  # let uvicorn close its sockets
                 await http_done.wait()
             tg.cancel_scope.cancel()
+
+
+class Served(NamedTuple):
+    """A serving service with a client for each of its doors and its database."""
+
+    service: Service
+    db: asyncpg.Connection
+    http: httpx.AsyncClient
+    rpc: NestClient
+
+
+@asynccontextmanager
+async def served_with_clients(settings: Settings) -> AsyncIterator[Served]:
+    """``serving(settings)``, plus an HTTP client on its port, a NestJS-style RPC client on
+    its queue and a connection to its database."""
+    db = await asyncpg.connect(database=settings.db_name, **PG)
+    base = f"http://127.0.0.1:{settings.http_port}"
+    try:
+        async with (
+            nest_client(settings.rmq_queue) as rpc,
+            serving(settings) as service,
+            httpx.AsyncClient(base_url=base) as http,
+        ):
+            yield Served(service, db, http, rpc)
+    finally:
+        await db.close()
 
 
 def order(i: int, **extra: Any) -> dict[str, Any]:

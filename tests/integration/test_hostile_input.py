@@ -28,7 +28,7 @@ from streamsvc.errors import InvalidOperation
 from streamsvc.model import Operation, Receipt, Rejection, decode_operation
 from streamsvc.supervisor import Service, open_service
 from streamsvc.validate import ANONYMOUS, Caller
-from tests.conftest import PG, make_settings
+from tests.conftest import PG, keyed_settings, make_settings
 from tests.envelopes import envelopes
 from tests.nest import NestClient, nest_client
 from tests.pipeline import drain, eventually, order, running, serving
@@ -113,11 +113,9 @@ class Live:
 
 @pytest.fixture
 async def live(database: str, prefix: str) -> AsyncIterator[Live]:
-    settings = make_settings(
+    settings = keyed_settings(
         database,
         prefix,
-        STREAMSVC_AUTH="on",
-        API_KEY_ENCRYPTION_SECRET=SECRET,
         STREAMSVC_MAX_BODY_BYTES=str(LIMIT),
         STREAMSVC_NOTIFY_MODE="operation",
     )

@@ -13,7 +13,7 @@ import pytest
 
 from streamsvc.settings import Settings
 from streamsvc.supervisor import Service
-from tests.conftest import PG, SECRET, make_settings
+from tests.conftest import PG, keyed_settings, make_settings
 from tests.pipeline import eventually, order, serving
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -178,9 +178,7 @@ async def test_body_size_limit(database: str, prefix: str) -> None:
 
 
 async def test_api_keys_over_http(database: str, prefix: str) -> None:
-    settings = make_settings(
-        database, prefix, STREAMSVC_AUTH="on", API_KEY_ENCRYPTION_SECRET=SECRET
-    )
+    settings = keyed_settings(database, prefix)
     conn = await asyncpg.connect(database=database, **PG)
     try:
         async with http_client(settings) as (service, c):

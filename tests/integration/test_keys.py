@@ -10,7 +10,7 @@ import pytest
 
 from streamsvc.errors import InvalidOperation
 from streamsvc.settings import Settings
-from tests.conftest import PG, SECRET, make_settings
+from tests.conftest import PG, keyed_settings
 from tests.pipeline import eventually, running
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -29,7 +29,7 @@ def order(i: int, table: str = "orders") -> bytes:
 
 @pytest.fixture
 def settings(database: str, prefix: str) -> Settings:
-    return make_settings(database, prefix, STREAMSVC_AUTH="on", API_KEY_ENCRYPTION_SECRET=SECRET)
+    return keyed_settings(database, prefix)
 
 
 async def test_inbox_checks_keys_and_scopes(settings: Settings) -> None:

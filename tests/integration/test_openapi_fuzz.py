@@ -23,7 +23,7 @@ from hypothesis import settings as hypothesis_settings
 from schemathesis import GenerationMode
 from schemathesis.checks import content_type_conformance, not_a_server_error
 
-from tests.conftest import PG, make_settings
+from tests.conftest import PG, keyed_settings
 from tests.pipeline import eventually, order, serving
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -67,9 +67,7 @@ def fuzz(spec: dict[str, Any], base_url: str, headers: dict[str, str]) -> Counte
 async def test_generated_requests_get_no_server_error_and_harm_no_one(
     database: str, prefix: str
 ) -> None:
-    settings = make_settings(
-        database, prefix, STREAMSVC_AUTH="on", API_KEY_ENCRYPTION_SECRET="s" * 48
-    )
+    settings = keyed_settings(database, prefix)
     base_url = f"http://127.0.0.1:{settings.http_port}"
     conn = await asyncpg.connect(database=database, **PG)
     try:

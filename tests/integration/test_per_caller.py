@@ -16,9 +16,9 @@ import httpx
 import pytest
 
 from streamsvc.supervisor import Service
-from tests.conftest import PG, SECRET, make_settings
-from tests.nest import NestClient, nest_client
-from tests.pipeline import eventually, order, serving
+from tests.conftest import keyed_settings
+from tests.nest import NestClient
+from tests.pipeline import order, served_with_clients, until_applied
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -51,45 +51,28 @@ class World:
         return response
 
     async def applied(self, op_id: str) -> None:
-        async def done() -> bool:
-            status = await self.db.fetchval(
-                'SELECT status FROM "BatchOperations" WHERE id = $1::uuid', op_id
-            )
-            return bool(status == "SUCCESS")
-
-        await eventually(done, within=15)
+        await until_applied(self.db, by="id", value=op_id)
 
 
 @pytest.fixture
 async def world(database: str, prefix: str) -> AsyncIterator[World]:
-    settings = make_settings(
-        database, prefix, STREAMSVC_AUTH="on", API_KEY_ENCRYPTION_SECRET=SECRET
-    )
-    db = await asyncpg.connect(database=database, **PG)
-    base = f"http://127.0.0.1:{settings.http_port}"
-    try:
-        async with (
-            nest_client(settings.rmq_queue) as rpc,
-            serving(settings) as service,
-            httpx.AsyncClient(base_url=base) as http,
-        ):
-            store = service.keys
-            assert store is not None
-            keys = {
-                name: await store.create(
-                    db, name, tables=["orders"], actions=["insert"], allow_sql=False, admin=admin
-                )
-                for name, admin in (("a", False), ("b", False), ("admin", True))
-            }
-            await store.load(db)
-            exchange = await rpc.channel.declare_exchange(
-                settings.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+    settings = keyed_settings(database, prefix)
+    async with served_with_clients(settings) as (service, db, http, rpc):
+        store = service.keys
+        assert store is not None
+        keys = {
+            name: await store.create(
+                db, name, tables=["orders"], actions=["insert"], allow_sql=False, admin=admin
             )
-            events = await rpc.channel.declare_queue(exclusive=True)
-            await events.bind(exchange, routing_key="ORDER_CREATED.*")
-            yield World(service, db, http, rpc, keys, events)
-    finally:
-        await db.close()
+            for name, admin in (("a", False), ("b", False), ("admin", True))
+        }
+        await store.load(db)
+        exchange = await rpc.channel.declare_exchange(
+            settings.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        events = await rpc.channel.declare_queue(exclusive=True)
+        await events.bind(exchange, routing_key="ORDER_CREATED.*")
+        yield World(service, db, http, rpc, keys, events)
 
 
 async def test_a_key_sees_only_its_own_operations_over_http(world: World) -> None:

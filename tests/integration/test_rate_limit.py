@@ -20,9 +20,9 @@ from streamsvc.adapters import streams as rs
 from streamsvc.ratelimit import RateLimiter
 from streamsvc.supervisor import Service
 from streamsvc.validate import Caller
-from tests.conftest import PG, SECRET, make_settings
-from tests.nest import NestClient, nest_client
-from tests.pipeline import eventually, order, serving
+from tests.conftest import keyed_settings
+from tests.nest import NestClient
+from tests.pipeline import order, served_with_clients, until_applied
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -46,44 +46,27 @@ class Door:
         )
 
     async def applied(self, user_id: str) -> None:
-        async def done() -> bool:
-            status = await self.db.fetchval(
-                'SELECT status FROM "BatchOperations" WHERE user_operation_id = $1', user_id
-            )
-            return bool(status == "SUCCESS")
-
-        await eventually(done, within=15)
+        await until_applied(self.db, by="user_operation_id", value=user_id)
 
 
 @pytest.fixture
 async def door(database: str, prefix: str) -> AsyncIterator[Door]:
-    settings = make_settings(
+    settings = keyed_settings(
         database,
         prefix,
-        STREAMSVC_AUTH="on",
-        API_KEY_ENCRYPTION_SECRET=SECRET,
         STREAMSVC_RATE_LIMIT_OPS=str(DEFAULT_RATE),
     )
-    db = await asyncpg.connect(database=database, **PG)
-    base = f"http://127.0.0.1:{settings.http_port}"
-    try:
-        async with (
-            nest_client(settings.rmq_queue) as rpc,
-            serving(settings) as service,
-            httpx.AsyncClient(base_url=base) as http,
-        ):
-            store = service.keys
-            assert store is not None
-            keys = {
-                name: await store.create(
-                    db, name, tables=None, actions=["insert"], allow_sql=False, rate_limit_ops=rate
-                )
-                for name, rate in (("slow", SLOW_RATE), ("other", 0), ("plain", None))
-            }
-            await store.load(db)
-            yield Door(service, db, http, rpc, keys)
-    finally:
-        await db.close()
+    async with served_with_clients(settings) as (service, db, http, rpc):
+        store = service.keys
+        assert store is not None
+        keys = {
+            name: await store.create(
+                db, name, tables=None, actions=["insert"], allow_sql=False, rate_limit_ops=rate
+            )
+            for name, rate in (("slow", SLOW_RATE), ("other", 0), ("plain", None))
+        }
+        await store.load(db)
+        yield Door(service, db, http, rpc, keys)
 
 
 def orders(first: int, n: int) -> list[dict[str, Any]]:

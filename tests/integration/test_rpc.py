@@ -13,7 +13,7 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
 from streamsvc.settings import Settings
-from tests.conftest import PG, SECRET, make_settings
+from tests.conftest import PG, keyed_settings, make_settings
 from tests.nest import NestClient, nest_client
 from tests.pipeline import eventually, order, serving
 
@@ -217,9 +217,7 @@ async def _next(queue: aio_pika.abc.AbstractQueue) -> AbstractIncomingMessage:
 
 
 async def test_api_key_in_header_or_data(database: str, prefix: str) -> None:
-    settings = make_settings(
-        database, prefix, STREAMSVC_AUTH="on", API_KEY_ENCRYPTION_SECRET=SECRET
-    )
+    settings = keyed_settings(database, prefix)
     db = await asyncpg.connect(database=database, **PG)
     try:
         async with nest_client(settings.rmq_queue) as client, serving(settings) as service:

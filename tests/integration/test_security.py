@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from streamsvc.supervisor import Service
-from tests.conftest import PG, SECRET, make_settings
+from tests.conftest import PG, keyed_settings
 from tests.nest import nest_client
 from tests.pipeline import eventually, order, serving
 
@@ -89,9 +89,7 @@ Submit = Callable[[str | None, dict[str, Any]], Awaitable[tuple[str, str]]]
 
 @pytest.fixture
 async def secured(database: str, prefix: str) -> AsyncIterator[tuple[Service, dict[str, str]]]:
-    settings = make_settings(
-        database, prefix, STREAMSVC_AUTH="on", API_KEY_ENCRYPTION_SECRET=SECRET
-    )
+    settings = keyed_settings(database, prefix)
     conn = await asyncpg.connect(database=database, **PG)
     try:
         async with serving(settings) as service:

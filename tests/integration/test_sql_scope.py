@@ -8,7 +8,6 @@ applied, and a good operation another key sends at the same moment lands.
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -20,7 +19,7 @@ import pytest
 from streamsvc.sqlguard import MAX_SQL_BYTES
 from streamsvc.sqlscope import MAX_SQL_DEPTH
 from streamsvc.supervisor import Service
-from tests.conftest import PG, make_settings
+from tests.conftest import PG, keyed_settings
 from tests.integration.test_security import via_inbox
 from tests.nest import nest_client
 from tests.pipeline import eventually, order, serving
@@ -161,9 +160,7 @@ CREATE SEQUENCE attack_seq;
 
 @pytest.fixture
 async def keyed(database: str, prefix: str) -> AsyncIterator[tuple[Service, dict[str, str]]]:
-    settings = make_settings(
-        database, prefix, STREAMSVC_AUTH="on", API_KEY_ENCRYPTION_SECRET=secrets.token_hex(32)
-    )
+    settings = keyed_settings(database, prefix)
     conn = await asyncpg.connect(database=database, **PG)
     try:
         await conn.execute(SEED)

@@ -134,6 +134,20 @@ def test_routing_keys_beyond_255_bytes_are_unpublishable(key: str, refused: bool
     assert reason is None or "AMQP allows 255" in reason
 
 
+def one_by_one(streams: rs.Streams) -> Notifier:
+    """A notifier in operation mode that gives up at once, with no server behind it."""
+    return Notifier(
+        "n",
+        streams,
+        RetryPolicy(max_attempts=1, base_ms=1, cap_ms=1),
+        url="",
+        exchange="events",
+        routes={},
+        mode="operation",
+        durable_queues=True,
+    )
+
+
 class FakeExchange:
     """Takes every message but those whose routing key starts with ``fail``."""
 
@@ -158,16 +172,7 @@ async def relayed(
     await streams.add(names.outcomes, [{"o": work_encoder.encode(outcomes)}, {"o": b"junk"}])
     entries = await streams.read(names.outcomes, rs.NOTIFIER_GROUP, "n", count=10, block_ms=None)
     exchange = FakeExchange("BOOM", error)
-    notifier = Notifier(
-        "n",
-        streams,
-        RetryPolicy(max_attempts=1, base_ms=1, cap_ms=1),
-        url="",
-        exchange="events",
-        routes={},
-        mode="operation",
-        durable_queues=True,
-    )
+    notifier = one_by_one(streams)
     await notifier.relay({"events": exchange, None: exchange}, entries)  # type: ignore[dict-item]
     return exchange, streams
 
@@ -255,16 +260,7 @@ async def test_redis_away_at_the_ack_means_publishing_again_not_stopping() -> No
     await streams.ensure_group(names.outcomes, rs.NOTIFIER_GROUP)
     outcome = Outcome("1", "A", Status.SUCCESS, None, 1, "b")
     await streams.add(names.outcomes, [{"o": work_encoder.encode([outcome])}])
-    notifier = Notifier(
-        "n",
-        streams,
-        RetryPolicy(max_attempts=1, base_ms=1, cap_ms=1),
-        url="",
-        exchange="events",
-        routes={},
-        mode="operation",
-        durable_queues=True,
-    )
+    notifier = one_by_one(streams)
     streams.notifier = notifier
     exchange = FakeExchange("never", TypeError())
     await notifier._session(FakeConnection(exchange))  # type: ignore[arg-type]
