@@ -4,7 +4,7 @@ A request is ``{"pattern": ..., "data": ..., "id": ...}`` on BATCH_SERVICE_RMQ_Q
 ``replyTo`` and ``correlationId``; the reply goes to ``replyTo`` with the same
 correlationId and a body of exactly ``{"response": ..., "isDisposed": true}`` or
 ``{"err": ..., "isDisposed": true}``. A body without ``id`` is an event: handled, never
-answered. Responses keep the old service's IResponse shape.
+answered. Responses keep the old service's IResponse shape (``streamsvc.api.nestjs``).
 
 Messages are acked manually: after the operation is durable in PostgreSQL, or after the
 error reply for refused input. When PostgreSQL cannot take it, the message is returned to
@@ -26,6 +26,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from streamsvc.actors.ingress import Ingress, Result
 from streamsvc.adapters import amqp
 from streamsvc.adapters.postgres import translate
+from streamsvc.api import nestjs
 from streamsvc.errors import InvalidOperation, TransientError
 from streamsvc.keys import Authenticator
 from streamsvc.model import (
@@ -40,59 +41,14 @@ from streamsvc.model import (
     too_deep,
 )
 from streamsvc.policy import RetryPolicy
-from streamsvc.ratelimit import Refusal
 from streamsvc.validate import Caller
 
 log = structlog.get_logger("streamsvc.rpc")
 
 SOURCE = "rpc"
-NO_HANDLER = "There is no matching message handler defined in the remote service."
-
-
-class Request(msgspec.Struct):
-    """The NestJS packet; other keys newer clients add (e.g. ``metadata``) are ignored."""
-
-    pattern: Any
-    data: msgspec.Raw = msgspec.Raw(b"null")
-    id: str | None = None
-
-
-class IResponse(msgspec.Struct, omit_defaults=True, rename="camel"):
-    """The old service's response shape."""
-
-    status: bool
-    message: str
-    data: Any = msgspec.UNSET
-    error: str | msgspec.UnsetType = msgspec.UNSET
-    error_code: str | msgspec.UnsetType = msgspec.UNSET
-
-
-class Reply(msgspec.Struct, rename="camel"):
-    response: Any
-    is_disposed: bool = True
-
-
-class ErrorReply(msgspec.Struct, rename="camel"):
-    err: Any
-    is_disposed: bool = True
-
-
-class NoHandler(msgspec.Struct):
-    id: str | None
-    err: str = NO_HANDLER
-    status: str = "error"
-
-
-class OperationRef(msgspec.Struct, rename="camel"):
-    id: str | None = None
-    user_operation_id: str | None = None
-
-
-_request_decoder = msgspec.json.Decoder(Request)
-_ref_decoder = msgspec.json.Decoder(OperationRef | str)
 _encoder = msgspec.json.Encoder()
 
-Handler = Callable[[bytes, Caller, str | None], Awaitable[IResponse]]
+Handler = Callable[[bytes, Caller, str | None], Awaitable[nestjs.IResponse]]
 T = TypeVar("T")
 _TOO_DEEP = f"nested deeper than {MAX_DEPTH} levels"
 _NAMESPACE = uuid.UUID("0b7d3f4e-58a4-4d1b-9a3e-2f7c5d1e9a60")
@@ -100,19 +56,6 @@ _NAMESPACE = uuid.UUID("0b7d3f4e-58a4-4d1b-9a3e-2f7c5d1e9a60")
 
 class Unavailable(Exception):
     """The store could not take the request now; it goes back to the queue."""
-
-
-def route_key(pattern: Any) -> str:
-    """NestJS's key for a pattern: a string as is, an object as sorted compact JSON."""
-    if isinstance(pattern, str):
-        return pattern
-    return _encoder.encode(_sorted(pattern)).decode()
-
-
-def _sorted(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _sorted(value[k]) for k in sorted(value)}
-    return value
 
 
 class RpcServer:
@@ -196,7 +139,7 @@ class RpcServer:
             log.exception(
                 "rpc.handler_failed", error=type(exc).__name__, next="answered INTERNAL_ERROR"
             )
-            answer = Reply(_internal_error())
+            answer = nestjs.Reply(nestjs.internal_error())
         if answer is not None:
             await self._reply(channel, message, answer)
         await message.ack()
@@ -208,27 +151,27 @@ class RpcServer:
         if len(body) > self.max_body_bytes:
             rejection = Rejection("body", f"larger than the {self.max_body_bytes} bytes allowed")
             log.warning("rpc.refused", error=rejection.message)
-            return Reply(_refused(rejection))  # undecoded, so no id: answered if replyTo
+            return nestjs.Reply(nestjs.refused(rejection))  # no id: answered if replyTo
         # The envelope holds the operation(s) one or two levels down.
         path = too_deep(body, MAX_DEPTH + 2)
         if path is not None and path[:1] == ["data"]:
             in_list = 1 if len(path) > 1 and isinstance(path[1], int) else 0  # a list of ops
-            return Reply(_refused(Rejection(field_of(path[1:], in_list), _TOO_DEEP)))
+            return nestjs.Reply(nestjs.refused(Rejection(field_of(path[1:], in_list), _TOO_DEEP)))
         try:
             if path is not None:
                 raise InvalidOperation(field_of(path), _TOO_DEEP)
-            request = _request_decoder.decode(body)
+            request = nestjs.request_decoder.decode(body)
         except (msgspec.ValidationError, msgspec.DecodeError, InvalidOperation) as exc:
             log.warning("rpc.malformed", error=str(exc))
-            return ErrorReply(f"malformed request: {exc}")
-        key = route_key(request.pattern)
+            return nestjs.ErrorReply(f"malformed request: {exc}")
+        key = nestjs.route_key(request.pattern)
         handler = self.handlers.get(key)
         if handler is None:
             log.warning("rpc.no_handler", pattern=key[:200])
-            return None if request.id is None else NoHandler(request.id)
+            return None if request.id is None else nestjs.NoHandler(request.id)
         caller = self._caller(message, request)
         response = (
-            _unauthorized()
+            nestjs.unauthorized()
             if caller is None
             else await _answering_refusals(handler(request.data, caller, request.id))
         )
@@ -236,9 +179,9 @@ class RpcServer:
             if not response.status:
                 log.warning("rpc.event_refused", pattern=key[:200], error=response.error)
             return None
-        return Reply(response)
+        return nestjs.Reply(response)
 
-    def _caller(self, message: AbstractIncomingMessage, request: Request) -> Caller | None:
+    def _caller(self, message: AbstractIncomingMessage, request: nestjs.Request) -> Caller | None:
         """The caller by header ``x-api-key`` or ``data.apiKey``; None when refused."""
         header = (message.headers or {}).get("x-api-key")
         key = header.decode(errors="replace") if isinstance(header, bytes | bytearray) else header
@@ -270,51 +213,53 @@ class RpcServer:
     # -- patterns ------------------------------------------------------------------------
     async def create_operation(
         self, data: bytes, caller: Caller, request_id: str | None
-    ) -> IResponse:
+    ) -> nestjs.IResponse:
         op = _decode_ops(decode_operation, data)
         results = await self._submit([op], caller, request_id)
-        return _created(results[0])
+        return nestjs.created(results[0])
 
     async def create_operations(
         self, data: bytes, caller: Caller, request_id: str | None
-    ) -> IResponse:
+    ) -> nestjs.IResponse:
         ops = _decode_ops(decode_operations, data)
         results = await self._submit(ops, caller, request_id)
         refused = sum(isinstance(r, Rejection) for r in results)
         created = sum(isinstance(r, Receipt) and r.created for r in results)
-        return IResponse(
+        return nestjs.IResponse(
             status=refused == 0,
             message=f"{created} created, {len(ops) - created - refused} existing, "
             f"{refused} refused",
-            data=[_result_data(r) for r in results],
+            data=[nestjs.result_data(r) for r in results],
             error_code="VALIDATION_ERROR" if refused else msgspec.UNSET,
         )
 
-    async def get_operation(self, data: bytes, caller: Caller, request_id: str | None) -> IResponse:
-        ref = _decode(_ref_decoder, data)
+    async def get_operation(
+        self, data: bytes, caller: Caller, request_id: str | None
+    ) -> nestjs.IResponse:
+        ref = _decode(nestjs.ref_decoder, data)
         op_id = ref if isinstance(ref, str) else ref.id or ref.user_operation_id
         if not op_id:
-            raise _Refusal(_refused(Rejection("id", "give the operation's id")))
+            raise _Refusal(nestjs.refused(Rejection("id", "give the operation's id")))
         try:
             view = await self.ingress.get(op_id, caller=caller)  # another key's: not found
         except Exception as exc:
             raise Unavailable(str(translate(exc))) from exc
         if view is None:
-            return IResponse(
+            return nestjs.IResponse(
                 status=False,
                 message="Operation not found",
                 error="Operation not found",
                 data=None,
                 error_code="NOT_FOUND",
             )
-        return IResponse(status=True, message="Operation found", data=view)
+        return nestjs.IResponse(status=True, message="Operation found", data=view)
 
     async def _submit(self, ops: list[Any], caller: Caller, request_id: str | None) -> list[Result]:
         """Store ``ops``. Operations without a userOperationId get ids derived from the
         request id, so a request redelivered after a lost ack is not stored twice. Over the
         caller's rate limit nothing is stored and the answer is RATE_LIMITED."""
         if refusal := await self.auth.admit(caller, len(ops)):
-            raise _Refusal(_rate_limited(refusal))
+            raise _Refusal(nestjs.rate_limited(refusal))
         ids: list[str | None] | None = None
         if request_id is not None:
             ids = [derived_id(_NAMESPACE, f"{request_id}:{i}") for i in range(len(ops))]
@@ -342,33 +287,10 @@ def _api_key_in(data: bytes) -> Any:
         return None
 
 
-def _result_data(result: Result) -> Any:
-    if isinstance(result, Rejection):
-        return {"index": result.index, "field": result.field, "reason": result.reason}
-    return result
-
-
-def _created(result: Result) -> IResponse:
-    if isinstance(result, Rejection):
-        return _refused(result)
-    message = "Operation created" if result.created else "Operation already exists"
-    return IResponse(status=True, message=message, data=result)
-
-
-def _refused(rejection: Rejection) -> IResponse:
-    return IResponse(
-        status=False,
-        message="Operation refused",
-        error=rejection.message,
-        error_code="VALIDATION_ERROR",
-        data={"field": rejection.field, "reason": rejection.reason},
-    )
-
-
 class _Refusal(Exception):
     """A request that is answered with an error response instead of being handled."""
 
-    def __init__(self, response: IResponse) -> None:
+    def __init__(self, response: nestjs.IResponse) -> None:
         super().__init__(response.error)
         self.response = response
 
@@ -377,46 +299,18 @@ def _decode(decoder: msgspec.json.Decoder[T], data: bytes) -> T:
     try:
         return decoder.decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise _Refusal(_refused(decode_error(exc))) from None
+        raise _Refusal(nestjs.refused(decode_error(exc))) from None
 
 
 def _decode_ops(decode: Callable[[bytes], T], data: bytes) -> T:
     try:
         return decode(bytes(data))  # data is a msgspec.Raw view into the request
     except InvalidOperation as exc:
-        raise _Refusal(_refused(Rejection(exc.field, exc.reason))) from None
+        raise _Refusal(nestjs.refused(Rejection(exc.field, exc.reason))) from None
 
 
-async def _answering_refusals(handling: Awaitable[IResponse]) -> IResponse:
+async def _answering_refusals(handling: Awaitable[nestjs.IResponse]) -> nestjs.IResponse:
     try:
         return await handling
     except _Refusal as refusal:
         return refusal.response
-
-
-def _internal_error() -> IResponse:
-    return IResponse(
-        status=False,
-        message="Internal error",
-        error="the request could not be handled; nothing of it was stored",
-        error_code="INTERNAL_ERROR",
-    )
-
-
-def _rate_limited(refusal: Refusal) -> IResponse:
-    return IResponse(
-        status=False,
-        message="Rate limited",
-        error=f"rate: {refusal.reason}",
-        error_code="RATE_LIMITED",
-        data={"retryAfterS": refusal.retry_after_s},
-    )
-
-
-def _unauthorized() -> IResponse:
-    return IResponse(
-        status=False,
-        message="Unauthorized",
-        error="key: a valid API key is required",
-        error_code="UNAUTHORIZED",
-    )
