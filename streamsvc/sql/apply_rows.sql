@@ -166,19 +166,34 @@ REVOKE EXECUTE ON FUNCTION pg_temp.streamsvc_apply_rows(text, json) FROM PUBLIC;
 -- quoted as literals, which PostgreSQL types as it would the placeholders.
 --
 -- One probe: the statements at `lo`..`hi` in one subtransaction; on failure, the position
--- that failed with its error (the ones before it went back with it).
-CREATE FUNCTION pg_temp.streamsvc_try_each(
+-- that failed with its error (the ones before it went back with it). The whole probe is a
+-- SECURITY DEFINER function of the caller role, as streamsvc_as_caller is (the connection
+-- hands it over with that one): one change of role per probe, not one per statement.
+--
+-- The first statement of the probe goes through streamsvc_as_caller's check: wrapped in a
+-- WITH and read as a cursor, it must be one query, an INSERT, UPDATE or DELETE (or a
+-- query). The others run as they are. They are the same template, and format()'s `%L`
+-- gives one whole string literal (or NULL) wherever a placeholder stood, so their text
+-- differs from the checked one only inside those literals: no `;` can appear or vanish
+-- outside them, and each is one statement of the same kind.
+CREATE FUNCTION pg_temp.streamsvc_as_caller_each(
     template text, params json[], lo integer, hi integer,
     OUT failed integer, OUT error_state text, OUT error_message text)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER AS $$
 DECLARE
     k integer := lo;
+    done record;
     detail text;
     hint text;
 BEGIN
+    FOR done IN EXECUTE 'WITH streamsvc_statement AS ('
+        || format(template, VARIADIC ARRAY(SELECT json_array_elements_text(params[k])))
+        || E'\n) SELECT'
+    LOOP
+    END LOOP;
+    k := k + 1;
     WHILE k <= hi LOOP
-        PERFORM pg_temp.streamsvc_as_caller(
-            format(template, VARIADIC ARRAY(SELECT json_array_elements_text(params[k]))), NULL);
+        EXECUTE format(template, VARIADIC ARRAY(SELECT json_array_elements_text(params[k])));
         k := k + 1;
     END LOOP;
 EXCEPTION WHEN OTHERS THEN
@@ -190,8 +205,6 @@ EXCEPTION WHEN OTHERS THEN
         || coalesce(E'\nHINT:  ' || nullif(hint, ''), '');
 END
 $$;
-REVOKE EXECUTE ON FUNCTION pg_temp.streamsvc_try_each(text, json[], integer, integer)
-    FROM PUBLIC;
 
 -- All the statements in one probe; when statement k fails, it is refused, the ones before
 -- it go in again together (they passed a moment ago; should they not now, each alone), and
@@ -207,15 +220,16 @@ DECLARE
     again record;
 BEGIN
     WHILE lo <= n LOOP
-        probe := pg_temp.streamsvc_try_each(template, each_params, lo, n);
+        probe := pg_temp.streamsvc_as_caller_each(template, each_params, lo, n);
         IF probe.failed IS NULL THEN
             RETURN;
         END IF;
         IF probe.failed > lo THEN
-            again := pg_temp.streamsvc_try_each(template, each_params, lo, probe.failed - 1);
+            again := pg_temp.streamsvc_as_caller_each(
+                template, each_params, lo, probe.failed - 1);
             IF again.failed IS NOT NULL THEN
                 FOR k IN lo .. probe.failed - 1 LOOP
-                    again := pg_temp.streamsvc_try_each(template, each_params, k, k);
+                    again := pg_temp.streamsvc_as_caller_each(template, each_params, k, k);
                     IF again.failed IS NOT NULL THEN
                         RETURN QUERY SELECT k, again.error_state, again.error_message;
                     END IF;

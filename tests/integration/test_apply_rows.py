@@ -301,7 +301,8 @@ async def test_each_refused_statement_is_found_and_every_other_applied(
             queries.APPLY_BATCH, None, None, [], [EACH], [text(params)], [True], None, [], []
         )
         probes = await db.fetchval(
-            "SELECT calls FROM pg_stat_xact_user_functions WHERE funcname = 'streamsvc_try_each'"
+            "SELECT calls FROM pg_stat_xact_user_functions "
+            "WHERE funcname = 'streamsvc_as_caller_each'"
         )
     messages = {r[3]: r[5] for r in refused}
     assert set(messages) == bad
