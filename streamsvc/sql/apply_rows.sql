@@ -176,6 +176,16 @@ REVOKE EXECUTE ON FUNCTION pg_temp.streamsvc_apply_rows(text, json) FROM PUBLIC;
 -- gives one whole string literal (or NULL) wherever a placeholder stood, so their text
 -- differs from the checked one only inside those literals: no `;` can appear or vanish
 -- outside them, and each is one statement of the same kind.
+--
+-- When three or more are left, the template with its `$n` back (the same text again, with
+-- a placeholder where each literal stood) is prepared once, as the role, under the name
+-- streamsvc_caller_statement, and executed with each operation's literals, so PostgreSQL
+-- plans it once rather than once per operation. A prepared statement is not undone by a
+-- rollback: it is deallocated before the call returns, whether or not a statement failed
+-- (and, should a timeout cut the call short, by streamsvc_forget_statement in the
+-- connection's cleanup), so none is left for anything but this function to execute. A
+-- template PostgreSQL cannot prepare alone (a parameter whose type the text does not
+-- tell) runs as literals throughout.
 CREATE FUNCTION pg_temp.streamsvc_as_caller_each(
     template text, params json[], lo integer, hi integer,
     OUT failed integer, OUT error_state text, OUT error_message text)
@@ -183,6 +193,9 @@ LANGUAGE plpgsql SECURITY DEFINER AS $$
 DECLARE
     k integer := lo;
     done record;
+    prepared boolean := false;
+    arguments text[];  -- each operation's literals, as EXECUTE takes them: `('a', NULL)`
+    before integer;  -- arguments[k - before] are statement k's
     detail text;
     hint text;
 BEGIN
@@ -192,10 +205,42 @@ BEGIN
     LOOP
     END LOOP;
     k := k + 1;
+    IF k + 2 <= hi THEN
+        IF EXISTS (SELECT FROM pg_prepared_statements
+                   WHERE name = 'streamsvc_caller_statement') THEN
+            EXECUTE 'DEALLOCATE streamsvc_caller_statement';
+        END IF;
+        BEGIN
+            EXECUTE 'PREPARE streamsvc_caller_statement AS ' || array_to_string(ARRAY(
+                SELECT regexp_replace(piece, '%(\d+)\$L', '$\1', 'g')
+                FROM unnest(string_to_array(template, '%%')) WITH ORDINALITY AS t(piece, n)
+                ORDER BY n), '%');
+            arguments := ARRAY(
+                SELECT coalesce('(' || (
+                    SELECT string_agg(quote_nullable(v), ', ' ORDER BY n)
+                    FROM json_array_elements_text(m.p) WITH ORDINALITY AS e(v, n)) || ')', '')
+                FROM unnest(params[k:hi]) WITH ORDINALITY AS m(p, i)
+                ORDER BY i);
+            before := k - 1;
+            prepared := true;
+        EXCEPTION WHEN OTHERS THEN
+            IF EXISTS (SELECT FROM pg_prepared_statements
+                       WHERE name = 'streamsvc_caller_statement') THEN
+                EXECUTE 'DEALLOCATE streamsvc_caller_statement';
+            END IF;
+        END;
+    END IF;
     WHILE k <= hi LOOP
-        EXECUTE format(template, VARIADIC ARRAY(SELECT json_array_elements_text(params[k])));
+        IF prepared THEN
+            EXECUTE 'EXECUTE streamsvc_caller_statement' || arguments[k - before];
+        ELSE
+            EXECUTE format(template, VARIADIC ARRAY(SELECT json_array_elements_text(params[k])));
+        END IF;
         k := k + 1;
     END LOOP;
+    IF prepared THEN
+        EXECUTE 'DEALLOCATE streamsvc_caller_statement';
+    END IF;
 EXCEPTION WHEN OTHERS THEN
     GET STACKED DIAGNOSTICS detail = PG_EXCEPTION_DETAIL, hint = PG_EXCEPTION_HINT;
     failed := k;
@@ -203,8 +248,24 @@ EXCEPTION WHEN OTHERS THEN
     error_message := SQLERRM
         || coalesce(E'\nDETAIL:  ' || nullif(detail, ''), '')
         || coalesce(E'\nHINT:  ' || nullif(hint, ''), '');
+    IF EXISTS (SELECT FROM pg_prepared_statements WHERE name = 'streamsvc_caller_statement') THEN
+        EXECUTE 'DEALLOCATE streamsvc_caller_statement';
+    END IF;
 END
 $$;
+
+-- A statement streamsvc_as_caller_each prepared and could not deallocate (a timeout cut it
+-- short): gone with the rest of what callers' statements leave on the session.
+CREATE FUNCTION pg_temp.streamsvc_forget_statement()
+RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_prepared_statements WHERE name = 'streamsvc_caller_statement') THEN
+        DEALLOCATE streamsvc_caller_statement;
+    END IF;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION pg_temp.streamsvc_forget_statement() FROM PUBLIC;
 
 -- All the statements in one probe; when statement k fails, it is refused, the ones before
 -- it go in again together (they passed a moment ago; should they not now, each alone), and

@@ -308,14 +308,17 @@ async def test_every_path_applies_as_the_caller_role(
 
 
 async def test_every_statement_of_a_group_is_held_as_the_first(
-    settings: Settings, conn: asyncpg.Connection, unchecked: None
+    database: str, prefix: str, conn: asyncpg.Connection, unchecked: None
 ) -> None:
     """Operations sharing one statement text run in one probe of the caller role's, the
-    first checked wrapped in a WITH and the others as they are: a second statement in the
-    text is refused for every one of them, and the ones after the first still cannot leave
-    the role."""
-    await conn.execute("INSERT INTO orders (id, customer, amount) VALUES (1, 'c', 1), (2, 'c', 1)")
-    await conn.execute("INSERT INTO orders (id, customer, amount) VALUES (3, 'c', 1)")
+    first checked wrapped in a WITH, the others as they are or prepared: a second
+    statement in the text is refused for every one of them; the ones after the first,
+    prepared ones too, still run as the role and cannot leave it; and no statement
+    prepared for them is left on the connection (the only one: pool of one)."""
+    settings = make_settings(database, prefix, STREAMSVC_DB_POOL_SIZE="1")
+    await conn.execute(
+        "INSERT INTO orders (id, customer, amount) SELECT i, 'c', 1 FROM generate_series(1, 6) i"
+    )
     riding = (
         INTO_ORDERS + "VALUES ($1, 'x', 1)) SELECT; "
         'CREATE TEMP TABLE "BatchOperations" (id uuid); WITH x AS (SELECT 1'
@@ -324,21 +327,24 @@ async def test_every_statement_of_a_group_is_held_as_the_first(
         "UPDATE orders SET note = CASE WHEN $2 THEN set_config('role', session_user, false) "
         "ELSE current_user END WHERE id = $1"
     )
-    batch = [raw(riding, n) for n in (130, 131, 132)]
-    batch += [raw(switching, 1, False), raw(switching, 2, True), raw(switching, 3, False)]
+    batch = [raw(riding, n) for n in (130, 131, 132, 133, 134)]
+    batch += [raw(switching, n, n == 2) for n in range(1, 7)]
     async with running(settings) as service:
         results = await service.ingress.submit(ops(batch), caller=ANONYMOUS, source="api")
         await drain(service)
+        async with service.pool.acquire() as pooled:
+            prepared = await pooled.fetch("SELECT name FROM pg_prepared_statements")
+    assert [r[0] for r in prepared if r[0].startswith("streamsvc")] == []
     ids = [r.id for r in results if isinstance(r, Receipt)]
     rows = await conn.fetch('SELECT id::text, status, error FROM "BatchOperations"')
     by_id = {r[0]: (r[1], r[2] or "") for r in rows}
-    for op_id in ids[:3]:
+    for op_id in ids[:5]:
         assert by_id[op_id][0] == "FAIL"
         assert "cannot open multi-query plan as cursor" in by_id[op_id][1]
-    assert [by_id[i][0] for i in ids[3:]] == ["SUCCESS", "FAIL", "SUCCESS"]
-    assert 'cannot set parameter "role" within security-definer function' in by_id[ids[4]][1]
+    assert [by_id[i][0] for i in ids[5:]] == ["SUCCESS", "FAIL", *["SUCCESS"] * 4]
+    assert 'cannot set parameter "role" within security-definer function' in by_id[ids[6]][1]
     notes = await conn.fetch("SELECT id, note FROM orders ORDER BY id")
-    assert [tuple(r) for r in notes] == [(1, ROLE), (2, None), (3, ROLE)]
+    assert [tuple(r) for r in notes] == [(1, ROLE), (2, None), *((i, ROLE) for i in range(3, 7))]
     assert await conn.fetchval("SELECT to_regclass('pg_temp.\"BatchOperations\"')") is None
 
 
