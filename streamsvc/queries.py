@@ -52,8 +52,9 @@ FROM pg_temp.streamsvc_apply_batch($1::uuid[], $2::uuid, $3::text[], $4::text[],
 
 # After a batch that ran callers' statements: what they may have left on the session for
 # the next user of the connection (settings changed with set_config(..., false), session
-# advisory locks). RESET ALL returns every setting to the connection's start-up value.
-CLEAN_SESSION = "RESET ALL; SELECT pg_advisory_unlock_all()"
+# advisory locks, a statement prepared for them that a timeout left behind). RESET ALL
+# returns every setting to the connection's start-up value.
+CLEAN_SESSION = "RESET ALL; SELECT pg_advisory_unlock_all(), pg_temp.streamsvc_forget_statement()"
 
 # Count a transient failure on rows still pending; they stay in the stream for a retry.
 COUNT_ATTEMPT = f"""

@@ -8,6 +8,7 @@ flushers, the inbox consumer and the committers are fatal when they fail.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -220,6 +221,7 @@ def _warn_about_allow_list(catalog: Catalog) -> None:
 async def run(settings: Settings, role: Role = "all") -> None:
     """Run until SIGTERM/SIGINT, then drain within the grace period and return."""
     async with open_service(settings, role) as service, anyio.create_task_group() as support:
+        _freeze_start_up()
         # Committers and the sweeper serve the claimers; they go when the claimers are done.
         if role in ("all", "ingress"):
             support.start_soon(service.ingress.run)
@@ -249,6 +251,18 @@ async def run(settings: Settings, role: Role = "all") -> None:
                 await service.stopping.wait()
         support.cancel_scope.cancel()
     log.info("service.stopped")
+
+
+def _freeze_start_up() -> None:
+    """What start-up built (modules, the SQL parser's tables, clients, the catalog) lives as
+    long as the process: leave it out of the cyclic collector's full passes, which would
+    otherwise walk all of it every few hundred milliseconds under load. And collect the
+    youngest generation every 10,000 allocations rather than 700: a batch's objects live
+    for milliseconds, and each young pass walks those still alive (and moves them on to
+    the older generations, whose passes then come sooner)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
 
 
 async def _watch_signals(service: Service, claimers: anyio.CancelScope) -> None:

@@ -1,7 +1,8 @@
 """The caller role: what callers' statements run as, holding only the allow-list's privileges.
 
 Every statement the flusher applies for a caller (structured, statement or legacy) runs in
-``pg_temp.streamsvc_as_caller`` (sql/apply_rows.sql), a SECURITY DEFINER function each
+``pg_temp.streamsvc_as_caller`` or, for a caller's statement once per operation,
+``pg_temp.streamsvc_as_caller_each`` (sql/apply_rows.sql): SECURITY DEFINER functions each
 flushing connection hands to this role. So PostgreSQL itself refuses what the allow-list
 does not grant, whatever the SQL check let through: other tables and columns, other
 sequences, the service's own functions (revoked from PUBLIC), superuser-only functions
@@ -243,15 +244,23 @@ def _cannot(role: str, statements: list[str], reason: str) -> NotMigratedError:
     )
 
 
+# The functions callers' statements run in (sql/apply_rows.sql).
+CALLER_FUNCTIONS = (
+    "pg_temp.streamsvc_as_caller(text, text)",
+    "pg_temp.streamsvc_as_caller_each(text, json[], integer, integer)",
+)
+
+
 def hand_over_sql(role: str) -> str:
-    """Run on each flushing connection once sql/apply_rows.sql is in: the function callers'
-    statements run in becomes the role's, executable by the login only, and the role may
+    """Run on each flushing connection once sql/apply_rows.sql is in: the functions callers'
+    statements run in become the role's, executable by the login only, and the role may
     count the rows it reaches."""
     name = quote_ident(role)
-    function = "pg_temp.streamsvc_as_caller(text, text)"
-    return f"""
-ALTER FUNCTION {function} OWNER TO {name};
+    steps = [
+        f"""ALTER FUNCTION {function} OWNER TO {name};
 REVOKE ALL ON FUNCTION {function} FROM PUBLIC, {name};
 GRANT EXECUTE ON FUNCTION {function} TO CURRENT_USER;
-GRANT USAGE ON SEQUENCE pg_temp.streamsvc_rows_reached TO {name};
 """
+        for function in CALLER_FUNCTIONS
+    ]
+    return "".join(steps) + f"GRANT USAGE ON SEQUENCE pg_temp.streamsvc_rows_reached TO {name};\n"

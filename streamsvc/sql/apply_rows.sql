@@ -166,21 +166,81 @@ REVOKE EXECUTE ON FUNCTION pg_temp.streamsvc_apply_rows(text, json) FROM PUBLIC;
 -- quoted as literals, which PostgreSQL types as it would the placeholders.
 --
 -- One probe: the statements at `lo`..`hi` in one subtransaction; on failure, the position
--- that failed with its error (the ones before it went back with it).
-CREATE FUNCTION pg_temp.streamsvc_try_each(
+-- that failed with its error (the ones before it went back with it). The whole probe is a
+-- SECURITY DEFINER function of the caller role, as streamsvc_as_caller is (the connection
+-- hands it over with that one): one change of role per probe, not one per statement.
+--
+-- The first statement of the probe goes through streamsvc_as_caller's check: wrapped in a
+-- WITH and read as a cursor, it must be one query, an INSERT, UPDATE or DELETE (or a
+-- query). The others run as they are. They are the same template, and format()'s `%L`
+-- gives one whole string literal (or NULL) wherever a placeholder stood, so their text
+-- differs from the checked one only inside those literals: no `;` can appear or vanish
+-- outside them, and each is one statement of the same kind.
+--
+-- When three or more are left, the template with its `$n` back (the same text again, with
+-- a placeholder where each literal stood) is prepared once, as the role, under the name
+-- streamsvc_caller_statement, and executed with each operation's literals, so PostgreSQL
+-- plans it once rather than once per operation. A prepared statement is not undone by a
+-- rollback: it is deallocated before the call returns, whether or not a statement failed
+-- (and, should a timeout cut the call short, by streamsvc_forget_statement in the
+-- connection's cleanup), so none is left for anything but this function to execute. A
+-- template PostgreSQL cannot prepare alone (a parameter whose type the text does not
+-- tell) runs as literals throughout.
+CREATE FUNCTION pg_temp.streamsvc_as_caller_each(
     template text, params json[], lo integer, hi integer,
     OUT failed integer, OUT error_state text, OUT error_message text)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER AS $$
 DECLARE
     k integer := lo;
+    done record;
+    prepared boolean := false;
+    arguments text[];  -- each operation's literals, as EXECUTE takes them: `('a', NULL)`
+    before integer;  -- arguments[k - before] are statement k's
     detail text;
     hint text;
 BEGIN
+    FOR done IN EXECUTE 'WITH streamsvc_statement AS ('
+        || format(template, VARIADIC ARRAY(SELECT json_array_elements_text(params[k])))
+        || E'\n) SELECT'
+    LOOP
+    END LOOP;
+    k := k + 1;
+    IF k + 2 <= hi THEN
+        IF EXISTS (SELECT FROM pg_prepared_statements
+                   WHERE name = 'streamsvc_caller_statement') THEN
+            EXECUTE 'DEALLOCATE streamsvc_caller_statement';
+        END IF;
+        BEGIN
+            EXECUTE 'PREPARE streamsvc_caller_statement AS ' || array_to_string(ARRAY(
+                SELECT regexp_replace(piece, '%(\d+)\$L', '$\1', 'g')
+                FROM unnest(string_to_array(template, '%%')) WITH ORDINALITY AS t(piece, n)
+                ORDER BY n), '%');
+            arguments := ARRAY(
+                SELECT coalesce('(' || (
+                    SELECT string_agg(quote_nullable(v), ', ' ORDER BY n)
+                    FROM json_array_elements_text(m.p) WITH ORDINALITY AS e(v, n)) || ')', '')
+                FROM unnest(params[k:hi]) WITH ORDINALITY AS m(p, i)
+                ORDER BY i);
+            before := k - 1;
+            prepared := true;
+        EXCEPTION WHEN OTHERS THEN
+            IF EXISTS (SELECT FROM pg_prepared_statements
+                       WHERE name = 'streamsvc_caller_statement') THEN
+                EXECUTE 'DEALLOCATE streamsvc_caller_statement';
+            END IF;
+        END;
+    END IF;
     WHILE k <= hi LOOP
-        PERFORM pg_temp.streamsvc_as_caller(
-            format(template, VARIADIC ARRAY(SELECT json_array_elements_text(params[k]))), NULL);
+        IF prepared THEN
+            EXECUTE 'EXECUTE streamsvc_caller_statement' || arguments[k - before];
+        ELSE
+            EXECUTE format(template, VARIADIC ARRAY(SELECT json_array_elements_text(params[k])));
+        END IF;
         k := k + 1;
     END LOOP;
+    IF prepared THEN
+        EXECUTE 'DEALLOCATE streamsvc_caller_statement';
+    END IF;
 EXCEPTION WHEN OTHERS THEN
     GET STACKED DIAGNOSTICS detail = PG_EXCEPTION_DETAIL, hint = PG_EXCEPTION_HINT;
     failed := k;
@@ -188,10 +248,24 @@ EXCEPTION WHEN OTHERS THEN
     error_message := SQLERRM
         || coalesce(E'\nDETAIL:  ' || nullif(detail, ''), '')
         || coalesce(E'\nHINT:  ' || nullif(hint, ''), '');
+    IF EXISTS (SELECT FROM pg_prepared_statements WHERE name = 'streamsvc_caller_statement') THEN
+        EXECUTE 'DEALLOCATE streamsvc_caller_statement';
+    END IF;
 END
 $$;
-REVOKE EXECUTE ON FUNCTION pg_temp.streamsvc_try_each(text, json[], integer, integer)
-    FROM PUBLIC;
+
+-- A statement streamsvc_as_caller_each prepared and could not deallocate (a timeout cut it
+-- short): gone with the rest of what callers' statements leave on the session.
+CREATE FUNCTION pg_temp.streamsvc_forget_statement()
+RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_prepared_statements WHERE name = 'streamsvc_caller_statement') THEN
+        DEALLOCATE streamsvc_caller_statement;
+    END IF;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION pg_temp.streamsvc_forget_statement() FROM PUBLIC;
 
 -- All the statements in one probe; when statement k fails, it is refused, the ones before
 -- it go in again together (they passed a moment ago; should they not now, each alone), and
@@ -207,15 +281,16 @@ DECLARE
     again record;
 BEGIN
     WHILE lo <= n LOOP
-        probe := pg_temp.streamsvc_try_each(template, each_params, lo, n);
+        probe := pg_temp.streamsvc_as_caller_each(template, each_params, lo, n);
         IF probe.failed IS NULL THEN
             RETURN;
         END IF;
         IF probe.failed > lo THEN
-            again := pg_temp.streamsvc_try_each(template, each_params, lo, probe.failed - 1);
+            again := pg_temp.streamsvc_as_caller_each(
+                template, each_params, lo, probe.failed - 1);
             IF again.failed IS NOT NULL THEN
                 FOR k IN lo .. probe.failed - 1 LOOP
-                    again := pg_temp.streamsvc_try_each(template, each_params, k, k);
+                    again := pg_temp.streamsvc_as_caller_each(template, each_params, k, k);
                     IF again.failed IS NOT NULL THEN
                         RETURN QUERY SELECT k, again.error_state, again.error_message;
                     END IF;

@@ -301,7 +301,8 @@ async def test_each_refused_statement_is_found_and_every_other_applied(
             queries.APPLY_BATCH, None, None, [], [EACH], [text(params)], [True], None, [], []
         )
         probes = await db.fetchval(
-            "SELECT calls FROM pg_stat_xact_user_functions WHERE funcname = 'streamsvc_try_each'"
+            "SELECT calls FROM pg_stat_xact_user_functions "
+            "WHERE funcname = 'streamsvc_as_caller_each'"
         )
     messages = {r[3]: r[5] for r in refused}
     assert set(messages) == bad
@@ -313,3 +314,55 @@ async def test_each_refused_statement_is_found_and_every_other_applied(
     assert await stored(db) == [i for i in range(1, 61) if i not in bad]
     assert probes is not None
     assert probes <= 1 + 2 * len(bad)
+
+
+PREPARED = "SELECT count(*) FROM pg_prepared_statements WHERE name = 'streamsvc_caller_statement'"
+
+
+async def test_a_statement_group_is_prepared_once_and_leaves_nothing_prepared(
+    db: asyncpg.Connection,
+) -> None:
+    """Past its first statement a group runs prepared, with the text the caller sent (a
+    `%` in it kept); a text PostgreSQL cannot prepare alone (one parameter, two types)
+    runs as literals; afterwards no statement prepared for a caller is left."""
+    percent = "INSERT INTO items (id, amount, parent) VALUES (%1$L, %2$L, length('50%%'))"
+    two_types = "UPDATE items SET amount = %2$L, parent = %2$L WHERE id = %1$L"
+    inserted = [[str(i), str(i)] for i in range(1, 7)]
+    updated = [[str(i), str(i + 1)] for i in range(1, 7)]
+    async with db.transaction():
+        refused = await db.fetch(
+            queries.APPLY_BATCH,
+            None,
+            None,
+            [],
+            [percent, two_types],
+            [text(inserted), text(updated)],
+            [True, True],
+            None,
+            [],
+            [],
+        )
+        left = await db.fetchval(PREPARED)
+    assert refused == []
+    assert left == 0
+    found = await db.fetch("SELECT id, amount, parent FROM items ORDER BY id")
+    assert [tuple(r) for r in found] == [(i, i + 1, i + 1) for i in range(1, 7)]
+
+
+async def test_a_statement_a_timeout_left_prepared_goes_with_the_cleanup(
+    db: asyncpg.Connection,
+) -> None:
+    """A timeout is not caught: the call ends before it can deallocate, and the
+    connection's cleanup after the batch does it."""
+    sleepy = "INSERT INTO items (id, amount, parent) SELECT %1$L, 1, 1 FROM pg_sleep(%2$L)"
+    params = [[str(i), "5" if i == 5 else "0"] for i in range(1, 7)]
+    with pytest.raises(asyncpg.QueryCanceledError):
+        async with db.transaction():
+            await db.execute("SET LOCAL statement_timeout = '300ms'")
+            await db.fetch(
+                queries.APPLY_BATCH, None, None, [], [sleepy], [text(params)], [True], None, [], []
+            )
+    assert await db.fetchval(PREPARED) == 1
+    await db.execute(queries.CLEAN_SESSION)
+    assert await db.fetchval(PREPARED) == 0
+    assert await stored(db) == []

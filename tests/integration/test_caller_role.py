@@ -307,6 +307,47 @@ async def test_every_path_applies_as_the_caller_role(
     assert [tuple(r) for r in profiles] == [(1, "new"), (2, "renamed")]
 
 
+async def test_every_statement_of_a_group_is_held_as_the_first(
+    database: str, prefix: str, conn: asyncpg.Connection, unchecked: None
+) -> None:
+    """Operations sharing one statement text run in one probe of the caller role's, the
+    first checked wrapped in a WITH, the others as they are or prepared: a second
+    statement in the text is refused for every one of them; the ones after the first,
+    prepared ones too, still run as the role and cannot leave it; and no statement
+    prepared for them is left on the connection (the only one: pool of one)."""
+    settings = make_settings(database, prefix, STREAMSVC_DB_POOL_SIZE="1")
+    await conn.execute(
+        "INSERT INTO orders (id, customer, amount) SELECT i, 'c', 1 FROM generate_series(1, 6) i"
+    )
+    riding = (
+        INTO_ORDERS + "VALUES ($1, 'x', 1)) SELECT; "
+        'CREATE TEMP TABLE "BatchOperations" (id uuid); WITH x AS (SELECT 1'
+    )
+    switching = (
+        "UPDATE orders SET note = CASE WHEN $2 THEN set_config('role', session_user, false) "
+        "ELSE current_user END WHERE id = $1"
+    )
+    batch = [raw(riding, n) for n in (130, 131, 132, 133, 134)]
+    batch += [raw(switching, n, n == 2) for n in range(1, 7)]
+    async with running(settings) as service:
+        results = await service.ingress.submit(ops(batch), caller=ANONYMOUS, source="api")
+        await drain(service)
+        async with service.pool.acquire() as pooled:
+            prepared = await pooled.fetch("SELECT name FROM pg_prepared_statements")
+    assert [r[0] for r in prepared if r[0].startswith("streamsvc")] == []
+    ids = [r.id for r in results if isinstance(r, Receipt)]
+    rows = await conn.fetch('SELECT id::text, status, error FROM "BatchOperations"')
+    by_id = {r[0]: (r[1], r[2] or "") for r in rows}
+    for op_id in ids[:5]:
+        assert by_id[op_id][0] == "FAIL"
+        assert "cannot open multi-query plan as cursor" in by_id[op_id][1]
+    assert [by_id[i][0] for i in ids[5:]] == ["SUCCESS", "FAIL", *["SUCCESS"] * 4]
+    assert 'cannot set parameter "role" within security-definer function' in by_id[ids[6]][1]
+    notes = await conn.fetch("SELECT id, note FROM orders ORDER BY id")
+    assert [tuple(r) for r in notes] == [(1, ROLE), (2, None), *((i, ROLE) for i in range(3, 7))]
+    assert await conn.fetchval("SELECT to_regclass('pg_temp.\"BatchOperations\"')") is None
+
+
 async def test_what_postgresql_cannot_refuse_does_not_outlast_its_batch(
     database: str, prefix: str, conn: asyncpg.Connection, unchecked: None
 ) -> None:
@@ -336,7 +377,7 @@ async def test_what_postgresql_cannot_refuse_does_not_outlast_its_batch(
 
 async def test_the_service_functions_are_not_the_caller_roles(settings: Settings) -> None:
     """Of a flushing connection's own functions, the caller role may execute none; the
-    one statements run in is the role's, and only the login may call it."""
+    ones statements run in are the role's, and only the login may call them."""
     async with running(settings) as service, service.pool.acquire() as pooled:
         rows = await pooled.fetch(
             """SELECT proname, pg_get_userbyid(proowner),
@@ -347,7 +388,8 @@ async def test_the_service_functions_are_not_the_caller_roles(settings: Settings
     names = {r[0] for r in rows}
     assert {"streamsvc_claim", "streamsvc_mark_failed", "streamsvc_apply_batch"} <= names
     assert [r[0] for r in rows if r[2]] == []
-    assert [r[0] for r in rows if r[1] == ROLE] == ["streamsvc_as_caller"]
+    owned = [r[0] for r in rows if r[1] == ROLE]
+    assert owned == ["streamsvc_as_caller", "streamsvc_as_caller_each"]
 
 
 def privileges(statements: list[str]) -> set[str]:
