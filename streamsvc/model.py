@@ -192,8 +192,11 @@ def check_nesting(raw: bytes, *, levels_above: int = 0) -> None:
 
 
 # A JSON string (and the colon that makes it a key), or a bracket or comma. Inside strings
-# nothing counts, so a string is always consumed whole.
-_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"(\s*:)?|[\[\]{},]')
+# nothing counts, so a string is always consumed whole; one left open runs to the end of the
+# input. A string must always match where it starts: a pattern that could fail there would
+# be tried again from every escaped quote after it, quadratic in the input's length.
+_STRING_BODY = rb'"[^"\\]*(?:\\[\s\S][^"\\]*)*'
+_TOKEN = re.compile(_STRING_BODY + rb'(?:"(\s*:)?|\\?\Z)|[\[\]{},]')
 
 
 def too_deep(raw: bytes, limit: int) -> list[str | int] | None:
@@ -226,7 +229,7 @@ def too_deep(raw: bytes, limit: int) -> list[str | int] | None:
     return None
 
 
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_STRING = re.compile(_STRING_BODY + rb'(?:"|\\?\Z)')
 _PAIR = re.compile(rb"\[\]|\{\}")
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 

@@ -84,3 +84,22 @@ def test_decode_operation_refuses_what_msgspec_refuses_as_a_field_error(
     with pytest.raises(InvalidOperation) as info:
         decode_operation(raw)
     assert info.value.field == field
+
+
+@pytest.mark.timeout(10)  # quadratic scanning would take hours on these
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'"' + b'\\"' * 500_000 + b"[" * 40,  # an open string of escaped quotes
+        b'{"a": "x\\\n' + b'\\"' * 500_000,  # an escaped newline, then the same
+        b'["' + b"\\\\" * 500_000 + b'"' + b"[" * 40,  # a closed string of escapes
+        b'"\\' * 300_000,  # open strings that end in a backslash
+    ],
+    ids=["open-quotes", "escaped-newline", "closed-escapes", "open-backslashes"],
+)
+def test_the_nesting_scan_is_linear_on_hostile_strings(raw: bytes) -> None:
+    """A megabyte of escapes, as a caller may send before anything is decoded: the scan
+    answers in well under a second (every `\\"` used to restart a scan to the end)."""
+    for _ in range(3):
+        found = too_deep(raw, 32)
+    assert found is None or len(found) == 32
