@@ -22,6 +22,9 @@ from streamsvc.errors import InvalidOperation
 # nests at most MAX_DEPTH levels of objects and arrays, the operation itself included.
 MAX_DEPTH = 32
 MAX_LABEL_BYTES = 255
+# An outcome's topic routing key is `<operationType>.<STATUS>`, at most 255 bytes too: the
+# type leaves room for the longest status with its dot (".CANCELLED").
+MAX_TYPE_BYTES = MAX_LABEL_BYTES - len(".CANCELLED")
 MAX_DELAY_MS = 366 * 24 * 3600 * 1000
 EARLIEST_RUN_AT = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 RUN_AT_HORIZON = dt.timedelta(days=366)

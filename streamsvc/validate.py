@@ -19,6 +19,7 @@ from streamsvc.model import (
     EARLIEST_RUN_AT,
     MAX_DEPTH,
     MAX_LABEL_BYTES,
+    MAX_TYPE_BYTES,
     RUN_AT_HORIZON,
     Action,
     BodyKind,
@@ -73,9 +74,9 @@ def storable(op: Operation, now: dt.datetime | None = None) -> None:
     """Raise InvalidOperation unless PostgreSQL, Redis and AMQP all take every field of
     ``op``: no NUL in any string (object keys too), labels short enough for an AMQP
     routing key and free of control characters, times in range, nesting bounded."""
-    _label("operationType", op.operation_type)
+    _label("operationType", op.operation_type, MAX_TYPE_BYTES)
     if op.ordering_key is not None:
-        _label("orderingKey", op.ordering_key)
+        _label("orderingKey", op.ordering_key, MAX_LABEL_BYTES)
     if op.run_at is not None:
         run_at = op.run_at if op.run_at.tzinfo else op.run_at.replace(tzinfo=dt.UTC)
         latest = (now or dt.datetime.now(dt.UTC)) + RUN_AT_HORIZON
@@ -100,9 +101,9 @@ _CAMEL = {"api_key": "apiKey"}
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
-def _label(field: str, text: str) -> None:
-    if len(text.encode(errors="surrogatepass")) > MAX_LABEL_BYTES:
-        raise InvalidOperation(field, f"longer than {MAX_LABEL_BYTES} bytes of UTF-8")
+def _label(field: str, text: str, max_bytes: int) -> None:
+    if len(text.encode(errors="surrogatepass")) > max_bytes:
+        raise InvalidOperation(field, f"longer than {max_bytes} bytes of UTF-8")
     if _CONTROL.search(text):
         raise InvalidOperation(field, "contains a control character")
 
