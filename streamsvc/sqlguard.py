@@ -18,7 +18,8 @@ What is accepted, decided here and kept deliberately narrow:
   longer than ``MAX_OPERATOR_RUN`` (128; PostgreSQL's operators are at most 63) is refused
   before lexing, even inside a literal, where a parameter can carry such text instead.
   Checking a statement at the length limit still costs up to about 0.3 s of CPU (pglast
-  builds Python objects at some 20 µs a node); refused texts are not remembered.
+  builds Python objects at some 20 µs a node); the verdict on a text, refusal or not, is
+  remembered.
   After parsing, a tree deeper than ``MAX_SQL_DEPTH`` (1,000 levels) is refused: PostgreSQL
   would fail it anyway ("stack depth limit exceeded" at its default 2 MB).
 - Exactly one INSERT, UPDATE or DELETE. ``ON CONFLICT ... DO UPDATE`` counts as the action
@@ -149,31 +150,46 @@ def _check_text(sql: str) -> None:
 
 
 Analysis = tuple[TableRef, Action, frozenset[int]]
-REMEMBERED = 4096  # accepted texts whose analysis is kept, least recently used dropped
-_analyses: OrderedDict[tuple[str, AllowList, Scope], Analysis] = OrderedDict()
-_analyses_lock = threading.Lock()
+
+
+class _Refused(NamedTuple):
+    """A remembered refusal: the field and reason of its InvalidOperation."""
+
+    field: str
+    reason: str
+
+
+REMEMBERED = 4096  # texts whose verdict is kept, the least recently used dropped
+_verdicts: OrderedDict[tuple[str, AllowList, Scope], Analysis | _Refused] = OrderedDict()
+_verdicts_lock = threading.Lock()
 
 
 def remembered(sql: str, allowed: AllowList, scope: Scope = None) -> bool:
-    """Whether ``sql`` was accepted before, so that checking it again costs microseconds;
+    """Whether ``sql`` was checked before, so that checking it again costs microseconds;
     an unseen text may take up to about 0.3 s of CPU (see the module docstring), which
-    an event loop should not wait for on its own thread."""
-    return (sql, allowed, scope) in _analyses
+    an event loop should not wait for on its own thread. Refusals are remembered too: a
+    caller sending the same expensive text again costs nothing more."""
+    return (sql, allowed, scope) in _verdicts
 
 
 def _analysed(sql: str, allowed: AllowList, scope: Scope) -> Analysis:
     key = (sql, allowed, scope)
-    with _analyses_lock:
-        found = _analyses.get(key)
-        if found is not None:
-            _analyses.move_to_end(key)
-            return found
-    analysis = _parser_thread().submit(_analyse, sql, allowed, scope).result()
-    with _analyses_lock:
-        _analyses[key] = analysis
-        if len(_analyses) > REMEMBERED:
-            _analyses.popitem(last=False)
-    return analysis
+    with _verdicts_lock:
+        verdict = _verdicts.get(key)
+        if verdict is not None:
+            _verdicts.move_to_end(key)
+    if verdict is None:
+        try:
+            verdict = _parser_thread().submit(_analyse, sql, allowed, scope).result()
+        except InvalidOperation as exc:
+            verdict = _Refused(exc.field, exc.reason)
+        with _verdicts_lock:
+            _verdicts[key] = verdict
+            if len(_verdicts) > REMEMBERED:
+                _verdicts.popitem(last=False)
+    if isinstance(verdict, _Refused):
+        raise InvalidOperation(verdict.field, verdict.reason)
+    return verdict
 
 
 _parser_lock = threading.Lock()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from benchmarks import workload
+from streamsvc import sqlguard
 from streamsvc.allowlist import AllowList, TableRef
 from streamsvc.errors import InvalidOperation
 from streamsvc.sqlguard import MAX_SQL_BYTES, CheckedStatement, check_statement
@@ -1084,3 +1086,28 @@ def test_the_benchmark_statement_is_accepted_for_a_key_scoped_to_its_table() -> 
     counters = TableRef("public", "counters")
     checked = check_statement(workload.INCREMENT_SQL, ["k1"], allowed, frozenset({counters}))
     assert checked == CheckedStatement(counters, "update", 1)
+
+
+def test_a_verdict_is_remembered_refusal_or_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same text again is answered from memory, with the same words: a caller resending
+    an expensive statement costs the parser nothing more."""
+    parsed: list[str] = []
+    analyse = sqlguard._analyse
+
+    def counting(sql: str, *args: Any) -> Any:
+        parsed.append(sql)
+        return analyse(sql, *args)
+
+    monkeypatch.setattr(sqlguard, "_analyse", counting)
+    nonce = uuid.uuid4().int % 10**12  # texts of their own, not met before in this process
+    refused = f"INSERT INTO orders (id) SELECT {nonce} FROM pg_authid"
+    accepted = f"INSERT INTO orders (id) VALUES ({nonce})"
+    reasons = []
+    for _ in range(3):
+        with pytest.raises(InvalidOperation) as caught:
+            check_statement(refused, None, ALLOWED)
+        reasons.append(caught.value.reason)
+        check_statement(accepted, None, ALLOWED)
+    assert parsed == [refused, accepted]
+    assert len(set(reasons)) == 1 and "pg_authid" in reasons[0]
+    assert sqlguard.remembered(refused, ALLOWED) and sqlguard.remembered(accepted, ALLOWED)
