@@ -257,9 +257,9 @@ def _freeze_start_up() -> None:
     """What start-up built (modules, the SQL parser's tables, clients, the catalog) lives as
     long as the process: leave it out of the cyclic collector's full passes, which would
     otherwise walk all of it every few hundred milliseconds under load. And collect the
-    youngest generation every 10,000 allocations rather than 700: a batch's objects live
-    for milliseconds, and each young pass walks those still alive (and moves them on to
-    the older generations, whose passes then come sooner)."""
+    youngest generation every 10,000 allocations (Python's default is 700): a batch's
+    objects live for milliseconds, and each young pass walks those still alive (and moves
+    them on to the older generations, whose passes then come sooner)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 10, 10)

@@ -265,7 +265,7 @@ async def test_every_hostile_operation_is_refused_at_every_door(live: Live, door
     await only_these_stored_and_applied(live, good)
 
 
-# -- the RPC door: messages that used to raise out of the handler --------------------------
+# -- the RPC door: messages that fail inside the handler -----------------------------------
 async def test_rpc_answers_every_hostile_message_and_serves_the_next(
     live: Live, monkeypatch: pytest.MonkeyPatch
 ) -> None:
