@@ -76,8 +76,10 @@ async def _reset_connection(conn: asyncpg.Connection) -> None:
     CLOSE ALL, UNLISTEN *, RESET ALL) costs a round trip per release, and the service leaves
     none of that behind: it takes transaction-level locks only. What callers' statements
     can leave (settings changed for the session, session advisory locks) the flusher
-    cleans after each batch that ran them (queries.CLEAN_SESSION); they can open no cursor,
-    LISTEN or prepare anything, running as one INSERT, UPDATE or DELETE each."""
+    cleans after each batch that ran them (queries.CLEAN_SESSION, which also drops a
+    statement the caller role's function prepared and a timeout kept it from dropping);
+    they can open no cursor, LISTEN or prepare anything themselves, running as one INSERT,
+    UPDATE or DELETE each."""
     if conn.is_in_transaction():
         await conn.execute("ROLLBACK")
 
