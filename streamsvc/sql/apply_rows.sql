@@ -55,6 +55,9 @@ BEGIN
     PERFORM setval('pg_temp.streamsvc_rows_reached', 0);
     PERFORM pg_temp.streamsvc_as_caller(statement, rows);
 EXCEPTION WHEN OTHERS THEN
+    IF SQLSTATE = '55P03' THEN  -- a lock wait ran out: the rows are not at fault
+        RAISE;
+    END IF;
     GET STACKED DIAGNOSTICS detail = PG_EXCEPTION_DETAIL, hint = PG_EXCEPTION_HINT;
     error_state := SQLSTATE;
     error_message := SQLERRM
@@ -251,6 +254,9 @@ EXCEPTION WHEN OTHERS THEN
     IF EXISTS (SELECT FROM pg_prepared_statements WHERE name = 'streamsvc_caller_statement') THEN
         EXECUTE 'DEALLOCATE streamsvc_caller_statement';
     END IF;
+    IF error_state = '55P03' THEN  -- a lock wait ran out: the statement is not at fault
+        RAISE;
+    END IF;
 END
 $$;
 
@@ -308,15 +314,29 @@ REVOKE EXECUTE ON FUNCTION pg_temp.streamsvc_apply_each(text, json) FROM PUBLIC;
 -- advisory lock per table, all in one sorted order (`tables` comes sorted), so concurrent
 -- flushers never deadlock on hot target rows (a deadlock costs PostgreSQL's
 -- deadlock_timeout, 1 s by default).
+--
+-- Waiting here is never the batch's fault: each wait is bounded by lock_timeout (55P03,
+-- lock_not_available), and should the statement timeout (or a cancel) end the call while
+-- it only waits here, that too comes out as 55P03, so the flusher retries the batch as a
+-- lock wait and never cuts it (streamsvc.policy). The block costs a subtransaction only
+-- when there are locks to take.
 CREATE FUNCTION pg_temp.streamsvc_lock_tables(tables text[])
 RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     name text;
 BEGIN
-    FOREACH name IN ARRAY tables LOOP
-        PERFORM pg_advisory_xact_lock(hashtextextended('streamsvc:' || name, 0));
-    END LOOP;
+    IF cardinality(tables) = 0 THEN
+        RETURN;
+    END IF;
+    BEGIN
+        FOREACH name IN ARRAY tables LOOP
+            PERFORM pg_advisory_xact_lock(hashtextextended('streamsvc:' || name, 0));
+        END LOOP;
+    EXCEPTION WHEN query_canceled THEN
+        RAISE EXCEPTION 'waiting for the table lock of %: %', name, SQLERRM
+            USING ERRCODE = 'lock_not_available';
+    END;
 END
 $$;
 REVOKE EXECUTE ON FUNCTION pg_temp.streamsvc_lock_tables(text[]) FROM PUBLIC;
