@@ -9,7 +9,8 @@
 -- with its 1-based position, SQLSTATE and message (DETAIL and HINT appended as the client
 -- library shows them). Each probe is a subtransaction (a BEGIN ... EXCEPTION block), so the
 -- caller's transaction keeps what succeeded. QUERY_CANCELED (statement_timeout) is not
--- caught: it ends the whole call.
+-- caught, and LOCK_NOT_AVAILABLE (lock_timeout) is raised again: either ends the whole
+-- call, since a wait for a lock is not the rows' fault and searching would wait again.
 --
 -- Finding the refused rows: an INSERT counts the rows it reaches in streamsvc_rows_reached
 -- (a sequence, which a rolled-back subtransaction does not undo). When a probe stops at row
