@@ -42,8 +42,15 @@ class RetryPolicy:
         stopping: bool = False,
         timeouts: int = 0,
         operations: int = 1,
+        lock_waits: int = 0,
     ) -> RetryDecision:
         """After ``attempt`` failed tries: retry transient errors until the budget is spent.
+
+        ``lock_waits``: when this failure is a lock wait that ran out (another transaction
+        held a table or row the batch needs), how many the batch has met in a row. Not the
+        operations' fault: retried with a backoff that grows with ``lock_waits``, whatever
+        ``attempt`` is (the caller does not count these toward it), never split, never
+        failed.
 
         ``timeouts``: when this failure is a statement timeout, how many the batch has met
         (this one included, and those of the batch it was cut from). The first is retried
@@ -55,6 +62,10 @@ class RetryPolicy:
         stays unacked and the sweeper hands it to another flusher later."""
         if not transient:
             return RetryDecision(Verdict.FAIL)
+        if lock_waits:
+            if stopping:
+                return RetryDecision(Verdict.LEAVE)
+            return RetryDecision(Verdict.RETRY, self.backoff_s(lock_waits))
         if timeouts >= 2 or (timeouts and attempt >= self.max_attempts):
             if stopping:
                 return RetryDecision(Verdict.LEAVE)

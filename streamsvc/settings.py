@@ -71,6 +71,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     statement_timeout_ms: NonNegative = msgspec.field(
         default=60_000, name="STREAMSVC_STATEMENT_TIMEOUT_MS"
     )
+    lock_timeout_ms: NonNegative = msgspec.field(default=0, name="STREAMSVC_LOCK_TIMEOUT_MS")
     rmq_queue_durable: bool = msgspec.field(default=True, name="STREAMSVC_RMQ_QUEUE_DURABLE")
     rpc_prefetch: Positive = msgspec.field(default=256, name="STREAMSVC_RPC_PREFETCH")
     events_exchange: str = msgspec.field(
@@ -94,6 +95,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 f"STREAMSVC_NOTIFY_ROUTES: {exc}; expected "
                 '{"OPERATION_TYPE": {"queue": "name", "pattern": "optional"}}'
             ) from None
+
+    @property
+    def lock_wait_ms(self) -> int:
+        """How long a batch waits for one lock (lock_timeout) before it lets go and retries:
+        STREAMSVC_LOCK_TIMEOUT_MS, by default (0) a quarter of the statement timeout, and
+        always below it, so that a wait ends as a lock wait, not as a statement timeout.
+        0: no bound, as when there is no statement timeout."""
+        timeout = self.statement_timeout_ms
+        wait = self.lock_timeout_ms or timeout // 4
+        if timeout:
+            wait = min(wait, timeout - 1) or 1
+        return wait
 
     @property
     def auth_on(self) -> bool:

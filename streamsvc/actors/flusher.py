@@ -11,7 +11,9 @@ message while every good one still lands in the same batch. Every statement runs
 the caller role (streamsvc.adapters.caller_role), and a connection that ran callers'
 statements is cleaned before it goes back to the pool. Transient errors roll back and
 retry with backoff; a batch that hits the statement timeout twice is cut in halves, each
-its own transaction, until the slow operation fails alone (streamsvc.policy).
+its own transaction, until the slow operation fails alone (streamsvc.policy). A batch that
+only waited for a lock (its tables', or rows another transaction holds) is retried until
+the lock is free, without counting it as an attempt: waiting is nobody's fault here.
 """
 
 from __future__ import annotations
@@ -28,7 +30,13 @@ import structlog
 
 from streamsvc import metrics, queries, sqlbuild
 from streamsvc.adapters import streams as rs
-from streamsvc.adapters.postgres import StatementTimeout, is_transient, translate
+from streamsvc.adapters.postgres import (
+    LOCK_NOT_AVAILABLE,
+    LockWait,
+    StatementTimeout,
+    is_transient,
+    translate,
+)
 from streamsvc.backoff import pause
 from streamsvc.catalog import Catalog
 from streamsvc.errors import TransientError
@@ -150,8 +158,11 @@ class Flusher:
     # -- one batch ---------------------------------------------------------------------
     async def flush(self, items: Sequence[WorkOp], *, timeouts: int = 0) -> BatchResult | None:
         """Apply ``items`` exactly once, retrying transient errors; None means leave it.
-        ``timeouts``: statement timeouts met already by the batch ``items`` were cut from."""
+        ``timeouts``: statement timeouts met already by the batch ``items`` were cut from.
+        Lock waits that ran out are retried apart from ``attempt``: they count in
+        ``lock_waits`` (for the backoff) only, and are not counted on the rows either."""
         attempt = 0
+        lock_waits = 0
         trigger = "claim"
         while True:
             attempt += 1
@@ -163,12 +174,16 @@ class Flusher:
                 error = translate(exc)
                 timed_out = isinstance(error, StatementTimeout)
                 timeouts += timed_out
+                waited = isinstance(error, LockWait)
+                attempt -= waited  # not the operations' fault: not an attempt of theirs
+                lock_waits = lock_waits + 1 if waited else 0
                 decision = self.retry.decide(
                     transient=isinstance(error, TransientError),
                     attempt=attempt,
                     stopping=self.stopping,
                     timeouts=timeouts if timed_out else 0,
                     operations=len(items),
+                    lock_waits=lock_waits,
                 )
                 log.warning(
                     "flush.failed",
@@ -180,7 +195,8 @@ class Flusher:
                 )
                 if decision.verdict is Verdict.RETRY:
                     metrics.retried.inc(len(items))
-                    await self._count_attempt(items, str(error))
+                    if not waited:
+                        await self._count_attempt(items, str(error))
                     await anyio.sleep(decision.delay_s)
                     trigger = "retry"
                     continue
@@ -382,13 +398,15 @@ class Flusher:
             # The call itself failed, not a row: the transaction is aborted, so the batch
             # must start again; refused rows never end up here.
             error = translate(exc)
-            if isinstance(error, StatementTimeout):
+            if isinstance(error, StatementTimeout | LockWait):
                 raise error from exc
             raise TransientError(f"applying the batch failed: {error}") from exc
         claimed: dict[str, int] = {}
         for op_id, attempts, index, position, state, message in reply:
             if op_id is not None:
                 claimed[op_id] = attempts
+            elif state == LOCK_NOT_AVAILABLE:  # sql/apply_rows.sql raises these instead
+                raise LockWait(f"lock wait: {message}")
             elif is_transient(state):
                 raise TransientError(message)
             else:

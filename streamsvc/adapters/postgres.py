@@ -30,12 +30,22 @@ MIGRATIONS_TABLE = "streamsvc_migrations"
 _MIGRATION_FILE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 _LOCK_KEY = 0x5354524D  # advisory lock serialising concurrent `streamsvc migrate`
 QUERY_CANCELED = "57014"  # statement_timeout, or a cancel request
+LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout, or a wait the flush functions ended as one
 
 
 class StatementTimeout(TransientError):
-    """A statement ran past STREAMSVC_STATEMENT_TIMEOUT_MS (or was cancelled). Retried once
-    with its batch; after that the batch is cut until the slow operation stands alone
-    (streamsvc.policy)."""
+    """A statement ran past STREAMSVC_STATEMENT_TIMEOUT_MS, or an operator cancelled it
+    (pg_cancel_backend: the same SQLSTATE, told apart only by a translatable message, and
+    taken the same way: as a judgement that it ran too long). Retried once with its
+    batch; after that the batch is cut until the slow operation stands alone
+    (streamsvc.policy). A timeout or cancel that hit while the batch only waited for its
+    table locks or its rows is a LockWait instead (sql/apply_rows.sql, sql/batch.sql)."""
+
+
+class LockWait(TransientError):
+    """A wait for a lock ran out (lock_timeout, STREAMSVC_LOCK_TIMEOUT_MS): someone else
+    holds a table or row the batch needs. Not the operations' fault: retried with backoff
+    until the lock is free, never counted toward STREAMSVC_MAX_ATTEMPTS, never split."""
 
 
 def is_transient(sqlstate: str) -> bool:
@@ -51,6 +61,8 @@ def translate(exc: BaseException) -> StreamsvcError:
         message = str(exc)  # asyncpg's text carries the DETAIL and HINT lines too
         if state == QUERY_CANCELED:
             return StatementTimeout(f"statement timeout: {message}")
+        if state == LOCK_NOT_AVAILABLE:
+            return LockWait(f"lock wait: {message}")
         if is_transient(state):
             return TransientError(message)
         return PermanentError(message)
@@ -117,7 +129,8 @@ async def init_connection(
 async def create_pool(
     settings: Settings, *, size: int | None = None, flushing: bool = True
 ) -> asyncpg.Pool:
-    """A pool whose connections bind JSON values natively and time out stuck statements;
+    """A pool whose connections bind JSON values natively and time out stuck statements and
+    lock waits (``Settings.lock_wait_ms``, below the statement timeout);
     ``flushing``: the process runs flushers (see ``init_connection``), and the caller role
     is first checked and, when the allow-list changed, set up again (``caller_role.sync``)."""
     if flushing:
@@ -130,6 +143,8 @@ async def create_pool(
     server_settings = {"application_name": "streamsvc"}
     if settings.statement_timeout_ms:
         server_settings["statement_timeout"] = str(settings.statement_timeout_ms)
+    if settings.lock_wait_ms:
+        server_settings["lock_timeout"] = str(settings.lock_wait_ms)
     pool = await asyncpg.create_pool(
         **dsn_kwargs(settings),
         min_size=1,

@@ -9,7 +9,8 @@
 -- with its 1-based position, SQLSTATE and message (DETAIL and HINT appended as the client
 -- library shows them). Each probe is a subtransaction (a BEGIN ... EXCEPTION block), so the
 -- caller's transaction keeps what succeeded. QUERY_CANCELED (statement_timeout) is not
--- caught: it ends the whole call.
+-- caught, and LOCK_NOT_AVAILABLE (lock_timeout) is raised again: either ends the whole
+-- call, since a wait for a lock is not the rows' fault and searching would wait again.
 --
 -- Finding the refused rows: an INSERT counts the rows it reaches in streamsvc_rows_reached
 -- (a sequence, which a rolled-back subtransaction does not undo). When a probe stops at row
@@ -55,6 +56,9 @@ BEGIN
     PERFORM setval('pg_temp.streamsvc_rows_reached', 0);
     PERFORM pg_temp.streamsvc_as_caller(statement, rows);
 EXCEPTION WHEN OTHERS THEN
+    IF SQLSTATE = '55P03' THEN  -- a lock wait ran out: the rows are not at fault
+        RAISE;
+    END IF;
     GET STACKED DIAGNOSTICS detail = PG_EXCEPTION_DETAIL, hint = PG_EXCEPTION_HINT;
     error_state := SQLSTATE;
     error_message := SQLERRM
@@ -251,6 +255,9 @@ EXCEPTION WHEN OTHERS THEN
     IF EXISTS (SELECT FROM pg_prepared_statements WHERE name = 'streamsvc_caller_statement') THEN
         EXECUTE 'DEALLOCATE streamsvc_caller_statement';
     END IF;
+    IF error_state = '55P03' THEN  -- a lock wait ran out: the statement is not at fault
+        RAISE;
+    END IF;
 END
 $$;
 
@@ -308,15 +315,29 @@ REVOKE EXECUTE ON FUNCTION pg_temp.streamsvc_apply_each(text, json) FROM PUBLIC;
 -- advisory lock per table, all in one sorted order (`tables` comes sorted), so concurrent
 -- flushers never deadlock on hot target rows (a deadlock costs PostgreSQL's
 -- deadlock_timeout, 1 s by default).
+--
+-- Waiting here is never the batch's fault: each wait is bounded by lock_timeout (55P03,
+-- lock_not_available), and should the statement timeout (or a cancel) end the call while
+-- it only waits here, that too comes out as 55P03, so the flusher retries the batch as a
+-- lock wait and never cuts it (streamsvc.policy). The block costs a subtransaction only
+-- when there are locks to take.
 CREATE FUNCTION pg_temp.streamsvc_lock_tables(tables text[])
 RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     name text;
 BEGIN
-    FOREACH name IN ARRAY tables LOOP
-        PERFORM pg_advisory_xact_lock(hashtextextended('streamsvc:' || name, 0));
-    END LOOP;
+    IF cardinality(tables) = 0 THEN
+        RETURN;
+    END IF;
+    BEGIN
+        FOREACH name IN ARRAY tables LOOP
+            PERFORM pg_advisory_xact_lock(hashtextextended('streamsvc:' || name, 0));
+        END LOOP;
+    EXCEPTION WHEN query_canceled THEN
+        RAISE EXCEPTION 'waiting for the table lock of %: %', name, SQLERRM
+            USING ERRCODE = 'lock_not_available';
+    END;
 END
 $$;
 REVOKE EXECUTE ON FUNCTION pg_temp.streamsvc_lock_tables(text[]) FROM PUBLIC;

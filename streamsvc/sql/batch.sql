@@ -9,7 +9,9 @@
 -- commit together (the refused are marked FAIL before the commit). A row another flusher
 -- is finishing is waited for, then skipped as no longer pending. `id = ANY(ids)` finds the
 -- rows by primary key (joined to an unnest alone, a batch of 1,000 is planned as a hash
--- join over a scan of the whole table).
+-- join over a scan of the whole table). That wait is a lock wait, as the table locks'
+-- (streamsvc_lock_tables): should the statement timeout (or a cancel) end it, it comes out
+-- as 55P03, lock_not_available.
 CREATE FUNCTION pg_temp.streamsvc_claim(ids uuid[], batch uuid)
 RETURNS TABLE (op_id text, attempts integer)
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
@@ -20,6 +22,9 @@ BEGIN
         processed_at = clock_timestamp(), updated_at = now()
     WHERE b.id = ANY(ids) AND b.status IN ('UNPROCESSED', 'PROCESSING')
     RETURNING b.id::text, b.attempts;
+EXCEPTION WHEN query_canceled THEN
+    RAISE EXCEPTION 'waiting for the batch''s rows: %', SQLERRM
+        USING ERRCODE = 'lock_not_available';
 END
 $$;
 REVOKE EXECUTE ON FUNCTION pg_temp.streamsvc_claim(uuid[], uuid) FROM PUBLIC;

@@ -366,3 +366,79 @@ async def test_a_statement_a_timeout_left_prepared_goes_with_the_cleanup(
     await db.execute(queries.CLEAN_SESSION)
     assert await db.fetchval(PREPARED) == 0
     assert await stored(db) == []
+
+
+async def test_a_timeout_while_waiting_for_the_table_locks_is_a_lock_wait(
+    db: asyncpg.Connection, database: str
+) -> None:
+    """The statement timeout's clock runs while the first call waits for the table locks;
+    should it end the call there (no lock_timeout here, or a cancel), the call ends as a
+    lock wait (55P03), which the flusher retries and never cuts."""
+    holder = await asyncpg.connect(database=database, **PG)
+    try:
+        async with holder.transaction():
+            await holder.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended('streamsvc:public.items', 0))"
+            )
+            with pytest.raises(asyncpg.LockNotAvailableError) as raised:
+                async with db.transaction():
+                    await db.execute("SET LOCAL statement_timeout = '200ms'")
+                    await db.execute("SET LOCAL lock_timeout = 0")
+                    await db.fetch(
+                        queries.APPLY_BATCH,
+                        None,
+                        None,
+                        ["public.items"],
+                        [INSERT],
+                        [text(rows(3))],
+                        [False],
+                        None,
+                        [],
+                        [],
+                    )
+    finally:
+        await holder.close()
+    assert "waiting for the table lock of public.items" in str(raised.value)
+    assert isinstance(postgres.translate(raised.value), postgres.LockWait)
+    assert await stored(db) == []
+
+
+@pytest.mark.parametrize("each", [False, True], ids=["rows", "statement-group"])
+async def test_a_row_lock_that_runs_out_ends_the_call_and_refuses_nothing(
+    db: asyncpg.Connection, database: str, each: bool
+) -> None:
+    """A row held by another transaction past lock_timeout is not a refused row: the call
+    ends with 55P03 at once, without searching the statement (which would wait again for
+    every probe)."""
+    await db.execute("INSERT INTO items VALUES (2, 1, 1)")
+    if each:
+        statement = "UPDATE items SET amount = amount + 1 WHERE id = %1$L"
+        params = text([[str(i)] for i in range(1, 5)])
+    else:
+        statement = (
+            "UPDATE items SET amount = r.c1 FROM json_to_recordset($1::text::json) "
+            "AS r(c0 integer, c1 numeric(12,2)) WHERE items.id = r.c0"
+        )
+        params = text([{"c0": i, "c1": 5} for i in range(1, 5)])
+    holder = await asyncpg.connect(database=database, **PG)
+    try:
+        async with holder.transaction():
+            await holder.execute("SELECT FROM items WHERE id = 2 FOR UPDATE")
+            with pytest.raises(asyncpg.LockNotAvailableError):
+                async with db.transaction():
+                    await db.execute("SET LOCAL lock_timeout = '100ms'")
+                    await db.fetch(
+                        queries.APPLY_BATCH,
+                        None,
+                        None,
+                        [],
+                        [statement],
+                        [params],
+                        [each],
+                        None,
+                        [],
+                        [],
+                    )
+    finally:
+        await holder.close()
+    await db.execute(queries.CLEAN_SESSION)

@@ -10,7 +10,9 @@ from contextlib import asynccontextmanager
 import anyio
 import asyncpg
 import pytest
+from structlog.testing import capture_logs
 
+from streamsvc.adapters import streams as rs
 from streamsvc.model import Receipt, Rejection, Status
 from streamsvc.settings import Settings
 from streamsvc.validate import ANONYMOUS
@@ -223,40 +225,148 @@ def bump(name: str) -> dict[str, object]:
     }
 
 
-async def test_a_statement_timeout_is_retried_once_and_passes_when_the_lock_is_gone(
+def lock_waits(logs: list[dict[str, object]]) -> int:
+    """How many batch tries ended because a lock wait ran out."""
+    return sum(
+        1 for e in logs if e["event"] == "flush.failed" and str(e["error"]).startswith("lock wait:")
+    )
+
+
+async def test_a_row_lock_wait_is_retried_uncounted_until_the_lock_is_gone(
     database: str, prefix: str, conn: asyncpg.Connection
 ) -> None:
-    settings = make_settings(database, prefix, STREAMSVC_STATEMENT_TIMEOUT_MS="1500")
-    await conn.execute("INSERT INTO counters VALUES ('locked', 0)")
-    async with (
-        row_locked(database, "locked") as lock,
-        running(settings) as service,
-        anyio.create_task_group() as tg,
-    ):
-        await service.ingress.submit(ops([bump("locked")]), caller=ANONYMOUS, source="api")
-        tg.start_soon(drain, service)
+    """Another transaction holds a row of the batch for several statement timeouts: each
+    wait ends at the lock timeout (a quarter of the statement timeout), and the batch is
+    tried again, never cut, never counted as an attempt; once the row is free, all of it
+    lands in one transaction."""
+    settings = make_settings(database, prefix, STREAMSVC_STATEMENT_TIMEOUT_MS="400")
+    await conn.execute("INSERT INTO counters VALUES ('locked', 0), ('free', 0)")
+    batch = [bump("free"), order(1), bump("locked"), order(2), bump("free")]
+    with capture_logs() as logs:
+        async with (
+            row_locked(database, "locked") as lock,
+            running(settings) as service,
+            anyio.create_task_group() as tg,
+        ):
+            await service.ingress.submit(ops(batch), caller=ANONYMOUS, source="api")
+            tg.start_soon(drain, service)
 
-        async def timed_out_once() -> bool:
-            return bool(await conn.fetchval('SELECT attempts FROM "BatchOperations"'))
+            async def waited_past_two_timeouts() -> bool:
+                return lock_waits(logs) >= 8
 
-        await eventually(timed_out_once, every=0.01)  # counted: the retry waits on the lock
-        await lock.rollback()
-    row = await conn.fetchrow('SELECT status, attempts FROM "BatchOperations"')
-    assert (row["status"], row["attempts"]) == ("SUCCESS", 2)
+            await eventually(waited_past_two_timeouts, every=0.01)
+            await lock.rollback()
+    rows = await conn.fetch('SELECT status, attempts, batch_id FROM "BatchOperations"')
+    assert {(r["status"], r["attempts"]) for r in rows} == {("SUCCESS", 1)}
+    assert len({r["batch_id"] for r in rows}) == 1, "one batch, never cut"
     assert await conn.fetchval("SELECT value FROM counters WHERE name = 'locked'") == 1
+    assert await conn.fetchval("SELECT value FROM counters WHERE name = 'free'") == 2
+
+
+async def test_a_table_lock_held_past_the_statement_timeout_fails_none_of_the_waiters(
+    database: str, prefix: str, conn: asyncpg.Connection
+) -> None:
+    """Another session holds the batch's table lock (the advisory lock every batch writing
+    ``counters`` takes first) for several statement timeouts, as a long statement in
+    another batch would: the waiting batch is neither cut nor failed, and lands once the
+    lock is free."""
+    settings = make_settings(database, prefix, STREAMSVC_STATEMENT_TIMEOUT_MS="300")
+    await conn.execute("INSERT INTO counters VALUES ('a', 0), ('b', 0)")
+    batch = [bump("a"), bump("b"), bump("a"), order(1)]
+    holder = await asyncpg.connect(database=database, **PG)
+    try:
+        with capture_logs() as logs:
+            async with running(settings) as service, anyio.create_task_group() as tg:
+                hold = holder.transaction()
+                await hold.start()
+                await holder.execute(
+                    "SELECT pg_advisory_xact_lock(hashtextextended('streamsvc:' || $1, 0))",
+                    "public.counters",
+                )
+                await service.ingress.submit(ops(batch), caller=ANONYMOUS, source="api")
+                tg.start_soon(drain, service)
+
+                async def waited_past_two_timeouts() -> bool:
+                    return lock_waits(logs) >= 8
+
+                await eventually(waited_past_two_timeouts, every=0.01)
+                await hold.commit()
+    finally:
+        await holder.close()
+    assert not [e for e in logs if e.get("next") in ("split", "fail")]
+    rows = await conn.fetch('SELECT status, attempts, batch_id FROM "BatchOperations"')
+    assert {(r["status"], r["attempts"]) for r in rows} == {("SUCCESS", 1)}
+    assert len({r["batch_id"] for r in rows}) == 1, "one batch, never cut"
+    assert await conn.fetchval("SELECT sum(value) FROM counters") == 3
+
+
+async def test_a_slow_statement_fails_alone_and_the_batch_waiting_for_its_table_lands(
+    database: str, prefix: str, conn: asyncpg.Connection
+) -> None:
+    """A caller's statement that runs until the statement timeout holds its table's lock,
+    each time it is tried; another flusher's batch on that table waits for it meanwhile.
+    The slow operation ends FAIL (statement timeout); every operation of the waiting batch
+    ends SUCCESS, none counted as an extra attempt."""
+    settings = make_settings(database, prefix, STREAMSVC_STATEMENT_TIMEOUT_MS="400")
+    await conn.execute("INSERT INTO counters VALUES ('slow', 0), ('a', 0), ('b', 0)")
+    await slow_counter(conn, "slow")
+    async with running(settings) as service:
+        await service.ingress.submit(ops([bump("slow")]), caller=ANONYMOUS, source="api")
+        await service.ingress.submit(
+            ops([bump("a"), bump("b"), bump("a")]), caller=ANONYMOUS, source="api"
+        )
+        work = service.streams.names.work
+        a, b = service.flushers
+        await service.streams.ensure_group(work, rs.FLUSHER_GROUP)
+        slow = await service.streams.read(work, rs.FLUSHER_GROUP, a.name, count=1, block_ms=None)
+        waiting = await service.streams.read(work, rs.FLUSHER_GROUP, b.name, count=1, block_ms=None)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a.handle, slow)
+
+            async def table_locked() -> bool:
+                return bool(
+                    await conn.fetchval(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                    )
+                )
+
+            await eventually(table_locked, every=0.005)
+            tg.start_soon(b.handle, waiting)
+    rows = await conn.fetch(
+        """SELECT body->'params'->>0 AS name, status, error, attempts FROM "BatchOperations"
+           ORDER BY name"""
+    )
+    by_name = {r["name"]: r for r in rows if r["name"] != "a"}
+    assert by_name["slow"]["status"] == "FAIL"
+    assert by_name["slow"]["error"].startswith("statement timeout: ")
+    assert [(r["status"], r["attempts"]) for r in rows if r["name"] != "slow"] == [
+        ("SUCCESS", 1)
+    ] * 3
+    assert await conn.fetchval("SELECT value FROM counters WHERE name = 'a'") == 2
+
+
+async def slow_counter(conn: asyncpg.Connection, name: str) -> None:
+    """Every update of counter ``name`` runs until the statement timeout stops it."""
+    await conn.execute(f"""
+        CREATE FUNCTION slowly() RETURNS trigger LANGUAGE plpgsql AS
+        $$ BEGIN PERFORM pg_sleep(60); RETURN NEW; END $$;
+        CREATE TRIGGER slowly BEFORE UPDATE ON counters FOR EACH ROW
+            WHEN (NEW.name = '{name}') EXECUTE FUNCTION slowly();
+    """)
 
 
 async def test_a_statement_that_keeps_timing_out_fails_alone_and_its_batch_lands(
     database: str, prefix: str, conn: asyncpg.Connection
 ) -> None:
     """The batch is retried once, then cut in halves, each its own transaction, until the
-    blocked operation stands alone: it ends FAIL ("statement timeout"), every other
+    slow operation stands alone: it ends FAIL ("statement timeout"), every other
     operation of the batch succeeds, in order."""
     settings = make_settings(database, prefix, STREAMSVC_STATEMENT_TIMEOUT_MS="300")
-    await conn.execute("INSERT INTO counters VALUES ('locked', 0), ('free', 0)")
-    batch = [order(1), bump("free"), order(2), bump("free"), bump("locked"), order(3)]
+    await conn.execute("INSERT INTO counters VALUES ('slow', 0), ('free', 0)")
+    await slow_counter(conn, "slow")
+    batch = [order(1), bump("free"), order(2), bump("free"), bump("slow"), order(3)]
     batch += [bump("free"), order(4), order(3)]
-    async with row_locked(database, "locked"), running(settings) as service:
+    async with running(settings) as service:
         results = await service.ingress.submit(ops(batch), caller=ANONYMOUS, source="api")
         started = time.monotonic()
         await drain(service)
@@ -272,7 +382,7 @@ async def test_a_statement_that_keeps_timing_out_fails_alone_and_its_batch_lands
     assert "duplicate key value" in outcome[8][1]
     assert [s for s, _ in outcome[:4] + outcome[5:8]] == ["SUCCESS"] * 7
     assert await conn.fetchval("SELECT value FROM counters WHERE name = 'free'") == 3
-    assert await conn.fetchval("SELECT value FROM counters WHERE name = 'locked'") == 0
+    assert await conn.fetchval("SELECT value FROM counters WHERE name = 'slow'") == 0
     assert await conn.fetchval("SELECT array_agg(id ORDER BY id) FROM orders") == [1, 2, 3, 4]
     # two tries of the whole batch, then one timeout per halving: 9 -> 5 -> 2 -> 1
     assert took < 0.3 * (2 + 4) + 5

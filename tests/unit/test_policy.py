@@ -50,6 +50,37 @@ def test_statement_timeout_decisions(
 
 
 @pytest.mark.parametrize(
+    ("attempt", "lock_waits", "timeouts", "stopping", "verdict"),
+    [
+        (0, 1, 0, False, Verdict.RETRY),  # another transaction holds the lock: wait again
+        (0, 50, 0, False, Verdict.RETRY),  # however long it holds it: never FAIL
+        (3, 1, 0, False, Verdict.RETRY),  # budget spent on other errors: still not a FAIL
+        (1, 1, 2, False, Verdict.RETRY),  # timeouts met before do not cut a waiting batch
+        (0, 1, 0, True, Verdict.LEAVE),  # stopping: leave it for redelivery
+    ],
+)
+def test_lock_wait_decisions(
+    attempt: int, lock_waits: int, timeouts: int, stopping: bool, verdict: Verdict
+) -> None:
+    decision = POLICY.decide(
+        transient=True,
+        attempt=attempt,
+        stopping=stopping,
+        timeouts=timeouts,
+        operations=100,
+        lock_waits=lock_waits,
+    )
+    assert decision.verdict is verdict
+    assert (decision.delay_s > 0) == (verdict is Verdict.RETRY)
+
+
+@pytest.mark.parametrize(("lock_waits", "ceiling_s"), [(1, 0.1), (3, 0.4), (20, 1.0)])
+def test_lock_waits_back_off_like_attempts(lock_waits: int, ceiling_s: float) -> None:
+    delay = POLICY.decide(transient=True, attempt=0, lock_waits=lock_waits).delay_s
+    assert ceiling_s / 2 - 1e-9 <= delay <= ceiling_s + 1e-9
+
+
+@pytest.mark.parametrize(
     ("attempt", "ceiling_s"), [(1, 0.1), (2, 0.2), (3, 0.4), (4, 0.8), (9, 1.0)]
 )
 def test_backoff_grows_exponentially_up_to_the_cap(attempt: int, ceiling_s: float) -> None:

@@ -121,3 +121,20 @@ def test_rate_limit_and_stream_cap_settings() -> None:
         settings.load({"STREAMSVC_STREAM_MAXLEN": "0"}, env_file=None)
     with pytest.raises(ConfigError, match=r"^STREAMSVC_RATE_LIMIT_OPS: expected `int` >= 0"):
         settings.load({"STREAMSVC_RATE_LIMIT_OPS": "-1"}, env_file=None)
+
+
+@pytest.mark.parametrize(
+    ("statement_ms", "lock_ms", "wait_ms"),
+    [
+        ("60000", "0", 15_000),  # by default a quarter of the statement timeout
+        ("60000", "5000", 5_000),
+        ("1000", "5000", 999),  # never as long as the statement timeout: a wait ends first
+        ("0", "0", 0),  # no statement timeout: no lock timeout either
+        ("0", "2000", 2_000),
+    ],
+)
+def test_a_lock_wait_is_bounded_below_the_statement_timeout(
+    statement_ms: str, lock_ms: str, wait_ms: int
+) -> None:
+    env = {"STREAMSVC_STATEMENT_TIMEOUT_MS": statement_ms, "STREAMSVC_LOCK_TIMEOUT_MS": lock_ms}
+    assert settings.load(env, env_file=None).lock_wait_ms == wait_ms
