@@ -112,7 +112,13 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
         )
         flushers = [
             Flusher(
-                f"{base}-flusher-{n}", pool, streams, catalog, retry, limit=settings.batch_limit
+                f"{base}-flusher-{n}",
+                pool,
+                streams,
+                catalog,
+                retry,
+                limit=settings.batch_limit,
+                keep_claimed_s=settings.claim_idle_ms / 3000,
             )
             for n in range(settings.flushers)
         ]

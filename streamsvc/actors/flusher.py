@@ -73,6 +73,7 @@ class Flusher:
         *,
         limit: int,
         block_ms: int = 1000,
+        keep_claimed_s: float = 10.0,
     ) -> None:
         self.name = name
         self.pool = pool
@@ -81,6 +82,7 @@ class Flusher:
         self.retry = retry
         self.limit = limit
         self.block_ms = block_ms
+        self.keep_claimed_s = keep_claimed_s  # well under the sweeper's claim-idle time
         self.stopping = False
         self._ops_per_entry = 1.0
 
@@ -119,17 +121,46 @@ class Flusher:
         self._ops_per_entry = 0.8 * self._ops_per_entry + 0.2 * max(1, ops_count / len(entries))
         metrics.in_flight.inc(ops_count)
         try:
-            outcomes: list[Outcome] = []
-            for start in range(0, len(items), self.limit):
-                result = await self.flush(items[start : start + self.limit])
-                if result is None:
-                    return  # left unacked: the sweeper hands the entries out again
-                outcomes.extend(result.outcomes)
+            async with anyio.create_task_group() as keeping:
+                keeping.start_soon(self._keep_claimed, [eid for eid, _ in entries])
+                outcomes = await self._flush_all(items)
+                keeping.cancel_scope.cancel()
+            if outcomes is None:
+                return  # left unacked: the sweeper hands the entries out again
             with anyio.CancelScope(shield=True):  # committed: the ack must not be cut off
                 await self._report(entries, outcomes)
             _observe_latency(entries, len(items))
         finally:
             metrics.in_flight.dec(ops_count)
+
+    async def _flush_all(self, items: list[WorkOp]) -> list[Outcome] | None:
+        """Every operation of ``items``, in transactions of at most ``limit``; None when a
+        transaction is left to be tried again later."""
+        outcomes: list[Outcome] = []
+        for start in range(0, len(items), self.limit):
+            result = await self.flush(items[start : start + self.limit])
+            if result is None:
+                return None
+            outcomes.extend(result.outcomes)
+        return outcomes
+
+    async def _keep_claimed(self, ids: list[bytes]) -> None:
+        """While a batch takes long (waiting for a table another batch holds, retrying,
+        being cut), keep its entries marked as ours: the sweeper hands out only entries
+        idle for longer than its claim-idle time, as a dead flusher's are."""
+        while True:
+            await anyio.sleep(self.keep_claimed_s)
+            try:
+                with anyio.CancelScope(shield=True):  # a command cut off would lose its reply
+                    await self.streams.keep(
+                        self.streams.names.work, rs.FLUSHER_GROUP, self.name, ids
+                    )
+            except rs.CONNECTION_EXCEPTIONS as exc:
+                log.warning(
+                    "flush.keep_claimed_failed",
+                    error=str(exc),
+                    next=f"trying again in {self.keep_claimed_s} s",
+                )
 
     async def _decode(self, entries: list[rs.Entry]) -> list[WorkOp]:
         """The operations of ``entries``; an entry that is not ours is dead-lettered."""

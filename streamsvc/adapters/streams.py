@@ -174,6 +174,12 @@ class Streams:
         claimed = await self.redis.xclaim(stream, group, consumer, min_idle_ms, ids)
         return [(eid, fields) for eid, fields in claimed if fields is not None]
 
+    async def keep(self, stream: str, group: str, consumer: str, ids: list[bytes]) -> None:
+        """Mark entries ``consumer`` is still working on as fresh (XCLAIM JUSTID: their
+        delivery count stays), so that no sweeper takes them over as abandoned."""
+        if ids:
+            await self.redis.xclaim(stream, group, consumer, 0, ids, justid=True)
+
     async def autoclaim(
         self, stream: str, group: str, consumer: str, *, min_idle_ms: int, count: int
     ) -> list[Entry]:

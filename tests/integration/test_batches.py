@@ -300,6 +300,55 @@ async def test_a_table_lock_held_past_the_statement_timeout_fails_none_of_the_wa
     assert await conn.fetchval("SELECT sum(value) FROM counters") == 3
 
 
+async def test_a_batch_waiting_longer_than_the_claim_idle_time_stays_its_flushers(
+    database: str, prefix: str, conn: asyncpg.Connection
+) -> None:
+    """The table lock is held for many times the sweeper's claim-idle time and its
+    deliveries limit, with the sweeper running: the waiting flusher keeps its entry marked
+    as its own, so the sweeper neither hands it out again nor dead-letters it, and the
+    batch lands once, when the lock is free."""
+    settings = make_settings(
+        database,
+        prefix,
+        STREAMSVC_STATEMENT_TIMEOUT_MS="300",
+        STREAMSVC_CLAIM_IDLE_MS="300",
+        STREAMSVC_MAX_DELIVERIES="2",
+        STREAMSVC_FLUSHERS="4",  # free flushers to take whatever is handed out again
+        BATCH_PROCESS_OPERATION_INTERVAL="100",
+    )
+    await conn.execute("INSERT INTO counters VALUES ('a', 0)")
+    holder = await asyncpg.connect(database=database, **PG)
+    try:
+        async with running(settings) as service, anyio.create_task_group() as tg:
+            hold = holder.transaction()
+            await hold.start()
+            await holder.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended('streamsvc:' || $1, 0))",
+                "public.counters",
+            )
+            await service.ingress.submit(ops([bump("a"), order(1)]), caller=ANONYMOUS, source="api")
+            for flusher in service.flushers:  # an entry handed out again would be read
+                tg.start_soon(flusher.run)
+            until = time.monotonic() + 10 * 0.3 * 2  # ten times claim-idle times deliveries
+            while time.monotonic() < until:
+                await service.sweeper.sweep()
+                await anyio.sleep(0.1)
+            await hold.commit()
+
+            async def landed() -> bool:
+                return (await statuses(conn)).get("SUCCESS") == 2
+
+            await eventually(landed, within=20)
+            for flusher in service.flushers:
+                flusher.stopping = True
+            assert await service.streams.redis.xlen(service.streams.names.dead) == 0
+    finally:
+        await holder.close()
+    rows = await conn.fetch('SELECT status, attempts, batch_id FROM "BatchOperations"')
+    assert {(r["status"], r["attempts"]) for r in rows} == {("SUCCESS", 1)}
+    assert await conn.fetchval("SELECT value FROM counters") == 1
+
+
 async def test_a_slow_statement_fails_alone_and_the_batch_waiting_for_its_table_lands(
     database: str, prefix: str, conn: asyncpg.Connection
 ) -> None:
