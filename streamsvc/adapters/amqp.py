@@ -1,4 +1,5 @@
-"""RabbitMQ: connections that come back, and which errors mean "the broker is away"."""
+"""RabbitMQ: connections that come back, and which errors mean "the broker is away" and
+which mean "the broker refused this one message"."""
 
 from __future__ import annotations
 
@@ -15,13 +16,24 @@ from streamsvc.policy import RetryPolicy
 
 log = structlog.get_logger("streamsvc.amqp")
 
+# The connection is lost or unusable: what was not confirmed is tried again on a new one.
 CONNECTION_EXCEPTIONS: tuple[type[BaseException], ...] = (
-    aio_pika.exceptions.AMQPConnectionError,
-    aiormq.exceptions.AMQPError,
+    aio_pika.exceptions.AMQPConnectionError,  # aiormq's: every Connection* close, auth, protocol
+    aiormq.exceptions.ProtocolSyntaxError,  # a frame that could not be read
     aiormq.exceptions.ChannelInvalidStateError,  # a RuntimeError: the channel closed under us
     ConnectionError,
     OSError,
     TimeoutError,
+)
+
+# The broker refused one command while the connection lives: a nack of a confirmed publish,
+# a mandatory message returned (PublishError), or the channel closed by the broker
+# (ChannelClosed and its kinds: 406 PRECONDITION_FAILED for a message above the broker's
+# max_message_size, 404 NOT_FOUND for a missing exchange, 403 ACCESS_REFUSED). Sending the
+# same message again gets the same answer; the channel, if closed, can be opened again.
+REFUSALS: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.DeliveryError,  # and PublishError, its subclass
+    aiormq.exceptions.AMQPChannelError,
 )
 
 
@@ -49,7 +61,9 @@ async def serve(
         try:
             await session(connection)
             failures = 0
-        except* CONNECTION_EXCEPTIONS as group:  # sessions run task groups: errors come grouped
+        # Sessions run task groups: errors come grouped. A refusal that reaches here (a
+        # declaration the broker refuses) ends the session as a lost connection does.
+        except* (*CONNECTION_EXCEPTIONS, *REFUSALS) as group:
             lost = group.exceptions[0]
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
