@@ -144,6 +144,7 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
             routes=settings.notify_routes,
             mode=settings.notify_mode,
             durable_queues=settings.rmq_queue_durable,
+            max_message_bytes=settings.amqp_max_message_bytes,
         )
 
         async def ready() -> list[str]:
