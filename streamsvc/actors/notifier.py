@@ -183,7 +183,7 @@ class Publisher:
         if self.channel is not None:
             with contextlib.suppress(*amqp.CONNECTION_EXCEPTIONS, *amqp.REFUSALS):
                 await self.channel.close()  # most often closed by the broker already
-        channel = await self.connection.channel(publisher_confirms=True)
+        channel = await amqp.open_channel(self.connection, confirms=True)
         exchange = await channel.declare_exchange(
             self.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
         )
@@ -275,9 +275,10 @@ class Notifier:
             if not entries:
                 own_pending = False
                 continue
+            dead = await self.deliver(publisher, entries)  # a lost connection ends the session
             try:
-                await self.relay(publisher, entries)
-            except rs.CONNECTION_EXCEPTIONS as exc:  # the ack: published again, at least once
+                await self.acknowledge(entries, dead)
+            except rs.CONNECTION_EXCEPTIONS as exc:  # published again, at least once
                 failures, own_pending = failures + 1, True
                 await pause(
                     log, "notifier.redis_unavailable", exc, self.retry, failures, "reading again"
@@ -287,6 +288,11 @@ class Notifier:
         """Publish every outcome of ``entries``, wait for the confirms, then ack them;
         what cannot be published is dead-lettered in the same step as the ack. A lost
         connection propagates: nothing is acked, the entries are read again."""
+        await self.acknowledge(entries, await self.deliver(publisher, entries))
+
+    async def deliver(self, publisher: Publisher, entries: list[rs.Entry]) -> list[dict[str, Any]]:
+        """Publish every outcome of ``entries`` and wait for the confirms; return the
+        dead letters of what cannot be published."""
         outcomes: list[Outcome] = []
         dead: list[dict[str, Any]] = []
         for entry_id, fields in entries:
@@ -327,6 +333,10 @@ class Notifier:
             dead.append(_dead_letter(publication, reason))
             metrics.dead_lettered.inc(len(publication.outcomes))
         metrics.notifications.labels(self.mode).inc(len(messages) - len(refused))
+        return dead
+
+    async def acknowledge(self, entries: list[rs.Entry], dead: list[dict[str, Any]]) -> None:
+        """Ack ``entries`` and add ``dead`` to the dead-letter stream, in one step."""
         names = self.streams.names
         with anyio.CancelScope(shield=True):
             await self.streams.ack_with(

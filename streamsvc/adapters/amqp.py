@@ -10,7 +10,7 @@ import aio_pika
 import aiormq.exceptions
 import anyio
 import structlog
-from aio_pika.abc import AbstractConnection
+from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from streamsvc.policy import RetryPolicy
 
@@ -35,6 +35,22 @@ REFUSALS: tuple[type[BaseException], ...] = (
     aiormq.exceptions.DeliveryError,  # and PublishError, its subclass
     aiormq.exceptions.AMQPChannelError,
 )
+
+
+async def open_channel(connection: AbstractConnection, *, confirms: bool) -> AbstractChannel:
+    """A new channel on ``connection``; a connection found closed is a lost connection
+    (aiormq says so with a bare RuntimeError, before aio-pika's is_closed knows)."""
+    try:
+        return await connection.channel(publisher_confirms=confirms)
+    except RuntimeError as exc:
+        if isinstance(exc, CONNECTION_EXCEPTIONS):
+            raise
+        raise aio_pika.exceptions.AMQPConnectionError(str(exc)) from exc
+
+
+def closed_by_broker(exc: BaseException | None) -> bool:
+    """Whether a channel's close callback got the broker's refusal, not our own close."""
+    return isinstance(exc, aiormq.exceptions.AMQPChannelError) and any(exc.args)
 
 
 async def serve(

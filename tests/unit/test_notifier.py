@@ -415,3 +415,28 @@ async def test_after_a_refusal_the_notifier_goes_on_with_the_next_outcomes(
     assert await streams.length(names.outcomes) == 0
     dead = [f[b"reason"].decode() for _, f in await streams.redis.xrange(names.dead)]
     assert [r[: len(reason)] for r in dead] == [reason]
+
+
+@pytest.mark.anyio
+async def test_a_connection_lost_while_publishing_ends_the_session_for_a_reconnect() -> None:
+    streams = rs.Streams(fakeredis.FakeAsyncRedis(), rs.Names("t"))
+    names = streams.names
+    await streams.ensure_group(names.outcomes, rs.NOTIFIER_GROUP)
+    outcomes = [Outcome(str(i), t, Status.SUCCESS, None, 1, "b") for i, t in enumerate("AB")]
+    await streams.add(names.outcomes, [{"o": work_encoder.encode(outcomes)}])
+    broker = FakeBroker(aiormq.exceptions.ChannelInvalidStateError("closed"))
+    broker.lost = False
+    notifier = one_by_one(streams)
+    original = FakeExchange.publish
+
+    async def cut(
+        self: FakeExchange, message: aio_pika.Message, routing_key: str, **_: Any
+    ) -> None:
+        broker.lost = True  # the connection drops under the first message
+        await original(self, message, routing_key)
+
+    with pytest.MonkeyPatch.context() as patch, anyio.fail_after(5):
+        patch.setattr(FakeExchange, "publish", cut)
+        with pytest.raises((ExceptionGroup, ConnectionError)):
+            await notifier._session(broker)  # type: ignore[arg-type]
+    assert await streams.length(names.outcomes) == 1, "left to be read again"
