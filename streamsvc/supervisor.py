@@ -134,6 +134,7 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
             durable=settings.rmq_queue_durable,
             prefetch=settings.rpc_prefetch,
             max_body_bytes=settings.max_body_bytes,
+            max_message_bytes=settings.amqp_max_message_bytes,
         )
         notifier = Notifier(
             f"{base}-notifier",
