@@ -73,6 +73,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     )
     lock_timeout_ms: NonNegative = msgspec.field(default=0, name="STREAMSVC_LOCK_TIMEOUT_MS")
     rmq_queue_durable: bool = msgspec.field(default=True, name="STREAMSVC_RMQ_QUEUE_DURABLE")
+    # RabbitMQ's max_message_size (16 MiB by default in RabbitMQ 4): larger messages are
+    # dead-lettered (outcomes) or left unanswered (RPC replies) rather than sent to be refused.
+    amqp_max_message_bytes: Positive = msgspec.field(
+        default=16 * 1024 * 1024, name="STREAMSVC_AMQP_MAX_MESSAGE_BYTES"
+    )
     rpc_prefetch: Positive = msgspec.field(default=256, name="STREAMSVC_RPC_PREFETCH")
     events_exchange: str = msgspec.field(
         default="batch_service.events", name="STREAMSVC_EVENTS_EXCHANGE"

@@ -140,6 +140,7 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
             durable=settings.rmq_queue_durable,
             prefetch=settings.rpc_prefetch,
             max_body_bytes=settings.max_body_bytes,
+            max_message_bytes=settings.amqp_max_message_bytes,
         )
         notifier = Notifier(
             f"{base}-notifier",
@@ -150,6 +151,7 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
             routes=settings.notify_routes,
             mode=settings.notify_mode,
             durable_queues=settings.rmq_queue_durable,
+            max_message_bytes=settings.amqp_max_message_bytes,
         )
 
         async def ready() -> list[str]:

@@ -9,21 +9,26 @@ message per route (cut in parts of about 4 MiB when their ``meta`` is large); in
 
 Messages are persistent and published with confirms; the stream entry is acked only once
 RabbitMQ confirmed every message of it. While RabbitMQ is away, outcomes wait in the stream.
-A message RabbitMQ can never take (a routing key beyond AMQP's 255 bytes, any error of that
-one message rather than of the connection) goes to the dead-letter stream with its
-outcomes and the reason, and the notifier goes on with the others.
+A message RabbitMQ can never take goes to the dead-letter stream with its outcomes and the
+reason, and the notifier goes on with the others: a routing key beyond AMQP's 255 bytes or a
+body above STREAMSVC_AMQP_MAX_MESSAGE_BYTES (caught before publishing), a nack, or a channel
+the broker closed over that message (``amqp.REFUSALS``). A channel the broker closes fails
+every message in flight on it, so those go again one at a time on a new channel: the one
+refused again is the one at fault. Only a lost connection leaves the entries to be read again.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from typing import Any, Literal, NamedTuple
 
 import aio_pika
+import aiormq.exceptions
 import anyio
 import msgspec
 import structlog
-from aio_pika.abc import AbstractConnection, AbstractExchange
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
 from streamsvc import metrics
 from streamsvc.adapters import amqp
@@ -67,9 +72,8 @@ class Grouped(msgspec.Struct, rename="camel"):
 
 _encoder = msgspec.json.Encoder()
 MAX_ROUTING_KEY_BYTES = 255  # AMQP's short string
-# RabbitMQ 4 refuses messages above 16 MiB by default (max_message_size), closing the channel:
-# aggregated events are cut below that, and a message still above it is dead-lettered.
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# Aggregated events are cut in parts of about this size, or a quarter of the broker's
+# max_message_size when that is smaller; a message still above the limit is dead-lettered.
 AGGREGATE_BUDGET_BYTES = 4 * 1024 * 1024
 
 
@@ -81,7 +85,11 @@ class Publication(NamedTuple):
 
 
 def publications(
-    outcomes: list[Outcome], routes: dict[str, Route], mode: Mode, exchange: str
+    outcomes: list[Outcome],
+    routes: dict[str, Route],
+    mode: Mode,
+    exchange: str,
+    budget: int = AGGREGATE_BUDGET_BYTES,
 ) -> list[Publication]:
     """Pure: the messages a batch of outcomes becomes (see the module docstring)."""
     out: list[Publication] = []
@@ -107,19 +115,19 @@ def publications(
     for op_type, group in by_type.items():
         for status in (Status.SUCCESS, Status.FAIL):
             subset = [o for o in group if o.status is status]
-            for part in _parts(subset):
+            for part in _parts(subset, budget):
                 event = Event(AGGREGATE_PATTERN, _grouped(op_type, part))
                 key = f"{op_type}.{status.value}"
                 out.append(Publication(exchange, key, _encoder.encode(event), part))
         route = routes.get(op_type)
         if route is not None:
-            for part in _parts(group):
+            for part in _parts(group, budget):
                 event = Event(route.pattern or AGGREGATE_PATTERN, _grouped(op_type, part))
                 out.append(Publication(None, route.queue, _encoder.encode(event), part))
     return out
 
 
-def _parts(outcomes: list[Outcome], budget: int = AGGREGATE_BUDGET_BYTES) -> list[list[Outcome]]:
+def _parts(outcomes: list[Outcome], budget: int) -> list[list[Outcome]]:
     """``outcomes`` in runs whose aggregated message stays around ``budget`` bytes (one
     outcome alone may exceed it): big ``meta`` values do not add up past the broker's limit."""
     parts: list[list[Outcome]] = [[]]
@@ -152,6 +160,52 @@ def _grouped(op_type: str, outcomes: list[Outcome]) -> Grouped:
     )
 
 
+class Publisher:
+    """The notifier's confirmed channel and the exchanges it publishes to; opened again
+    (declaring them again) after the broker closed it."""
+
+    def __init__(
+        self,
+        connection: AbstractConnection,
+        *,
+        exchange: str,
+        routes: dict[str, Route],
+        durable_queues: bool,
+    ) -> None:
+        self.connection = connection
+        self.exchange_name = exchange
+        self.routes = routes
+        self.durable_queues = durable_queues
+        self.channel: AbstractChannel | None = None
+        self.exchanges: dict[str | None, AbstractExchange] = {}
+
+    async def open(self) -> None:
+        if self.channel is not None:
+            with contextlib.suppress(*amqp.CONNECTION_EXCEPTIONS, *amqp.REFUSALS):
+                await self.channel.close()  # most often closed by the broker already
+        channel = await amqp.open_channel(self.connection, confirms=True)
+        exchange = await channel.declare_exchange(
+            self.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        for route in self.routes.values():
+            await channel.declare_queue(route.queue, durable=self.durable_queues)
+        self.channel = channel
+        self.exchanges = {self.exchange_name: exchange, None: channel.default_exchange}
+
+    async def publish(self, publication: Publication) -> None:
+        """Publish, returning once RabbitMQ confirmed."""
+        message = aio_pika.Message(
+            publication.body,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            content_type="application/json",
+        )
+        # Not mandatory: a topic event nobody subscribed to is dropped by design, and each
+        # route's queue is declared before publishing.
+        await self.exchanges[publication.exchange].publish(
+            message, routing_key=publication.key, mandatory=False
+        )
+
+
 class Notifier:
     def __init__(
         self,
@@ -164,6 +218,7 @@ class Notifier:
         routes: dict[str, Route],
         mode: Mode,
         durable_queues: bool,
+        max_message_bytes: int = 16 * 1024 * 1024,
         count: int = 100,
         block_ms: int = 1000,
     ) -> None:
@@ -175,6 +230,7 @@ class Notifier:
         self.routes = routes
         self.mode = mode
         self.durable_queues = durable_queues
+        self.max_message_bytes = max_message_bytes
         self.count = count
         self.block_ms = block_ms
         self.stopping = anyio.Event()
@@ -187,17 +243,17 @@ class Notifier:
     def stop(self) -> None:
         self.stopping.set()
 
-    async def _session(self, connection: AbstractConnection) -> None:
-        channel = await connection.channel(publisher_confirms=True)
-        exchange = await channel.declare_exchange(
-            self.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
+    def publisher(self, connection: AbstractConnection) -> Publisher:
+        return Publisher(
+            connection,
+            exchange=self.exchange_name,
+            routes=self.routes,
+            durable_queues=self.durable_queues,
         )
-        for route in self.routes.values():
-            await channel.declare_queue(route.queue, durable=self.durable_queues)
-        exchanges: dict[str | None, AbstractExchange] = {
-            self.exchange_name: exchange,
-            None: channel.default_exchange,
-        }
+
+    async def _session(self, connection: AbstractConnection) -> None:
+        publisher = self.publisher(connection)
+        await publisher.open()
         own_pending, failures = True, 0
         while not self.stopping.is_set():
             try:
@@ -219,19 +275,24 @@ class Notifier:
             if not entries:
                 own_pending = False
                 continue
+            dead = await self.deliver(publisher, entries)  # a lost connection ends the session
             try:
-                await self.relay(exchanges, entries)
-            except rs.CONNECTION_EXCEPTIONS as exc:  # the ack: published again, at least once
+                await self.acknowledge(entries, dead)
+            except rs.CONNECTION_EXCEPTIONS as exc:  # published again, at least once
                 failures, own_pending = failures + 1, True
                 await pause(
                     log, "notifier.redis_unavailable", exc, self.retry, failures, "reading again"
                 )
 
-    async def relay(
-        self, exchanges: dict[str | None, AbstractExchange], entries: list[rs.Entry]
-    ) -> None:
+    async def relay(self, publisher: Publisher, entries: list[rs.Entry]) -> None:
         """Publish every outcome of ``entries``, wait for the confirms, then ack them;
-        what cannot be published is dead-lettered in the same step as the ack."""
+        what cannot be published is dead-lettered in the same step as the ack. A lost
+        connection propagates: nothing is acked, the entries are read again."""
+        await self.acknowledge(entries, await self.deliver(publisher, entries))
+
+    async def deliver(self, publisher: Publisher, entries: list[rs.Entry]) -> list[dict[str, Any]]:
+        """Publish every outcome of ``entries`` and wait for the confirms; return the
+        dead letters of what cannot be published."""
         outcomes: list[Outcome] = []
         dead: list[dict[str, Any]] = []
         for entry_id, fields in entries:
@@ -248,15 +309,19 @@ class Notifier:
                 dead.append({"entry": entry_id, "o": fields.get(b"o", b""), "reason": why})
         # Every entry read together aggregates into the same messages: a notifier that
         # fell behind catches up with fewer, larger ones.
-        messages = publications(outcomes, self.routes, self.mode, self.exchange_name)
+        budget = min(AGGREGATE_BUDGET_BYTES, self.max_message_bytes // 4)
+        messages = publications(outcomes, self.routes, self.mode, self.exchange_name, budget)
         refused: list[tuple[Publication, str]] = []
+        again: list[Publication] = []
         async with anyio.create_task_group() as tg:
             for publication in messages:
-                reason = unpublishable(publication)
+                reason = unpublishable(publication, self.max_message_bytes)
                 if reason is not None:
                     refused.append((publication, reason))
                     continue
-                tg.start_soon(self._publish, exchanges[publication.exchange], publication, refused)
+                tg.start_soon(_publish, publisher, publication, refused, again)
+        if again:
+            await self._one_at_a_time(publisher, again, refused)
         for publication, reason in refused:
             log.error(
                 "notifier.unpublishable",
@@ -268,6 +333,10 @@ class Notifier:
             dead.append(_dead_letter(publication, reason))
             metrics.dead_lettered.inc(len(publication.outcomes))
         metrics.notifications.labels(self.mode).inc(len(messages) - len(refused))
+        return dead
+
+    async def acknowledge(self, entries: list[rs.Entry], dead: list[dict[str, Any]]) -> None:
+        """Ack ``entries`` and add ``dead`` to the dead-letter stream, in one step."""
         names = self.streams.names
         with anyio.CancelScope(shield=True):
             await self.streams.ack_with(
@@ -275,35 +344,60 @@ class Notifier:
             )
 
     @staticmethod
-    async def _publish(
-        exchange: AbstractExchange,
-        publication: Publication,
-        refused: list[tuple[Publication, str]],
+    async def _one_at_a_time(
+        publisher: Publisher, again: list[Publication], refused: list[tuple[Publication, str]]
     ) -> None:
-        """Publish, returning once RabbitMQ confirmed. An error of this message alone lands
-        in ``refused``; a connection's error propagates (the entries are read again)."""
-        message = aio_pika.Message(
-            publication.body,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            content_type="application/json",
+        """Publish ``again`` (the messages in flight on a channel the broker closed) one at a
+        time on a new channel: a refusal now is of that message alone."""
+        log.warning(
+            "notifier.channel_closed",
+            messages=len(again),
+            next="publishing them again one at a time on a new channel",
         )
-        try:
-            # Not mandatory: a topic event nobody subscribed to is dropped by design, and
-            # each route's queue is declared before publishing.
-            await exchange.publish(message, routing_key=publication.key, mandatory=False)
-        except amqp.CONNECTION_EXCEPTIONS:
-            raise
-        except Exception as exc:
-            refused.append((publication, f"{type(exc).__name__}: {exc}"))
+        await publisher.open()
+        for publication in again:
+            try:
+                await publisher.publish(publication)
+            except amqp.REFUSALS as exc:
+                refused.append((publication, _reason(exc)))
+                if isinstance(exc, aiormq.exceptions.AMQPChannelError):
+                    await publisher.open()
 
 
-def unpublishable(publication: Publication) -> str | None:
+async def _publish(
+    publisher: Publisher,
+    publication: Publication,
+    refused: list[tuple[Publication, str]],
+    again: list[Publication],
+) -> None:
+    """Publish among others on one channel. A nack lands in ``refused``; a closed channel
+    (by this message or another in flight) in ``again``; a lost connection propagates."""
+    try:
+        await publisher.publish(publication)
+    except aiormq.exceptions.DeliveryError as exc:  # this message's own answer
+        refused.append((publication, _reason(exc)))
+    except (aiormq.exceptions.AMQPChannelError, aiormq.exceptions.ChannelInvalidStateError):
+        again.append(publication)  # opening a new channel tells if the connection is gone
+    except amqp.CONNECTION_EXCEPTIONS:
+        raise
+    except Exception as exc:  # refused by the client library, e.g. aiormq's own checks
+        refused.append((publication, _reason(exc)))
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def unpublishable(publication: Publication, max_message_bytes: int) -> str | None:
     """Pure: why RabbitMQ could never take ``publication``, or None."""
     size = len(publication.key.encode(errors="surrogatepass"))
     if size > MAX_ROUTING_KEY_BYTES:
         return f"routing key of {size} bytes, AMQP allows {MAX_ROUTING_KEY_BYTES}"
-    if len(publication.body) > MAX_MESSAGE_BYTES:
-        return f"message of {len(publication.body)} bytes, above the {MAX_MESSAGE_BYTES} allowed"
+    if len(publication.body) > max_message_bytes:
+        return (
+            f"message of {len(publication.body)} bytes, above the {max_message_bytes} allowed "
+            "(STREAMSVC_AMQP_MAX_MESSAGE_BYTES)"
+        )
     return None
 
 

@@ -1,4 +1,5 @@
-"""RabbitMQ: connections that come back, and which errors mean "the broker is away"."""
+"""RabbitMQ: connections that come back, and which errors mean "the broker is away" and
+which mean "the broker refused this one message"."""
 
 from __future__ import annotations
 
@@ -9,20 +10,47 @@ import aio_pika
 import aiormq.exceptions
 import anyio
 import structlog
-from aio_pika.abc import AbstractConnection
+from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from streamsvc.policy import RetryPolicy
 
 log = structlog.get_logger("streamsvc.amqp")
 
+# The connection is lost or unusable: what was not confirmed is tried again on a new one.
 CONNECTION_EXCEPTIONS: tuple[type[BaseException], ...] = (
-    aio_pika.exceptions.AMQPConnectionError,
-    aiormq.exceptions.AMQPError,
+    aio_pika.exceptions.AMQPConnectionError,  # aiormq's: every Connection* close, auth, protocol
+    aiormq.exceptions.ProtocolSyntaxError,  # a frame that could not be read
     aiormq.exceptions.ChannelInvalidStateError,  # a RuntimeError: the channel closed under us
     ConnectionError,
     OSError,
     TimeoutError,
 )
+
+# The broker refused one command while the connection lives: a nack of a confirmed publish,
+# a mandatory message returned (PublishError), or the channel closed by the broker
+# (ChannelClosed and its kinds: 406 PRECONDITION_FAILED for a message above the broker's
+# max_message_size, 404 NOT_FOUND for a missing exchange, 403 ACCESS_REFUSED). Sending the
+# same message again gets the same answer; the channel, if closed, can be opened again.
+REFUSALS: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.DeliveryError,  # and PublishError, its subclass
+    aiormq.exceptions.AMQPChannelError,
+)
+
+
+async def open_channel(connection: AbstractConnection, *, confirms: bool) -> AbstractChannel:
+    """A new channel on ``connection``; a connection found closed is a lost connection
+    (aiormq says so with a bare RuntimeError, before aio-pika's is_closed knows)."""
+    try:
+        return await connection.channel(publisher_confirms=confirms)
+    except RuntimeError as exc:
+        if isinstance(exc, CONNECTION_EXCEPTIONS):
+            raise
+        raise aio_pika.exceptions.AMQPConnectionError(str(exc)) from exc
+
+
+def closed_by_broker(exc: BaseException | None) -> bool:
+    """Whether a channel's close callback got the broker's refusal, not our own close."""
+    return isinstance(exc, aiormq.exceptions.AMQPChannelError) and any(exc.args)
 
 
 async def serve(
@@ -49,7 +77,9 @@ async def serve(
         try:
             await session(connection)
             failures = 0
-        except* CONNECTION_EXCEPTIONS as group:  # sessions run task groups: errors come grouped
+        # Sessions run task groups: errors come grouped. A refusal that reaches here (a
+        # declaration the broker refuses) ends the session as a lost connection does.
+        except* (*CONNECTION_EXCEPTIONS, *REFUSALS) as group:
             lost = group.exceptions[0]
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):

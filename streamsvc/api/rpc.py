@@ -9,10 +9,18 @@ answered. Responses keep the old service's IResponse shape (``streamsvc.api.nest
 Messages are acked manually: after the operation is durable in PostgreSQL, or after the
 error reply for refused input. When PostgreSQL cannot take it, the message is returned to
 the queue after a pause, so nothing is lost and the caller's request is answered later.
+
+Replies go on a channel of their own. A reply the broker refuses (one above its
+max_message_size is not even sent: STREAMSVC_AMQP_MAX_MESSAGE_BYTES) closes that channel, not
+the one the requests come on: the request is acked unanswered, as one whose replyTo is gone,
+instead of returning to the queue to be refused again, and the next reply opens a new channel.
+Replies are not confirmed, so the few sent between the refused one and the broker's close are
+lost with it; their callers time out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -70,6 +78,7 @@ class RpcServer:
         durable: bool,
         prefetch: int,
         max_body_bytes: int,
+        max_message_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         self.ingress = ingress
         self.auth = auth
@@ -79,6 +88,7 @@ class RpcServer:
         self.durable = durable
         self.prefetch = prefetch
         self.max_body_bytes = max_body_bytes
+        self.max_message_bytes = max_message_bytes
         self.stopping = anyio.Event()
         self._consuming = anyio.CancelScope()
         self.handlers: dict[str, Handler] = {
@@ -99,22 +109,26 @@ class RpcServer:
 
     async def _session(self, connection: AbstractConnection) -> None:
         """Consume until the connection drops or we stop; in-flight messages finish."""
-        # Replies are answers to a waiting caller, not records: no publisher confirms.
         channel = await connection.channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=self.prefetch)
         queue = await channel.declare_queue(self.queue, durable=self.durable)
+        replies = ReplyChannel(connection)
         log.info("rpc.consuming", queue=self.queue, durable=self.durable)
-        async with anyio.create_task_group() as handlers:
-            with anyio.CancelScope() as self._consuming:
-                if self.stopping.is_set():
-                    return
-                async with queue.iterator() as messages:
-                    async for message in messages:
-                        handlers.start_soon(self.handle, channel, message)
+        try:
+            async with anyio.create_task_group() as handlers:
+                with anyio.CancelScope() as self._consuming:
+                    if self.stopping.is_set():
+                        return
+                    async with queue.iterator() as messages:
+                        async for message in messages:
+                            handlers.start_soon(self.handle, replies, message)
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await replies.close()
         if not self.stopping.is_set():
             raise aio_pika.exceptions.AMQPConnectionError("consumer closed by the broker")
 
-    async def handle(self, channel: AbstractChannel, message: AbstractIncomingMessage) -> None:
+    async def handle(self, replies: ReplyChannel, message: AbstractIncomingMessage) -> None:
         """Answer one request (or handle one event), then ack it.
 
         Nothing a caller sends escapes from here: whatever fails is answered INTERNAL_ERROR
@@ -141,7 +155,7 @@ class RpcServer:
             )
             answer = nestjs.Reply(nestjs.internal_error())
         if answer is not None:
-            await self._reply(channel, message, answer)
+            await self._reply(replies, message, answer)
         await message.ack()
 
     async def _answer(self, message: AbstractIncomingMessage) -> msgspec.Struct | None:
@@ -193,18 +207,28 @@ class RpcServer:
             return None
 
     async def _reply(
-        self, channel: AbstractChannel, message: AbstractIncomingMessage, body: msgspec.Struct
+        self, replies: ReplyChannel, message: AbstractIncomingMessage, body: msgspec.Struct
     ) -> None:
+        """Send the reply if it can go; the caller acks ``message`` either way, unless the
+        connection is lost."""
         if not message.reply_to:
             return
-        # Not mandatory: with direct reply-to (amq.rabbitmq.reply-to.*, NestJS's default) the
-        # broker would also return every mandatory reply to us as unroutable.
-        try:
-            await channel.default_exchange.publish(
-                aio_pika.Message(_encoder.encode(body), correlation_id=message.correlation_id),
-                routing_key=message.reply_to,
-                mandatory=False,
+        encoded = _encoder.encode(body)
+        if len(encoded) > self.max_message_bytes:
+            log.warning(
+                "rpc.reply_failed",
+                error=f"reply of {len(encoded)} bytes, above the {self.max_message_bytes} "
+                "allowed (STREAMSVC_AMQP_MAX_MESSAGE_BYTES)",
+                next="acked unanswered",
             )
+            return
+        try:
+            await replies.publish(
+                aio_pika.Message(encoded, correlation_id=message.correlation_id),
+                message.reply_to,
+            )
+        except amqp.REFUSALS as exc:  # the broker's close of the reply channel, seen here
+            log.warning("rpc.reply_failed", error=str(exc)[:200], next="acked unanswered")
         except amqp.CONNECTION_EXCEPTIONS:
             raise
         except Exception as exc:  # e.g. a replyTo beyond AMQP's 255 bytes: cannot answer
@@ -270,6 +294,38 @@ class RpcServer:
             if isinstance(error, TransientError):
                 raise Unavailable(str(error)) from exc
             raise  # answered INTERNAL_ERROR: a request that cannot be stored is not retried
+
+
+class ReplyChannel:
+    """The channel replies go on, opened again at the next reply once the broker closed it.
+
+    Replies are answers to a waiting caller, not records: no publisher confirms."""
+
+    def __init__(self, connection: AbstractConnection) -> None:
+        self.connection = connection
+        self.channel: AbstractChannel | None = None
+        self._opening = anyio.Lock()
+
+    async def publish(self, message: aio_pika.Message, reply_to: str) -> None:
+        async with self._opening:
+            if self.channel is None or self.channel.is_closed:
+                self.channel = await amqp.open_channel(self.connection, confirms=False)
+                self.channel.close_callbacks.add(_closed)
+            channel = self.channel
+        # Not mandatory: with direct reply-to (amq.rabbitmq.reply-to.*, NestJS's default) the
+        # broker would also return every mandatory reply to us as unroutable.
+        await channel.default_exchange.publish(message, routing_key=reply_to, mandatory=False)
+
+    async def close(self) -> None:
+        if self.channel is not None:
+            with contextlib.suppress(*amqp.CONNECTION_EXCEPTIONS, *amqp.REFUSALS):
+                await self.channel.close()
+
+
+def _closed(_: object, exc: BaseException | None) -> None:
+    """The broker closed the reply channel, most often over a reply it refused."""
+    if amqp.closed_by_broker(exc):
+        log.warning("rpc.reply_refused", error=str(exc)[:200], next="a new reply channel")
 
 
 class _KeyIn(msgspec.Struct, rename="camel"):

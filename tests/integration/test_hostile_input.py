@@ -24,9 +24,21 @@ import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
+from benchmarks.harness import REDIS_URL, RMQ_URL
 from streamsvc import validate
+from streamsvc.actors.notifier import Notifier
+from streamsvc.adapters import streams as rs
 from streamsvc.errors import InvalidOperation
-from streamsvc.model import Operation, Receipt, Rejection, decode_operation
+from streamsvc.model import (
+    Operation,
+    Outcome,
+    Receipt,
+    Rejection,
+    Status,
+    decode_operation,
+    work_encoder,
+)
+from streamsvc.policy import RetryPolicy
 from streamsvc.supervisor import Service, open_service
 from streamsvc.validate import ANONYMOUS, Caller
 from tests.conftest import PG, keyed_settings, make_settings
@@ -455,6 +467,81 @@ async def test_an_outcome_rabbitmq_cannot_route_is_dead_lettered_and_the_rest_de
         await eventually(all_delivered, within=20)
         assert long_id not in delivered
     await only_these_stored_and_applied(live, [long_id, normal_id, *later])
+
+
+async def test_an_outcome_rabbitmq_refuses_is_dead_lettered_and_the_notifier_goes_on(
+    prefix: str,
+) -> None:
+    """A real per-message refusal: a queue bound to ``FULL.#`` that holds nothing and rejects
+    what it cannot hold, so RabbitMQ nacks every event routed to it. And a message above a
+    lowered STREAMSVC_AMQP_MAX_MESSAGE_BYTES, dead-lettered without being sent."""
+    client = rs.connect(REDIS_URL)
+    streams = rs.Streams(client, rs.Names(prefix))
+    names = streams.names
+    await streams.ensure_group(names.outcomes, rs.NOTIFIER_GROUP)
+    exchange_name = f"{prefix}-events"
+    notifier = Notifier(
+        f"{prefix}-notifier",
+        streams,
+        RetryPolicy(max_attempts=3, base_ms=10, cap_ms=50),
+        url=RMQ_URL,
+        exchange=exchange_name,
+        routes={},
+        mode="operation",
+        durable_queues=True,
+        max_message_bytes=10_000,
+    )
+
+    async def add(*outcomes: Outcome) -> None:
+        await streams.add(names.outcomes, [{"o": work_encoder.encode(list(outcomes))}])
+
+    def outcome(op_id: str, op_type: str, meta: Any = None) -> Outcome:
+        return Outcome(op_id, op_type, Status.SUCCESS, None, 1, "b", meta)
+
+    connection = await aio_pika.connect(RMQ_URL)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(
+            exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        full = await channel.declare_queue(
+            f"{prefix}-full",
+            arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
+        )
+        await full.bind(exchange, routing_key="FULL.#")
+        seen = await channel.declare_queue(exclusive=True)
+        await seen.bind(exchange, routing_key="OK.#")
+        delivered: set[str] = set()
+
+        async def delivered_all(*ids: str) -> bool:
+            while (message := await seen.get(fail=False)) is not None:
+                delivered.add(json.loads(message.body)["data"]["id"])
+                await message.ack()
+            return delivered >= set(ids)
+
+        async def dead_letters(count: int) -> bool:
+            return bool(await client.xlen(names.dead) == count)
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(notifier.run)
+                await add(outcome("a", "OK"), outcome("b", "FULL"), outcome("c", "OK"))
+                await eventually(lambda: dead_letters(1), within=20)
+                await eventually(lambda: delivered_all("a", "c"), within=20)
+                await add(outcome("d", "OK", meta="m" * 20_000), outcome("e", "OK"))
+                await eventually(lambda: dead_letters(2), within=20)
+                await eventually(lambda: delivered_all("a", "c", "e"), within=20)
+                notifier.stop()
+            dead = [fields for _, fields in await client.xrange(names.dead)]
+            assert [msgspec.json.decode(f[b"outcomes"])[0]["id"] for f in dead] == ["b", "d"]
+            assert "Basic.Nack" in dead[0][b"reason"].decode()
+            assert "(STREAMSVC_AMQP_MAX_MESSAGE_BYTES)" in dead[1][b"reason"].decode()
+            assert delivered == {"a", "c", "e"}
+            pending = await client.xpending(names.outcomes, rs.NOTIFIER_GROUP)
+            assert pending["pending"] == 0, "every entry acked"
+        finally:
+            await channel.queue_delete(f"{prefix}-full")
+            await client.aclose()
 
 
 # -- the group commit: the last line, should validation let something through ---------------

@@ -1,13 +1,20 @@
+from __future__ import annotations
+
 from typing import Any
 
 import aio_pika
 import aiormq
+import anyio
 import fakeredis
 import msgspec
 import pytest
 import redis.exceptions
+from aiormq.abc import DeliveredMessage
+from pamqp import commands as spec
+from pamqp.header import ContentHeader
 
 from streamsvc.actors.notifier import Notifier, Publication, publications, unpublishable
+from streamsvc.adapters import amqp
 from streamsvc.adapters import streams as rs
 from streamsvc.model import Outcome, Status, work_encoder
 from streamsvc.policy import RetryPolicy
@@ -129,12 +136,12 @@ def test_each_message_carries_the_outcomes_it_reports() -> None:
     ],
 )
 def test_routing_keys_beyond_255_bytes_are_unpublishable(key: str, refused: bool) -> None:
-    reason = unpublishable(Publication("events", key, b"{}", []))
+    reason = unpublishable(Publication("events", key, b"{}", []), 1024)
     assert (reason is not None) is refused
     assert reason is None or "AMQP allows 255" in reason
 
 
-def one_by_one(streams: rs.Streams) -> Notifier:
+def one_by_one(streams: rs.Streams, max_message_bytes: int = 16 * 1024 * 1024) -> Notifier:
     """A notifier in operation mode that gives up at once, with no server behind it."""
     return Notifier(
         "n",
@@ -145,25 +152,68 @@ def one_by_one(streams: rs.Streams) -> Notifier:
         routes={},
         mode="operation",
         durable_queues=True,
+        max_message_bytes=max_message_bytes,
     )
 
 
-class FakeExchange:
-    """Takes every message but those whose routing key starts with ``fail``."""
+class FakeBroker:
+    """Takes every message but those whose routing key starts with ``BOOM``, which it
+    answers with ``error``. As RabbitMQ does, a channel error closes the channel (messages
+    still in flight on it fail) and a connection error loses the connection."""
 
-    def __init__(self, fail: str, error: Exception) -> None:
-        self.fail, self.error = fail, error
+    def __init__(self, error: Exception) -> None:
+        self.error = error
         self.published: list[str] = []
+        self.channels = 0
+        self.lost = False
+
+    async def channel(self, **_: Any) -> FakeChannel:
+        if self.lost:
+            raise ConnectionResetError("connection reset")
+        self.channels += 1
+        return FakeChannel(self)
+
+
+class FakeChannel:
+    def __init__(self, broker: FakeBroker) -> None:
+        self.broker = broker
+        self.is_closed = False
+        self.default_exchange = FakeExchange(self)
+
+    async def declare_exchange(self, *_: Any, **__: Any) -> FakeExchange:
+        return self.default_exchange
+
+    async def declare_queue(self, *_: Any, **__: Any) -> None:
+        pass
+
+    async def close(self) -> None:
+        self.is_closed = True
+
+
+class FakeExchange:
+    def __init__(self, channel: FakeChannel) -> None:
+        self.channel = channel
 
     async def publish(self, message: aio_pika.Message, routing_key: str, **_: Any) -> None:
-        if routing_key.startswith(self.fail):
-            raise self.error
-        self.published.append(routing_key)
+        await anyio.lowlevel.checkpoint()  # the others are in flight meanwhile
+        broker = self.channel.broker
+        if broker.lost or self.channel.is_closed:
+            raise aiormq.exceptions.ChannelInvalidStateError("channel closed")
+        if routing_key.startswith("BOOM"):
+            if isinstance(broker.error, aiormq.exceptions.AMQPChannelError):
+                self.channel.is_closed = True
+            if isinstance(broker.error, amqp.CONNECTION_EXCEPTIONS):
+                broker.lost = True
+            raise broker.error
+        broker.published.append(routing_key)
 
 
 async def relayed(
-    types: list[str], error: Exception, streams: rs.Streams | None = None
-) -> tuple[FakeExchange, rs.Streams]:
+    types: list[str],
+    error: Exception,
+    streams: rs.Streams | None = None,
+    max_message_bytes: int = 16 * 1024 * 1024,
+) -> tuple[FakeBroker, rs.Streams]:
     """Relay one entry of outcomes of ``types`` and one undecodable entry."""
     streams = streams or rs.Streams(fakeredis.FakeAsyncRedis(), rs.Names("t"))
     names = streams.names
@@ -171,19 +221,67 @@ async def relayed(
     outcomes = [Outcome(str(i), t, Status.SUCCESS, None, 1, "b") for i, t in enumerate(types)]
     await streams.add(names.outcomes, [{"o": work_encoder.encode(outcomes)}, {"o": b"junk"}])
     entries = await streams.read(names.outcomes, rs.NOTIFIER_GROUP, "n", count=10, block_ms=None)
-    exchange = FakeExchange("BOOM", error)
-    notifier = one_by_one(streams)
-    await notifier.relay({"events": exchange, None: exchange}, entries)  # type: ignore[dict-item]
-    return exchange, streams
+    broker = FakeBroker(error)
+    notifier = one_by_one(streams, max_message_bytes)
+    publisher = notifier.publisher(broker)  # type: ignore[arg-type]
+    await publisher.open()
+    await notifier.relay(publisher, entries)
+    return broker, streams
+
+
+def nack() -> aiormq.exceptions.DeliveryError:
+    return aiormq.exceptions.DeliveryError(None, spec.Basic.Nack(delivery_tag=3))
+
+
+def returned() -> aiormq.exceptions.PublishError:
+    back = spec.Basic.Return(312, "NO_ROUTE", "events", "BOOM.SUCCESS")
+    return aiormq.exceptions.PublishError(
+        DeliveredMessage(delivery=back, header=ContentHeader(), body=b"", channel=None),  # type: ignore[arg-type]
+        back,
+    )
+
+
+def too_large() -> aiormq.exceptions.ChannelPreconditionFailed:
+    return aiormq.exceptions.ChannelPreconditionFailed(
+        "PRECONDITION_FAILED - message size 20000 is larger than configured max size 10000"
+    )
+
+
+REFUSALS = [
+    pytest.param(nack(), "DeliveryError: Message delivery failed: Basic.Nack", id="nack"),
+    pytest.param(returned(), "PublishError: Message delivery failed: Basic.Return", id="return"),
+    pytest.param(too_large(), "ChannelPreconditionFailed: PRECONDITION_FAILED", id="406"),
+    pytest.param(
+        aiormq.exceptions.ChannelNotFoundEntity("NOT_FOUND - no exchange 'x'"),
+        "ChannelNotFoundEntity: NOT_FOUND",
+        id="404",
+    ),
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("error", "reason"), REFUSALS)
+async def test_a_message_the_broker_refuses_is_dead_lettered_with_its_reason_and_the_rest_go(
+    error: Exception, reason: str
+) -> None:
+    broker, streams = await relayed(["A", "BOOM", "B", "C"], error)
+    assert sorted(broker.published) == ["A.SUCCESS", "B.SUCCESS", "C.SUCCESS"]
+    dead = [f for _, f in await streams.redis.xrange(streams.names.dead) if b"outcomes" in f]
+    assert [(f[b"reason"].decode()[: len(reason)], json_ids(f[b"outcomes"])) for f in dead] == [
+        (reason, ("1",))
+    ]
+    assert await streams.length(streams.names.outcomes) == 0, "every entry acked"
+    closes_channel = isinstance(error, aiormq.exceptions.AMQPChannelError)
+    assert broker.channels == (3 if closes_channel else 1), "a new channel after each close"
 
 
 @pytest.mark.anyio
 async def test_what_rabbitmq_cannot_take_is_dead_lettered_and_the_rest_published() -> None:
     long_type = "é" * 150
-    exchange, streams = await relayed(
+    broker, streams = await relayed(
         ["A", long_type, "BOOM", "B"], TypeError("a message-level error")
     )
-    assert exchange.published == ["A.SUCCESS", "B.SUCCESS"]
+    assert broker.published == ["A.SUCCESS", "B.SUCCESS"]
     dead = [fields for _, fields in await streams.redis.xrange(streams.names.dead)]
     reasons = sorted(fields[b"reason"].decode() for fields in dead)
     assert reasons[0].startswith("TypeError: a message-level error")
@@ -199,10 +297,21 @@ def json_ids(raw: bytes) -> tuple[str, ...]:
 
 
 @pytest.mark.anyio
-async def test_a_connection_error_leaves_the_entries_to_be_read_again() -> None:
+@pytest.mark.parametrize(
+    "error",
+    [
+        aiormq.exceptions.ConnectionClosed(320, "CONNECTION_FORCED - broker forced close"),
+        aiormq.exceptions.ChannelInvalidStateError("closed"),
+        ConnectionResetError("connection reset"),
+    ],
+    ids=type,
+)
+async def test_a_connection_error_leaves_the_entries_to_be_read_again(error: Exception) -> None:
     streams = rs.Streams(fakeredis.FakeAsyncRedis(), rs.Names("t"))
-    with pytest.raises(ExceptionGroup):
-        await relayed(["BOOM"], aiormq.exceptions.ChannelInvalidStateError("closed"), streams)
+    with pytest.raises((ExceptionGroup, ConnectionError)) as raised:
+        await relayed(["A", "BOOM", "B"], error, streams)
+    lost = raised.value.exceptions if isinstance(raised.value, ExceptionGroup) else [raised.value]
+    assert all(isinstance(exc, amqp.CONNECTION_EXCEPTIONS) for exc in lost)
     assert await streams.length(streams.names.outcomes) == 2
     assert await streams.length(streams.names.dead) == 0
 
@@ -219,8 +328,27 @@ def test_aggregated_events_are_cut_before_big_metas_add_up_past_the_broker_limit
 
 
 def test_a_message_above_the_broker_limit_is_unpublishable() -> None:
-    huge = Publication(None, "orders", b"x" * (16 * 1024 * 1024 + 1), [])
-    assert "above the 16777216 allowed" in (unpublishable(huge) or "")
+    limit = 16 * 1024 * 1024
+    assert unpublishable(Publication(None, "orders", b"x" * limit, []), limit) is None
+    huge = Publication(None, "orders", b"x" * (limit + 1), [])
+    assert "above the 16777216 allowed" in (unpublishable(huge, limit) or "")
+
+
+@pytest.mark.anyio
+async def test_a_message_above_the_configured_limit_is_dead_lettered_without_being_sent() -> None:
+    broker, streams = await relayed(["A", "B" * 200], TypeError(), max_message_bytes=300)
+    assert broker.published == ["A.SUCCESS"]
+    dead = [f for _, f in await streams.redis.xrange(streams.names.dead) if b"outcomes" in f]
+    assert [json_ids(f[b"outcomes"]) for f in dead] == [("1",)]
+    assert b"(STREAMSVC_AMQP_MAX_MESSAGE_BYTES)" in dead[0][b"reason"]
+
+
+def test_a_lower_broker_limit_cuts_aggregated_events_smaller() -> None:
+    outcomes = [
+        Outcome(str(i), "ORDER", Status.SUCCESS, None, 1, "b", "m" * 400) for i in range(10)
+    ]
+    pubs = publications(outcomes, {}, "aggregate", "events", budget=1100)
+    assert [len(p.outcomes) for p in pubs] == [2, 2, 2, 2, 2]
 
 
 class AckFailsOnce(rs.Streams):
@@ -237,22 +365,6 @@ class AckFailsOnce(rs.Streams):
         self.notifier.stop()
 
 
-class FakeChannel:
-    def __init__(self, exchange: FakeExchange) -> None:
-        self.default_exchange = exchange
-
-    async def declare_exchange(self, *_: Any, **__: Any) -> FakeExchange:
-        return self.default_exchange
-
-
-class FakeConnection:
-    def __init__(self, exchange: FakeExchange) -> None:
-        self.exchange = exchange
-
-    async def channel(self, **_: Any) -> FakeChannel:
-        return FakeChannel(self.exchange)
-
-
 @pytest.mark.anyio
 async def test_redis_away_at_the_ack_means_publishing_again_not_stopping() -> None:
     streams = AckFailsOnce(fakeredis.FakeAsyncRedis(), rs.Names("t"))
@@ -262,7 +374,69 @@ async def test_redis_away_at_the_ack_means_publishing_again_not_stopping() -> No
     await streams.add(names.outcomes, [{"o": work_encoder.encode([outcome])}])
     notifier = one_by_one(streams)
     streams.notifier = notifier
-    exchange = FakeExchange("never", TypeError())
-    await notifier._session(FakeConnection(exchange))  # type: ignore[arg-type]
-    assert exchange.published == ["A.SUCCESS", "A.SUCCESS"], "at least once"
+    broker = FakeBroker(TypeError())
+    await notifier._session(broker)  # type: ignore[arg-type]
+    assert broker.published == ["A.SUCCESS", "A.SUCCESS"], "at least once"
     assert await streams.length(names.outcomes) == 0
+
+
+class MoreAfterFirstAck(rs.Streams):
+    """After the first ack another outcome arrives; the notifier stops after the second."""
+
+    notifier: Notifier
+    acks = 0
+
+    async def ack_with(self, *args: Any, **kwargs: Any) -> None:
+        await super().ack_with(*args, **kwargs)
+        self.acks += 1
+        if self.acks == 1:
+            later = Outcome("9", "LATER", Status.SUCCESS, None, 1, "b")
+            await self.add(self.names.outcomes, [{"o": work_encoder.encode([later])}])
+        else:
+            self.notifier.stop()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("error", "reason"), REFUSALS)
+async def test_after_a_refusal_the_notifier_goes_on_with_the_next_outcomes(
+    error: Exception, reason: str
+) -> None:
+    streams = MoreAfterFirstAck(fakeredis.FakeAsyncRedis(), rs.Names("t"))
+    names = streams.names
+    await streams.ensure_group(names.outcomes, rs.NOTIFIER_GROUP)
+    first = [Outcome(str(i), t, Status.SUCCESS, None, 1, "b") for i, t in enumerate(["BOOM", "A"])]
+    await streams.add(names.outcomes, [{"o": work_encoder.encode(first)}])
+    notifier = one_by_one(streams)
+    streams.notifier = notifier
+    broker = FakeBroker(error)
+    with anyio.fail_after(5):
+        await notifier._session(broker)  # type: ignore[arg-type]
+    assert broker.published == ["A.SUCCESS", "LATER.SUCCESS"]
+    assert await streams.length(names.outcomes) == 0
+    dead = [f[b"reason"].decode() for _, f in await streams.redis.xrange(names.dead)]
+    assert [r[: len(reason)] for r in dead] == [reason]
+
+
+@pytest.mark.anyio
+async def test_a_connection_lost_while_publishing_ends_the_session_for_a_reconnect() -> None:
+    streams = rs.Streams(fakeredis.FakeAsyncRedis(), rs.Names("t"))
+    names = streams.names
+    await streams.ensure_group(names.outcomes, rs.NOTIFIER_GROUP)
+    outcomes = [Outcome(str(i), t, Status.SUCCESS, None, 1, "b") for i, t in enumerate("AB")]
+    await streams.add(names.outcomes, [{"o": work_encoder.encode(outcomes)}])
+    broker = FakeBroker(aiormq.exceptions.ChannelInvalidStateError("closed"))
+    broker.lost = False
+    notifier = one_by_one(streams)
+    original = FakeExchange.publish
+
+    async def cut(
+        self: FakeExchange, message: aio_pika.Message, routing_key: str, **_: Any
+    ) -> None:
+        broker.lost = True  # the connection drops under the first message
+        await original(self, message, routing_key)
+
+    with pytest.MonkeyPatch.context() as patch, anyio.fail_after(5):
+        patch.setattr(FakeExchange, "publish", cut)
+        with pytest.raises((ExceptionGroup, ConnectionError)):
+            await notifier._session(broker)  # type: ignore[arg-type]
+    assert await streams.length(names.outcomes) == 1, "left to be read again"
