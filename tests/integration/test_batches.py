@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import anyio
 import asyncpg
@@ -204,17 +204,29 @@ async def test_a_column_added_while_running_is_picked_up(
 
 
 @asynccontextmanager
-async def row_locked(database: str, name: str) -> AsyncIterator[asyncpg.Transaction]:
-    """Another session holding the lock of counter ``name`` until the block ends (closing
-    it) or the yielded transaction is rolled back."""
+async def locked(database: str, sql: str, *args: object) -> AsyncIterator[asyncpg.Transaction]:
+    """Another session holding the locks ``sql`` takes until the block ends (closing it)
+    or the yielded transaction ends."""
     blocker = await asyncpg.connect(database=database, **PG)
     try:
         tx = blocker.transaction()
         await tx.start()
-        await blocker.execute("SELECT * FROM counters WHERE name = $1 FOR UPDATE", name)
+        await blocker.execute(sql, *args)
         yield tx
     finally:
         await blocker.close()
+
+
+def row_locked(database: str, name: str) -> AbstractAsyncContextManager[asyncpg.Transaction]:
+    """The lock of counter ``name``."""
+    return locked(database, "SELECT * FROM counters WHERE name = $1 FOR UPDATE", name)
+
+
+def table_locked(database: str, table: str) -> AbstractAsyncContextManager[asyncpg.Transaction]:
+    """The lock every batch writing ``table`` takes first (sql/apply_rows.sql)."""
+    return locked(
+        database, "SELECT pg_advisory_xact_lock(hashtextextended('streamsvc:' || $1, 0))", table
+    )
 
 
 def bump(name: str) -> dict[str, object]:
@@ -273,26 +285,20 @@ async def test_a_table_lock_held_past_the_statement_timeout_fails_none_of_the_wa
     settings = make_settings(database, prefix, STREAMSVC_STATEMENT_TIMEOUT_MS="300")
     await conn.execute("INSERT INTO counters VALUES ('a', 0), ('b', 0)")
     batch = [bump("a"), bump("b"), bump("a"), order(1)]
-    holder = await asyncpg.connect(database=database, **PG)
-    try:
-        with capture_logs() as logs:
-            async with running(settings) as service, anyio.create_task_group() as tg:
-                hold = holder.transaction()
-                await hold.start()
-                await holder.execute(
-                    "SELECT pg_advisory_xact_lock(hashtextextended('streamsvc:' || $1, 0))",
-                    "public.counters",
-                )
-                await service.ingress.submit(ops(batch), caller=ANONYMOUS, source="api")
-                tg.start_soon(drain, service)
+    with capture_logs() as logs:
+        async with (
+            table_locked(database, "public.counters") as hold,
+            running(settings) as service,
+            anyio.create_task_group() as tg,
+        ):
+            await service.ingress.submit(ops(batch), caller=ANONYMOUS, source="api")
+            tg.start_soon(drain, service)
 
-                async def waited_past_two_timeouts() -> bool:
-                    return lock_waits(logs) >= 8
+            async def waited_past_two_timeouts() -> bool:
+                return lock_waits(logs) >= 8
 
-                await eventually(waited_past_two_timeouts, every=0.01)
-                await hold.commit()
-    finally:
-        await holder.close()
+            await eventually(waited_past_two_timeouts, every=0.01)
+            await hold.commit()
     assert not [e for e in logs if e.get("next") in ("split", "fail")]
     rows = await conn.fetch('SELECT status, attempts, batch_id FROM "BatchOperations"')
     assert {(r["status"], r["attempts"]) for r in rows} == {("SUCCESS", 1)}
@@ -317,33 +323,27 @@ async def test_a_batch_waiting_longer_than_the_claim_idle_time_stays_its_flusher
         BATCH_PROCESS_OPERATION_INTERVAL="100",
     )
     await conn.execute("INSERT INTO counters VALUES ('a', 0)")
-    holder = await asyncpg.connect(database=database, **PG)
-    try:
-        async with running(settings) as service, anyio.create_task_group() as tg:
-            hold = holder.transaction()
-            await hold.start()
-            await holder.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended('streamsvc:' || $1, 0))",
-                "public.counters",
-            )
-            await service.ingress.submit(ops([bump("a"), order(1)]), caller=ANONYMOUS, source="api")
-            for flusher in service.flushers:  # an entry handed out again would be read
-                tg.start_soon(flusher.run)
-            until = time.monotonic() + 10 * 0.3 * 2  # ten times claim-idle times deliveries
-            while time.monotonic() < until:
-                await service.sweeper.sweep()
-                await anyio.sleep(0.1)
-            await hold.commit()
+    async with (
+        table_locked(database, "public.counters") as hold,
+        running(settings) as service,
+        anyio.create_task_group() as tg,
+    ):
+        await service.ingress.submit(ops([bump("a"), order(1)]), caller=ANONYMOUS, source="api")
+        for flusher in service.flushers:  # an entry handed out again would be read
+            tg.start_soon(flusher.run)
+        until = time.monotonic() + 10 * 0.3 * 2  # ten times claim-idle times deliveries
+        while time.monotonic() < until:
+            await service.sweeper.sweep()
+            await anyio.sleep(0.1)
+        await hold.commit()
 
-            async def landed() -> bool:
-                return (await statuses(conn)).get("SUCCESS") == 2
+        async def landed() -> bool:
+            return (await statuses(conn)).get("SUCCESS") == 2
 
-            await eventually(landed, within=20)
-            for flusher in service.flushers:
-                flusher.stopping = True
-            assert await service.streams.redis.xlen(service.streams.names.dead) == 0
-    finally:
-        await holder.close()
+        await eventually(landed, within=20)
+        for flusher in service.flushers:
+            flusher.stopping = True
+        assert await service.streams.redis.xlen(service.streams.names.dead) == 0
     rows = await conn.fetch('SELECT status, attempts, batch_id FROM "BatchOperations"')
     assert {(r["status"], r["attempts"]) for r in rows} == {("SUCCESS", 1)}
     assert await conn.fetchval("SELECT value FROM counters") == 1
