@@ -244,6 +244,26 @@ def lock_waits(logs: list[dict[str, object]]) -> int:
     )
 
 
+async def lands_after_waiting(
+    settings: Settings,
+    lock: AbstractAsyncContextManager[asyncpg.Transaction],
+    batch: list[dict[str, object]],
+) -> list[dict[str, object]]:
+    """Submit ``batch`` while another session holds ``lock``; let the flushers wait for it
+    past two statement timeouts, then free it and drain. Returns the log events."""
+    with capture_logs() as logs:
+        async with lock as held, running(settings) as service, anyio.create_task_group() as tg:
+            await service.ingress.submit(ops(batch), caller=ANONYMOUS, source="api")
+            tg.start_soon(drain, service)
+
+            async def waited_past_two_timeouts() -> bool:
+                return lock_waits(logs) >= 8
+
+            await eventually(waited_past_two_timeouts, every=0.01)
+            await held.rollback()
+    return logs
+
+
 async def test_a_row_lock_wait_is_retried_uncounted_until_the_lock_is_gone(
     database: str, prefix: str, conn: asyncpg.Connection
 ) -> None:
@@ -254,20 +274,7 @@ async def test_a_row_lock_wait_is_retried_uncounted_until_the_lock_is_gone(
     settings = make_settings(database, prefix, STREAMSVC_STATEMENT_TIMEOUT_MS="400")
     await conn.execute("INSERT INTO counters VALUES ('locked', 0), ('free', 0)")
     batch = [bump("free"), order(1), bump("locked"), order(2), bump("free")]
-    with capture_logs() as logs:
-        async with (
-            row_locked(database, "locked") as lock,
-            running(settings) as service,
-            anyio.create_task_group() as tg,
-        ):
-            await service.ingress.submit(ops(batch), caller=ANONYMOUS, source="api")
-            tg.start_soon(drain, service)
-
-            async def waited_past_two_timeouts() -> bool:
-                return lock_waits(logs) >= 8
-
-            await eventually(waited_past_two_timeouts, every=0.01)
-            await lock.rollback()
+    await lands_after_waiting(settings, row_locked(database, "locked"), batch)
     rows = await conn.fetch('SELECT status, attempts, batch_id FROM "BatchOperations"')
     assert {(r["status"], r["attempts"]) for r in rows} == {("SUCCESS", 1)}
     assert len({r["batch_id"] for r in rows}) == 1, "one batch, never cut"
@@ -285,20 +292,7 @@ async def test_a_table_lock_held_past_the_statement_timeout_fails_none_of_the_wa
     settings = make_settings(database, prefix, STREAMSVC_STATEMENT_TIMEOUT_MS="300")
     await conn.execute("INSERT INTO counters VALUES ('a', 0), ('b', 0)")
     batch = [bump("a"), bump("b"), bump("a"), order(1)]
-    with capture_logs() as logs:
-        async with (
-            table_locked(database, "public.counters") as hold,
-            running(settings) as service,
-            anyio.create_task_group() as tg,
-        ):
-            await service.ingress.submit(ops(batch), caller=ANONYMOUS, source="api")
-            tg.start_soon(drain, service)
-
-            async def waited_past_two_timeouts() -> bool:
-                return lock_waits(logs) >= 8
-
-            await eventually(waited_past_two_timeouts, every=0.01)
-            await hold.commit()
+    logs = await lands_after_waiting(settings, table_locked(database, "public.counters"), batch)
     assert not [e for e in logs if e.get("next") in ("split", "fail")]
     rows = await conn.fetch('SELECT status, attempts, batch_id FROM "BatchOperations"')
     assert {(r["status"], r["attempts"]) for r in rows} == {("SUCCESS", 1)}

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from streamsvc.policy import RetryPolicy, StuckAction, Verdict, halves, stuck_entry
+from streamsvc.policy import RetryDecision, RetryPolicy, StuckAction, Verdict, halves, stuck_entry
 
 POLICY = RetryPolicy(max_attempts=3, base_ms=100, cap_ms=1000)
 
@@ -24,6 +24,15 @@ def test_retry_decisions(transient: bool, attempt: int, stopping: bool, verdict:
     assert (decision.delay_s > 0) == (verdict is Verdict.RETRY)
 
 
+def transient(
+    attempt: int, stopping: bool, *, operations: int = 100, **counts: int
+) -> RetryDecision:
+    """The policy's decision on a transient error of a batch of ``operations``."""
+    return POLICY.decide(
+        transient=True, attempt=attempt, stopping=stopping, operations=operations, **counts
+    )
+
+
 @pytest.mark.parametrize(
     ("attempt", "timeouts", "operations", "stopping", "verdict"),
     [
@@ -39,13 +48,7 @@ def test_retry_decisions(transient: bool, attempt: int, stopping: bool, verdict:
 def test_statement_timeout_decisions(
     attempt: int, timeouts: int, operations: int, stopping: bool, verdict: Verdict
 ) -> None:
-    decision = POLICY.decide(
-        transient=True,
-        attempt=attempt,
-        stopping=stopping,
-        timeouts=timeouts,
-        operations=operations,
-    )
+    decision = transient(attempt, stopping, timeouts=timeouts, operations=operations)
     assert decision.verdict is verdict
 
 
@@ -62,14 +65,7 @@ def test_statement_timeout_decisions(
 def test_lock_wait_decisions(
     attempt: int, lock_waits: int, timeouts: int, stopping: bool, verdict: Verdict
 ) -> None:
-    decision = POLICY.decide(
-        transient=True,
-        attempt=attempt,
-        stopping=stopping,
-        timeouts=timeouts,
-        operations=100,
-        lock_waits=lock_waits,
-    )
+    decision = transient(attempt, stopping, timeouts=timeouts, lock_waits=lock_waits)
     assert decision.verdict is verdict
     assert (decision.delay_s > 0) == (verdict is Verdict.RETRY)
 
