@@ -11,15 +11,24 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import anyio
 import asyncpg
 import hiredis
 import msgspec
 
+
+class PgParams(TypedDict):
+    """asyncpg.connect's keywords for the local PostgreSQL server."""
+
+    host: str
+    port: int
+    user: str
+
+
 # The local servers every benchmark runs against (the service's own variable names).
-PG = {
+PG: PgParams = {
     "host": os.environ.get("DB_HOST", "127.0.0.1"),
     "port": int(os.environ.get("DB_PORT", 5432)),
     "user": os.environ.get("DB_USERNAME", "postgres"),

@@ -13,7 +13,9 @@ import asyncpg
 import pytest
 
 from benchmarks import workload
-from benchmarks.harness import PG, REDIS_URL, RMQ_URL, free_port
+from benchmarks.harness import PG as PG
+from benchmarks.harness import REDIS_URL, free_port
+from benchmarks.harness import RMQ_URL as RMQ_URL
 from streamsvc import settings as settings_module
 from streamsvc.adapters import caller_role, postgres
 from streamsvc.adapters import streams as rs
