@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, NamedTuple
 
@@ -34,10 +35,10 @@ async def drain(service: Service) -> None:
     """Run every flusher until the work stream has nothing left for them."""
     async with anyio.create_task_group() as tg:
         for flusher in service.flushers:
-            tg.start_soon(lambda f=flusher: f.run(burst=True))
+            tg.start_soon(functools.partial(flusher.run, burst=True))
 
 
-def ops(raw: list[dict[str, object]]) -> list[Operation]:
+def ops(raw: Sequence[Mapping[str, object]]) -> list[Operation]:
     return msgspec.convert(raw, list[Operation])
 
 
