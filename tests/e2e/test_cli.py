@@ -7,6 +7,7 @@ import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import anyio
 import asyncpg
@@ -257,7 +258,10 @@ async def test_a_revoked_key_is_refused_within_seconds_by_a_running_service(
             entry = await redis.xadd(names.inbox, {"op": json.dumps(op), "key": key})
             with anyio.fail_after(10):
                 while True:
-                    rejects = {f[b"entry"]: f for _, f in await redis.xrange(names.rejects)}
+                    entries = cast(
+                        "list[tuple[bytes, dict[bytes, bytes]]]", await redis.xrange(names.rejects)
+                    )
+                    rejects = {f[b"entry"]: f for _, f in entries}
                     if entry in rejects or not await redis.xlen(names.inbox):
                         break
                     await anyio.sleep(0.05)

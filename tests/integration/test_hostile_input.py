@@ -12,7 +12,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import anyio
@@ -532,7 +532,10 @@ async def test_an_outcome_rabbitmq_refuses_is_dead_lettered_and_the_notifier_goe
                 await eventually(lambda: dead_letters(2), within=20)
                 await eventually(lambda: delivered_all("a", "c", "e"), within=20)
                 notifier.stop()
-            dead = [fields for _, fields in await client.xrange(names.dead)]
+            entries = cast(
+                "list[tuple[bytes, dict[bytes, bytes]]]", await client.xrange(names.dead)
+            )
+            dead = [fields for _, fields in entries]
             assert [msgspec.json.decode(f[b"outcomes"])[0]["id"] for f in dead] == ["b", "d"]
             assert "Basic.Nack" in dead[0][b"reason"].decode()
             assert "(STREAMSVC_AMQP_MAX_MESSAGE_BYTES)" in dead[1][b"reason"].decode()

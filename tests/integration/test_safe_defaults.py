@@ -83,6 +83,7 @@ async def test_rejects_dead_and_outcomes_are_capped_work_and_inbox_never(prefix:
         for stream in (names.rejects, names.dead, names.outcomes):
             assert 10 <= await streams.length(stream) <= 110, stream
         last = await client.xrevrange(names.dead, count=1)
+        assert last is not None
         assert last[0][1] == {b"n": b"last"}  # trimming drops the oldest
         assert await streams.length(names.work) == 1000
         assert await streams.length(names.inbox) == 1000
