@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -27,12 +27,12 @@ async def redis() -> AsyncIterator[aioredis.Redis]:
 
 
 @pytest.fixture
-def service(database: str, prefix: str, tmp_path: Path) -> AsyncIterator[ServiceProcess]:
+def service(database: str, prefix: str, tmp_path: Path) -> Iterator[ServiceProcess]:
     env = settings_env(
         database, prefix, STREAMSVC_CLAIM_IDLE_MS="1000", BATCH_PROCESS_OPERATION_LIMIT="500"
     )
     process = ServiceProcess(env, tmp_path)
-    yield process  # type: ignore[misc]
+    yield process
     process.stop()
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence, Set
 
 import asyncpg
 import msgspec
@@ -51,12 +51,12 @@ async def db(database: str) -> AsyncIterator[asyncpg.Connection]:
     await conn.close()
 
 
-def rows(n: int, bad: set[int] = frozenset(), *, parent: int = 1) -> list[dict[str, object]]:
+def rows(n: int, bad: Set[int] = frozenset(), *, parent: int = 1) -> list[dict[str, object]]:
     """Rows 1..n; those in ``bad`` break the CHECK constraint."""
     return [{"c0": i, "c1": -1 if i in bad else i, "c2": parent} for i in range(1, n + 1)]
 
 
-def text(records: list[dict[str, object]]) -> str:
+def text(records: Sequence[Mapping[str, object] | Sequence[str]]) -> str:
     return msgspec.json.encode(records).decode()
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import anyio
 import asyncpg
 import pytest
 from structlog.testing import capture_logs
+from structlog.typing import EventDict
 
 from streamsvc.adapters import streams as rs
 from streamsvc.model import Receipt, Rejection, Status
@@ -48,6 +49,7 @@ async def test_poison_operations_fail_alone_and_good_ones_land_together(
     async with running(settings) as service:
         results = await service.ingress.submit(ops(batch), caller=ANONYMOUS, source="api")
         await drain(service)
+    assert isinstance(results[200], Receipt)
     failed = {
         r[0]: r[1]
         for r in await conn.fetch(
@@ -83,7 +85,7 @@ async def test_refusals_before_and_after_a_failed_statement_are_all_recorded(
         "params": ["not a number"],
     }
     payment = {"operationType": "PAID", "table": "payments", "action": "insert"}
-    batch = [
+    batch: list[Mapping[str, object]] = [
         order(1),
         order(2, amount=-1),
         bad_statement,
@@ -169,7 +171,7 @@ async def test_get_operation_unknown_and_malformed_ids(settings: Settings) -> No
 async def test_refused_operations_store_nothing(
     settings: Settings, conn: asyncpg.Connection
 ) -> None:
-    bad = [
+    bad: list[dict[str, object]] = [
         {"operationType": "X", "table": "secrets", "action": "insert", "values": {"id": 1}},
         {"operationType": "X", "sql": "DROP TABLE orders"},
         {"operationType": "X", "table": "orders", "action": "insert", "values": {"nope": 1}},
@@ -237,7 +239,7 @@ def bump(name: str) -> dict[str, object]:
     }
 
 
-def lock_waits(logs: list[dict[str, object]]) -> int:
+def lock_waits(logs: list[EventDict]) -> int:
     """How many batch tries ended because a lock wait ran out."""
     return sum(
         1 for e in logs if e["event"] == "flush.failed" and str(e["error"]).startswith("lock wait:")
@@ -248,7 +250,7 @@ async def lands_after_waiting(
     settings: Settings,
     lock: AbstractAsyncContextManager[asyncpg.Transaction],
     batch: list[dict[str, object]],
-) -> list[dict[str, object]]:
+) -> list[EventDict]:
     """Submit ``batch`` while another session holds ``lock``; let the flushers wait for it
     past two statement timeouts, then free it and drain. Returns the log events."""
     with capture_logs() as logs:
@@ -443,7 +445,10 @@ async def test_a_column_dropped_before_the_flush_fails_only_its_operations(
         {**order(i), "values": {"id": i, "customer": "c", "amount": 1, "region": "eu"}}
         for i in (2, 4)
     ]
-    bump = {"operationType": "BUMP", "sql": "UPDATE orders SET note = 'x' WHERE id = $1"}
+    bump: dict[str, object] = {
+        "operationType": "BUMP",
+        "sql": "UPDATE orders SET note = 'x' WHERE id = $1",
+    }
     batch = [order(1), with_region[0], {**bump, "params": [1]}, order(3), with_region[1]]
     async with running(settings) as service:
         await service.ingress.submit(ops(batch), caller=ANONYMOUS, source="api")

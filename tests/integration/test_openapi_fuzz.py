@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from schemathesis import GenerationMode
 from schemathesis.checks import content_type_conformance, not_a_server_error
+from schemathesis.core.result import Ok
 
 from tests.conftest import PG, keyed_settings
 from tests.pipeline import eventually, order, serving
@@ -37,6 +38,7 @@ def fuzz(spec: dict[str, Any], base_url: str, headers: dict[str, str]) -> Counte
     schema = schemathesis.openapi.from_dict(spec)
     answers: Counter[str] = Counter()
     for result in schema.get_all_operations():
+        assert isinstance(result, Ok), result.err()
         operation = result.ok()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
 
@@ -49,7 +51,9 @@ def fuzz(spec: dict[str, Any], base_url: str, headers: dict[str, str]) -> Counte
                 phases=[hypothesis.Phase.generate],
             )
             @given(case=operation.as_strategy(generation_mode=mode))
-            def call(case: schemathesis.Case) -> None:
+            def call(
+                case: schemathesis.Case[schemathesis.APIOperation[Any, Any, Any, Any]],
+            ) -> None:
                 response = case.call(base_url=base_url, headers=headers, timeout=30)
                 answers[f"{case.operation.label} {response.status_code // 100}xx"] += 1
                 case.validate_response(

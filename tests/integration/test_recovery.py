@@ -107,7 +107,7 @@ async def test_inbox_readers_share_the_entries_and_store_each_once(
         readers: dict[str, int] = {}
         read = service.streams.read
 
-        async def counting(stream: str, group: str, consumer: str, **kw: object) -> list:
+        async def counting(stream: str, group: str, consumer: str, **kw: object) -> list[rs.Entry]:
             entries = await read(stream, group, consumer, **kw)  # type: ignore[arg-type]
             if stream == names.inbox:
                 readers[consumer] = readers.get(consumer, 0) + len(entries)

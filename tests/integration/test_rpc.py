@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aio_pika
 import anyio
@@ -177,7 +178,7 @@ async def test_outcomes_reach_the_topic_exchange_and_the_route_queue(
             "create_operations", [order(20, meta={"req": 7}), order(21), order(20)]
         )
         ids = [d["id"] for d in bulk["response"]["data"]]
-        events = []
+        events: list[tuple[str | None, dict[str, Any], aio_pika.DeliveryMode]] = []
         with anyio.fail_after(10):
             while len(events) < 2:
                 message = await topic.get(fail=False)
