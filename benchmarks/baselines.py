@@ -39,9 +39,9 @@ from pgqueuer.domain.types import QueueExecutionMode
 
 from benchmarks import workload
 from benchmarks.harness import PG
-from streamsvc import queries
 from streamsvc.adapters import postgres
 from streamsvc.allowlist import quote_ident
+from streamsvc.store.queries import QUERIES
 
 # What a team's code knows of its own schema: JSON carries these as ISO 8601 text.
 TIMESTAMP_COLUMNS = frozenset({"created_at", "paid_at"})
@@ -60,7 +60,7 @@ UPDATE counters AS c SET value = c.value + u.n
 FROM unnest($1::text[], $2::integer[]) AS u(name, n) WHERE c.name = u.name
 """
 # streamsvc's own record: the columns it writes on intake (it ends a batch with its own
-# statements, streamsvc.queries.CLAIM_BATCH and MARK_FAILED).
+# statements, sql/queries.sql: claim_batch and mark_failed).
 INTAKE_COLUMNS = ("id", "operation_type", "body", "source", "submitted_by")
 POISON_ERROR = 'new row for relation "orders" violates check constraint "orders_amount_check"'
 
@@ -215,9 +215,9 @@ async def copy_update_ceiling(w: workload.Workload, *, chunk: int = 10_000) -> d
                 )
             failed = [id_ for id_, bad in zip(ids, poisoned, strict=True) if bad]
             async with conn.transaction():
-                await conn.execute(queries.CLAIM_BATCH, ids, uuid.uuid4())
+                await conn.execute(QUERIES["claim_batch"], ids, uuid.uuid4())
                 await _land(conn, _clean(ops, poisoned))
-                await conn.execute(queries.MARK_FAILED, failed, [POISON_ERROR] * len(failed))
+                await conn.execute(QUERIES["mark_failed"], failed, [POISON_ERROR] * len(failed))
         elapsed = time.perf_counter() - started
         await workload.verify(conn, w)
         await workload.verify_statuses(conn, w)

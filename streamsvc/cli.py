@@ -14,9 +14,11 @@ from rich.live import Live
 from streamsvc import logs, settings, status
 from streamsvc.adapters import caller_role, postgres
 from streamsvc.adapters import streams as rs
+from streamsvc.catalog import Catalog
 from streamsvc.errors import ConfigError, InvalidOperation, NotMigratedError
 from streamsvc.keys import KeyStore
 from streamsvc.settings import Settings
+from streamsvc.store.postgres import PgStore
 from streamsvc.supervisor import ROLES, run
 
 
@@ -130,22 +132,25 @@ async def _keys(config: Settings, args: argparse.Namespace) -> None:
 
 
 async def _status(config: Settings, args: argparse.Namespace) -> None:
-    conn = await asyncpg.connect(**postgres.dsn_kwargs(config))
+    pool = await asyncpg.create_pool(**postgres.dsn_kwargs(config), min_size=1, max_size=1)
+    assert pool is not None
     client = rs.connect(config.redis_url)
     streams = rs.Streams(client, rs.Names(config.redis_prefix))
+    store = PgStore(pool, Catalog(config.allow_list))
     console = Console()
     try:
-        await postgres.check_migrated(conn)
+        async with pool.acquire() as conn:
+            await postgres.check_migrated(conn)
         if not args.watch:
-            console.print(status.render(await status.gather(conn, streams)))
+            console.print(status.render(await status.gather(store, streams)))
             return
         with Live(console=console, auto_refresh=False) as live:
             while True:
-                live.update(status.render(await status.gather(conn, streams)), refresh=True)
+                live.update(status.render(await status.gather(store, streams)), refresh=True)
                 await anyio.sleep(args.every)
     finally:
         await client.aclose()
-        await conn.close()
+        await pool.close()
 
 
 def _split(text: str) -> list[str]:

@@ -15,6 +15,10 @@ rejected = Counter(
 )
 succeeded = Counter(f"{PREFIX}_operations_succeeded_total", "Operations applied (SUCCESS)")
 failed = Counter(f"{PREFIX}_operations_failed_total", "Operations ended as FAIL")
+cancelled = Counter(f"{PREFIX}_operations_cancelled_total", "Operations ended as CANCELLED")
+scheduled = Counter(
+    f"{PREFIX}_operations_scheduled_total", "Operations put on a work stream at their runAt"
+)
 retried = Counter(
     f"{PREFIX}_operations_retried_total", "Operations retried after a transient error"
 )

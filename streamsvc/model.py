@@ -42,6 +42,7 @@ class Status(enum.StrEnum):
     PROCESSING = "PROCESSING"
     SUCCESS = "SUCCESS"
     FAIL = "FAIL"
+    CANCELLED = "CANCELLED"
 
 
 class BodyKind(enum.StrEnum):
@@ -63,7 +64,7 @@ class Operation(msgspec.Struct, rename="camel", forbid_unknown_fields=True, omit
     # statement body (legacy when params is absent)
     sql: str | None = None
     params: list[Any] | None = None
-    # scheduling and ordering: validated and stored; their behaviour comes later
+    # scheduling and ordering (docs/scheduling.md)
     priority: Priority = 0
     run_at: dt.datetime | None = None
     delay_ms: Delay | None = None

@@ -103,3 +103,28 @@ def stuck_entry(*, operations: int, deliveries: int, max_deliveries: int) -> Stu
     if deliveries >= max_deliveries:
         return StuckAction.DEAD_LETTER
     return StuckAction.REENQUEUE
+
+
+class BandTurns:
+    """Which priority band a flusher serves first, turn by turn: weighted turns between
+    the bands, no starvation.
+
+    Band ``p`` (0-9) has weight ``p + 1``; each turn leads with the band that smooth
+    weighted round robin picks (every 55 turns: band 9 leads 10 times, band 0 once, spread
+    evenly), then the other bands from 9 down. A turn takes entries from the leading band
+    first and fills up from the next ones, so while higher bands have work they go first
+    in most turns, and a band with waiting work is served first in at least (p + 1) / 55 of
+    all turns however much waits above it. Pure."""
+
+    WEIGHTS = tuple((p, p + 1) for p in range(9, -1, -1))
+    TOTAL = sum(w for _, w in WEIGHTS)
+
+    def __init__(self) -> None:
+        self._current = dict.fromkeys(range(10), 0)
+
+    def next(self) -> list[int]:
+        for band, weight in self.WEIGHTS:
+            self._current[band] += weight
+        lead = max(self._current, key=lambda b: (self._current[b], b))
+        self._current[lead] -= self.TOTAL
+        return [lead, *(p for p, _ in self.WEIGHTS if p != lead)]

@@ -5,16 +5,14 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
-import asyncpg
 import redis.exceptions
 from rich.console import Group
 from rich.table import Table
 
-from streamsvc import queries
 from streamsvc.adapters import streams as rs
+from streamsvc.store import Store
 
 WINDOW_S = 60
-GROUPS = {"inbox": rs.INGRESS_GROUP, "work": rs.FLUSHER_GROUP, "outcomes": rs.NOTIFIER_GROUP}
 
 
 @dataclass
@@ -26,22 +24,33 @@ class Snapshot:
     failures: list[tuple[str, str, str | None, dt.datetime | None]] = field(default_factory=list)
 
 
-async def gather(conn: asyncpg.Connection, streams: rs.Streams, *, failures: int = 10) -> Snapshot:
+async def gather(store: Store, streams: rs.Streams, *, failures: int = 10) -> Snapshot:
     snap = Snapshot()
     names = streams.names
-    for label in ("inbox", "work", "outcomes", "rejects", "dead"):
+    for label in ("inbox", "outcomes", "rejects", "dead"):
         snap.streams[label] = await streams.length(getattr(names, label))
-    for label, group in GROUPS.items():
+    for priority, work in zip(rs.PRIORITIES, names.work_streams, strict=True):
+        snap.streams[f"work (priority {priority})"] = await streams.length(work)
+    watched = [
+        ("inbox", names.inbox, rs.INGRESS_GROUP),
+        ("outcomes", names.outcomes, rs.NOTIFIER_GROUP),
+    ]
+    watched += [
+        (f"work (priority {p})", work, rs.FLUSHER_GROUP)
+        for p, work in zip(rs.PRIORITIES, names.work_streams, strict=True)
+    ]
+    for label, stream, group in watched:
         try:
-            consumers = await streams.redis.xinfo_consumers(getattr(names, label), group)
+            consumers = await streams.redis.xinfo_consumers(stream, group)
         except redis.exceptions.ResponseError:  # no such stream or group yet
             continue
         for c in consumers:
             name = c["name"].decode() if isinstance(c["name"], bytes) else str(c["name"])
             snap.consumers.append((label, name, int(c["pending"]), int(c["idle"])))
-    snap.statuses = {row[0]: row[1] for row in await conn.fetch(queries.STATUS_COUNTS)}
-    snap.finished_per_s = (await conn.fetchval(queries.FINISHED_SINCE, WINDOW_S)) / WINDOW_S
-    snap.failures = [tuple(r) for r in await conn.fetch(queries.RECENT_FAILURES, failures)]
+    summary = await store.summary(failures=failures, window_s=WINDOW_S)
+    snap.statuses = summary.statuses
+    snap.finished_per_s = summary.finished_per_s
+    snap.failures = [(f.id, f.operation_type, f.error, f.processed_at) for f in summary.failures]
     return snap
 
 
@@ -66,7 +75,7 @@ def render(snap: Snapshot) -> Group:
     )
     statuses.add_column("status")
     statuses.add_column("count", justify="right")
-    for status in ("UNPROCESSED", "PROCESSING", "SUCCESS", "FAIL"):
+    for status in ("UNPROCESSED", "PROCESSING", "SUCCESS", "FAIL", "CANCELLED"):
         statuses.add_row(status, str(snap.statuses.get(status, 0)))
 
     failures = Table(title="Recent failures", title_justify="left")

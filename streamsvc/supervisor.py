@@ -35,6 +35,7 @@ from streamsvc.keys import Authenticator, KeyStore
 from streamsvc.policy import RetryPolicy
 from streamsvc.ratelimit import RateLimiter
 from streamsvc.settings import Settings
+from streamsvc.store.postgres import PgStore
 
 log = structlog.get_logger("streamsvc.supervisor")
 
@@ -98,7 +99,8 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
         )
         auth = Authenticator(keys, limiter)
         base = f"{socket.gethostname()}-{os.getpid()}"
-        ingress = Ingress(pool, streams, catalog, chunk=settings.batch_limit)
+        store = PgStore(pool, catalog)
+        ingress = Ingress(store, pool, streams, catalog, chunk=settings.batch_limit)
         inbox = InboxConsumer(
             f"{base}-inbox",
             ingress,
@@ -113,9 +115,8 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
         flushers = [
             Flusher(
                 f"{base}-flusher-{n}",
-                pool,
+                store,
                 streams,
-                catalog,
                 retry,
                 limit=settings.batch_limit,
                 keep_claimed_s=settings.claim_idle_ms / 3000,
@@ -124,7 +125,7 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
         ]
         sweeper = Sweeper(
             f"{base}-sweeper",
-            pool,
+            store,
             streams,
             interval_ms=settings.interval_ms,
             claim_idle_ms=settings.claim_idle_ms,

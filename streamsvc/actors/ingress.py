@@ -21,15 +21,15 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import anyio
 import asyncpg
 import msgspec
 import structlog
 
-from streamsvc import metrics, queries, sqlguard
+from streamsvc import metrics, sqlguard
 from streamsvc.adapters import streams as rs
 from streamsvc.adapters.postgres import translate
 from streamsvc.catalog import Catalog
@@ -42,17 +42,14 @@ from streamsvc.model import (
     Status,
     WorkOp,
     derived_id,
-    json_encoder,
-    operation_decoder,
     work_encoder,
 )
+from streamsvc.store import Cancelled, NewOperation, Store
 from streamsvc.validate import ANONYMOUS, Caller, UnknownToCatalog, validate
 
 log = structlog.get_logger("streamsvc.ingress")
 
 Result = Receipt | Rejection
-_Place = tuple[int, int]  # (ticket, operation) in one group
-_Row = tuple[_Place, tuple[Any, ...]]  # a place and its INSERT_OPERATIONS values
 
 _PER_KEY = uuid.UUID("3f1d9a8e-7c2b-5e4f-8a61-0d9c4b7e2f15")
 
@@ -85,6 +82,7 @@ class _Ticket:
 class Ingress:
     def __init__(
         self,
+        store: Store,
         pool: asyncpg.Pool,
         streams: rs.Streams,
         catalog: Catalog,
@@ -92,13 +90,16 @@ class Ingress:
         chunk: int,
         max_group: int = 20_000,
     ) -> None:
-        self.pool = pool
+        self.store = store
+        self.pool = pool  # for reloading the catalog
         self.streams = streams
         self.catalog = catalog
         self.chunk = chunk  # operations per work-stream entry (BATCH_PROCESS_OPERATION_LIMIT)
         self.max_group = max_group
         self._queue: deque[_Ticket] = deque()
         self._wake = anyio.Event()
+        # Called with the runAt of stored operations held for it (the scheduler's wake-up).
+        self.on_held: Callable[[list[dt.datetime]], None] = lambda _: None
 
     # -- the Python API every path uses ---------------------------------------------
     async def submit(
@@ -148,16 +149,32 @@ class Ingress:
             uuid.UUID(op_id)
         except ValueError:
             return None
-        owner = None if caller is None or caller.admin else caller.name
-        looker = caller.name if caller is not None else None
-        async with self.pool.acquire() as conn:
-            row = await conn.fetchrow(queries.GET_OPERATION, op_id, owner, looker)
-        if row is None:
-            return None
-        fields = dict(row)
-        body = fields.pop("body")
-        fields["status"] = Status(fields["status"])
-        return OperationView(**fields, operation=operation_decoder.decode(body))
+        owner, looker = _scope(caller)
+        return await self.store.get(op_id, owner=owner, looker=looker)
+
+    async def cancel(self, op_id: str, *, caller: Caller | None = None) -> Cancelled:
+        """Cancel the operation ``get`` would find for ``caller``, unless it has finished;
+        a cancelled operation's outcome goes to the notifier as any final status does."""
+        try:
+            uuid.UUID(op_id)
+        except ValueError:
+            return Cancelled("unknown")
+        owner, looker = _scope(caller)
+        result = await self.store.cancel(op_id, owner=owner, looker=looker)
+        adds = rs.work_entries(self.streams.names, result.released, self.chunk)
+        if result.outcome is not None:
+            outcome = {"o": work_encoder.encode([result.outcome])}
+            adds.append((self.streams.names.outcomes, outcome))
+            metrics.cancelled.inc()
+        try:
+            await self.streams.add_each(adds)
+        except rs.CONNECTION_EXCEPTIONS as exc:
+            log.warning(
+                "ingress.cancel_not_announced",
+                error=str(exc),
+                next="cancelled; the sweeper puts any released operation on a stream",
+            )
+        return result
 
     async def check(self, op: Operation, caller: Caller) -> None:
         """Validate; when the loaded schema lacks a name, reload it once and look again."""
@@ -198,124 +215,74 @@ class Ingress:
         return tickets
 
     async def _commit(self, tickets: list[_Ticket]) -> None:
+        now = dt.datetime.now(dt.UTC)
+        rows = [
+            NewOperation(op_id, op, ticket.source, ticket.caller, _run_at(op, now))
+            for ticket in tickets
+            for op_id, op in zip(ticket.ids, ticket.ops, strict=True)
+        ]
         try:
-            created, refused = await self._store(tickets)
-            await self._enqueue(tickets, created, refused)
-            existing = await self._existing(tickets, created)
+            stored = await self.store.intake(rows)
+            await self._enqueue(stored.ready)
+            held = [
+                r.run_at for r in rows if r.run_at and r.run_at > now and r.id in stored.created
+            ]
+            if held:
+                self.on_held(held)
+            repeated = [r.id for r in rows if r.id not in stored.created]
+            existing = await self.store.states(repeated)
         except Exception as exc:
             error = translate(exc)
-            log.warning("ingress.store_failed", error=str(error), operations=_count(tickets))
+            log.warning("ingress.store_failed", error=str(error), operations=len(rows))
             for ticket in tickets:
                 ticket.error = error
                 ticket.done.set()
             return
-        for t, ticket in enumerate(tickets):
+        n = 0
+        for ticket in tickets:
             seen: set[str] = set()
-            for j, (op_id, op) in enumerate(zip(ticket.ids, ticket.ops, strict=True)):
-                rejection = refused.get((t, j))
-                if rejection is not None:
-                    ticket.results.append(rejection)
+            for op_id, op in zip(ticket.ids, ticket.ops, strict=True):
+                reason = stored.refused.get(n)
+                n += 1
+                if reason is not None:
+                    ticket.results.append(Rejection("body", reason))
                     continue
-                is_new = op_id in created and op_id not in seen
+                is_new = op_id in stored.created and op_id not in seen
                 seen.add(op_id)
-                status, op_type = (
-                    (Status.UNPROCESSED, op.operation_type)
-                    if is_new
-                    else existing.get(op_id, (Status.UNPROCESSED, op.operation_type))
-                )
-                ticket.results.append(Receipt(op_id, op_type, status, is_new))
-            stored = sum(isinstance(r, Receipt) for r in ticket.results)
-            metrics.received.labels(ticket.source).inc(stored)
-            if stored < len(ticket.ops):
-                metrics.rejected.labels(ticket.source).inc(len(ticket.ops) - stored)
+                state = existing.get(op_id)
+                if is_new or state is None:
+                    ticket.results.append(
+                        Receipt(op_id, op.operation_type, Status.UNPROCESSED, is_new)
+                    )
+                else:
+                    ticket.results.append(Receipt(op_id, state.operation_type, state.status, False))
+            accepted = sum(isinstance(r, Receipt) for r in ticket.results)
+            metrics.received.labels(ticket.source).inc(accepted)
+            if accepted < len(ticket.ops):
+                metrics.rejected.labels(ticket.source).inc(len(ticket.ops) - accepted)
             ticket.done.set()
 
-    async def _store(self, tickets: list[_Ticket]) -> tuple[set[str], dict[_Place, Rejection]]:
-        """Store every ticket's operations; the ids that were new, and the refused ones by
-        (ticket, operation) position."""
-        now = dt.datetime.now(dt.UTC)
-        rows: list[_Row] = []
-        refused: dict[_Place, Rejection] = {}
-        for t, ticket in enumerate(tickets):
-            for j, (op_id, op) in enumerate(zip(ticket.ids, ticket.ops, strict=True)):
-                try:
-                    body = json_encoder.encode(op).decode()
-                    run_at = _run_at(op, now)
-                except (ValueError, OverflowError, TypeError, msgspec.EncodeError) as exc:
-                    refused[(t, j)] = Rejection("body", f"cannot be stored: {exc}")
-                    continue
-                values = (
-                    op_id,
-                    op.operation_type,
-                    body,
-                    op.priority,
-                    run_at,
-                    op.ordering_key,
-                    ticket.source,
-                    ticket.caller,
-                )
-                rows.append(((t, j), values))
-        return await self._insert(rows, refused), refused
-
-    async def _insert(self, rows: list[_Row], refused: dict[_Place, Rejection]) -> set[str]:
-        """One INSERT for ``rows``; when PostgreSQL refuses their data, halves of them
-        until each refused operation is alone (it lands in ``refused``)."""
-        if not rows:
-            return set()
-        columns = [list(column) for column in zip(*(values for _, values in rows), strict=True)]
-        try:
-            async with self.pool.acquire() as conn:
-                stored = await conn.fetch(queries.INSERT_OPERATIONS, *columns)
-        except asyncpg.PostgresError as exc:
-            if (exc.sqlstate or "")[:2] not in _DATA_SQLSTATE_CLASSES:
-                raise
-            if len(rows) == 1:
-                place, values = rows[0]
-                reason = f"cannot be stored: {translate(exc)}"
-                log.warning("ingress.refused_by_store", id=values[0], reason=reason)
-                refused[place] = Rejection("body", reason)
-                return set()
-            half = len(rows) // 2
-            return await self._insert(rows[:half], refused) | await self._insert(
-                rows[half:], refused
-            )
-        return {row[0] for row in stored}
-
-    async def _enqueue(
-        self, tickets: list[_Ticket], created: set[str], refused: dict[_Place, Rejection]
-    ) -> None:
-        """Append the new operations to the work stream; on failure the sweeper re-enqueues."""
-        items, queued = [], set()
-        for t, ticket in enumerate(tickets):
-            for j, (op_id, op) in enumerate(zip(ticket.ids, ticket.ops, strict=True)):
-                if op_id in created and op_id not in queued and (t, j) not in refused:
-                    queued.add(op_id)
-                    items.append(WorkOp(op_id, op))
-        if not items:
+    async def _enqueue(self, ready: list[WorkOp]) -> None:
+        """Put the operations due now on the work streams; on failure the sweeper does."""
+        if not ready:
             return
-        entries = [
-            {"ops": work_encoder.encode(items[i : i + self.chunk])}
-            for i in range(0, len(items), self.chunk)
-        ]
         try:
-            await self.streams.add(self.streams.names.work, entries)
+            await self.streams.add_each(rs.work_entries(self.streams.names, ready, self.chunk))
         except rs.CONNECTION_EXCEPTIONS as exc:
             log.warning(
                 "ingress.enqueue_failed",
                 error=str(exc),
-                operations=len(items),
+                operations=len(ready),
                 next="stored; the sweeper re-enqueues them from PostgreSQL",
             )
 
-    async def _existing(
-        self, tickets: list[_Ticket], created: set[str]
-    ) -> dict[str, tuple[Status, str]]:
-        repeated = [i for t in tickets for i in t.ids if i not in created]
-        if not repeated:
-            return {}
-        async with self.pool.acquire() as conn:
-            rows = await conn.fetch(queries.STATUS_OF, repeated)
-        return {row[0]: (Status(row[2]), row[1]) for row in rows}
+
+def _scope(caller: Caller | None) -> tuple[str | None, str | None]:
+    """(owner, looker): whose operations ``caller`` may see (None: everyone's), and whose
+    come first when several match."""
+    owner = None if caller is None or caller.admin else caller.name
+    looker = caller.name if caller is not None else None
+    return owner, looker
 
 
 def _run_at(op: Operation, now: dt.datetime) -> dt.datetime | None:
@@ -324,13 +291,3 @@ def _run_at(op: Operation, now: dt.datetime) -> dt.datetime | None:
     if op.delay_ms is not None:
         return now + dt.timedelta(milliseconds=op.delay_ms)
     return None
-
-
-# Errors about the values sent, not the server: data exceptions (a NUL in text, a time out
-# of range; asyncpg reports values it cannot encode as these too), integrity violations,
-# program limits. Any other error fails the whole group, as a transient one does.
-_DATA_SQLSTATE_CLASSES = frozenset({"22", "23", "54"})
-
-
-def _count(tickets: list[_Ticket]) -> int:
-    return sum(len(t.ops) for t in tickets)

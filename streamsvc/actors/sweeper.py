@@ -5,9 +5,12 @@
    poison operation ends up alone, and that one is dead-lettered after ``max_deliveries``.
 2. BatchOperations rows still pending that no stream can hold (Redis lost its data, or a
    crash came between the INSERT and the XADD) are re-enqueued from PostgreSQL. A row is
-   stale when it was last touched ``interval_ms`` before the oldest entry still in the
-   work stream (or before now, when the stream is empty): every entry is appended after
-   its rows were written, so an older row cannot be in the stream.
+   stale when it was last touched ``interval_ms`` before the oldest entry still in any
+   work stream (or before now, when they are empty): every entry is appended promptly
+   after its rows were written or touched, so an older row cannot be in a stream. Rows
+   held back (parked behind their key, or waiting for their runAt) are not on a stream by
+   design and are left alone; a key whose turn came while nobody released it (a crash
+   between a cancel and its release) is released.
 Re-enqueueing something a flusher still holds is harmless: flushers apply only pending rows.
 """
 
@@ -15,29 +18,20 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import anyio
-import asyncpg
 import msgspec
 import structlog
 
-from streamsvc import metrics, queries
+from streamsvc import metrics
 from streamsvc.adapters import streams as rs
 from streamsvc.adapters.postgres import translate
-from streamsvc.model import (
-    Operation,
-    Outcome,
-    Status,
-    WorkOp,
-    user_id,
-    work_decoder,
-    work_encoder,
-)
+from streamsvc.model import WorkOp, work_decoder, work_encoder
 from streamsvc.policy import StuckAction, halves, stuck_entry
+from streamsvc.store import Store
 
 log = structlog.get_logger("streamsvc.sweeper")
-
-_body = msgspec.json.Decoder(Operation)
 
 
 @dataclass(slots=True)
@@ -46,13 +40,14 @@ class SweepReport:
     split_entries: int = 0
     dead_lettered: int = 0
     reenqueued_rows: int = 0
+    released_keys: int = 0
 
 
 class Sweeper:
     def __init__(
         self,
         name: str,
-        pool: asyncpg.Pool,
+        store: Store,
         streams: rs.Streams,
         *,
         interval_ms: int,
@@ -62,7 +57,7 @@ class Sweeper:
         page: int = 1000,
     ) -> None:
         self.name = name
-        self.pool = pool
+        self.store = store
         self.streams = streams
         self.interval_ms = interval_ms
         self.claim_idle_ms = claim_idle_ms
@@ -88,20 +83,25 @@ class Sweeper:
     async def sweep(self) -> SweepReport:
         report = SweepReport()
         names = self.streams.names
-        for label in ("inbox", "work", "outcomes", "dead"):
+        for label in ("inbox", "outcomes", "dead"):
             metrics.stream_pending.labels(label).set(
                 await self.streams.length(getattr(names, label))
             )
-        await self._stuck_entries(report)
+        waiting = 0
+        for work in names.work_streams:
+            waiting += await self.streams.length(work)
+            await self._stuck_entries(work, report)
+        metrics.stream_pending.labels("work").set(waiting)
         await self._stale_rows(report)
-        await self.streams.drop_idle_consumers(
-            self.streams.names.work, rs.FLUSHER_GROUP, min_idle_ms=10 * self.claim_idle_ms
-        )
+        await self._stuck_keys(report)
+        for work in names.work_streams:
+            await self.streams.drop_idle_consumers(
+                work, rs.FLUSHER_GROUP, min_idle_ms=10 * self.claim_idle_ms
+            )
         return report
 
     # -- 1. entries a flusher took and never acked -----------------------------------------
-    async def _stuck_entries(self, report: SweepReport) -> None:
-        work = self.streams.names.work
+    async def _stuck_entries(self, work: str, report: SweepReport) -> None:
         idle = await self.streams.idle_pending(
             work, rs.FLUSHER_GROUP, min_idle_ms=self.claim_idle_ms, count=self.page
         )
@@ -118,7 +118,8 @@ class Sweeper:
             try:
                 items = work_decoder.decode(fields[b"ops"])
             except Exception as exc:
-                await self._dead_letter(entry_id, fields, f"undecodable work entry: {exc}", [])
+                reason = f"undecodable work entry: {exc}"
+                await self._dead_letter(work, entry_id, fields, reason, [])
                 report.dead_lettered += 1
                 continue
             action = stuck_entry(
@@ -126,7 +127,7 @@ class Sweeper:
             )
             if action is StuckAction.DEAD_LETTER:
                 reason = f"dead-lettered after {deliveries} deliveries without an ack"
-                await self._dead_letter(entry_id, fields, reason, items)
+                await self._dead_letter(work, entry_id, fields, reason, items)
                 report.dead_lettered += len(items)
                 continue
             parts = [items]
@@ -135,8 +136,7 @@ class Sweeper:
                 parts = [items[:first], items[first:]]
                 report.split_entries += 1
             entries = [{"ops": work_encoder.encode(p), "d": deliveries} for p in parts]
-            async with self.pool.acquire() as conn:
-                await conn.execute(queries.TOUCH_PENDING, [i.id for i in items])
+            await self.store.touch_pending([i.id for i in items])
             await self.streams.ack_with(work, rs.FLUSHER_GROUP, [entry_id], work, entries)
             report.reenqueued_entries += 1
             log.info(
@@ -148,27 +148,28 @@ class Sweeper:
             )
 
     async def _dead_letter(
-        self, entry_id: bytes, fields: dict[bytes, bytes], reason: str, items: list[WorkOp]
+        self,
+        work: str,
+        entry_id: bytes,
+        fields: dict[bytes, bytes],
+        reason: str,
+        items: list[WorkOp],
     ) -> None:
         """FAIL the entry's pending operations, report them, and park the entry."""
         names = self.streams.names
-        outcomes: list[Outcome] = []
+        adds: list[tuple[str, dict[Any, Any]]] = []
         if items:
-            async with self.pool.acquire() as conn:
-                rows = await conn.fetch(queries.FAIL_PENDING, [i.id for i in items], reason)
-            users = {i.id: user_id(i.op) for i in items}
-            outcomes = [
-                Outcome(op_id, op_type, Status.FAIL, reason, attempts, None, meta, users.get(op_id))
-                for op_id, op_type, attempts, meta in rows
-            ]
-        if outcomes:
-            await self.streams.add(names.outcomes, [{"o": work_encoder.encode(outcomes)}])
+            ended = await self.store.fail_pending([i.id for i in items], reason)
+            if ended.outcomes:
+                adds.append((names.outcomes, {"o": work_encoder.encode(ended.outcomes)}))
+            adds.extend(rs.work_entries(names, ended.released, self.chunk))
         dead = {
             "entry": entry_id,
             "ops": msgspec.json.encode(items) if items else fields.get(b"ops", b""),
             "reason": reason,
         }
-        await self.streams.ack_with(names.work, rs.FLUSHER_GROUP, [entry_id], names.dead, [dead])
+        adds.append((names.dead, dead))
+        await self.streams.ack_adding(rs.FLUSHER_GROUP, {work: [entry_id]}, adds)
         metrics.dead_lettered.inc(max(1, len(items)))
         log.warning(
             "sweep.dead_lettered", entry=entry_id.decode(), reason=reason, operations=len(items)
@@ -176,24 +177,25 @@ class Sweeper:
 
     # -- 2. pending rows no stream holds --------------------------------------------------
     async def _stale_rows(self, report: SweepReport) -> None:
-        work = self.streams.names.work
+        names = self.streams.names
         now_ms = await self.streams.now_ms()
-        oldest = await self.streams.oldest_ms(work)
-        horizon_ms = min(now_ms, oldest if oldest is not None else now_ms) - self.interval_ms
+        oldest = [await self.streams.oldest_ms(work) for work in names.work_streams]
+        horizon_ms = min([now_ms, *(ms for ms in oldest if ms is not None)]) - self.interval_ms
         cutoff = dt.datetime.fromtimestamp(horizon_ms / 1000, dt.UTC)
         while True:
-            async with self.pool.acquire() as conn:
-                rows = await conn.fetch(queries.CLAIM_STALE, cutoff, self.page)
-            if not rows:
+            items = await self.store.stale(cutoff, self.page)
+            if not items:
                 return
-            items = [WorkOp(op_id, _body.decode(body)) for op_id, body in rows]
-            entries = [
-                {"ops": work_encoder.encode(items[i : i + self.chunk])}
-                for i in range(0, len(items), self.chunk)
-            ]
-            await self.streams.add(work, entries)
+            await self.streams.add_each(rs.work_entries(names, items, self.chunk))
             report.reenqueued_rows += len(items)
             metrics.reenqueued.inc(len(items))
             log.info("sweep.rows_reenqueued", operations=len(items))
-            if len(rows) < self.page:
+            if len(items) < self.page:
                 return
+
+    async def _stuck_keys(self, report: SweepReport) -> None:
+        released = await self.store.release_stuck(self.page)
+        if released:
+            await self.streams.add_each(rs.work_entries(self.streams.names, released, self.chunk))
+            report.released_keys += len(released)
+            log.info("sweep.keys_released", operations=len(released))

@@ -14,11 +14,14 @@ notification: PostgreSQL keeps the operation's status.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 import redis.exceptions
+
+from streamsvc.model import WorkOp, work_encoder
 
 CONNECTION_EXCEPTIONS: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError,
@@ -27,6 +30,7 @@ CONNECTION_EXCEPTIONS: tuple[type[BaseException], ...] = (
 )
 
 Entry = tuple[bytes, dict[bytes, bytes]]
+Taken = tuple[str, Entry]  # an entry and the stream it was taken from
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +53,18 @@ class Names:
 
     @property
     def work(self) -> str:
+        """The work stream of priority 0 (see ``work_of``)."""
         return f"{self.prefix}:work"
+
+    def work_of(self, priority: int) -> str:
+        """The work stream of one priority band: ``<prefix>:work`` for 0, ``<prefix>:work:N``
+        for 1 to 9."""
+        return self.work if priority == 0 else f"{self.prefix}:work:{priority}"
+
+    @property
+    def work_streams(self) -> tuple[str, ...]:
+        """Every band's work stream, highest priority first."""
+        return tuple(self.work_of(p) for p in PRIORITIES)
 
     @property
     def outcomes(self) -> str:
@@ -61,9 +76,26 @@ class Names:
         return frozenset((self.rejects, self.dead, self.outcomes))
 
 
+PRIORITIES = tuple(range(9, -1, -1))  # 9 (first) down to 0
+
 INGRESS_GROUP = "ingress"
 FLUSHER_GROUP = "flushers"
 NOTIFIER_GROUP = "notifier"
+
+
+def work_entries(
+    names: Names, items: Sequence[WorkOp], chunk: int
+) -> list[tuple[str, dict[Any, Any]]]:
+    """``items`` as work-stream entries of at most ``chunk`` operations each, every one on
+    its priority band's stream, in their order within a band."""
+    bands: dict[int, list[WorkOp]] = {}
+    for item in items:
+        bands.setdefault(item.op.priority, []).append(item)
+    return [
+        (names.work_of(priority), {"ops": work_encoder.encode(band[i : i + chunk])})
+        for priority, band in bands.items()
+        for i in range(0, len(band), chunk)
+    ]
 
 
 def connect(url: str) -> aioredis.Redis:
@@ -80,6 +112,7 @@ class Streams:
         self.names = names
         self.maxlen = maxlen
         self._capped = names.capped
+        self._take = self.redis.register_script(_TAKE)
 
     def _xadd(self, pipe: Any, stream: str, fields: dict[Any, Any]) -> None:
         if stream in self._capped:
@@ -143,13 +176,75 @@ class Streams:
         self, stream: str, group: str, ids: list[bytes], then: str, entries: list[dict[Any, Any]]
     ) -> None:
         """Atomically add ``entries`` to ``then`` and ack (and delete) ``ids``."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for fields in entries:
-                self._xadd(pipe, then, fields)
-            if ids:
-                pipe.xack(stream, group, *ids)
-                pipe.xdel(stream, *ids)
+        await self.ack_adding(group, {stream: ids}, [(then, fields) for fields in entries])
+
+    async def add_each(self, entries: Sequence[tuple[str, dict[Any, Any]]]) -> None:
+        """Add each entry to its stream, in one round trip."""
+        if not entries:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, fields in entries:
+                self._xadd(pipe, stream, fields)
             await pipe.execute()
+
+    async def ack_adding(
+        self,
+        group: str,
+        acks: dict[str, list[bytes]],
+        adds: Sequence[tuple[str, dict[Any, Any]]],
+    ) -> None:
+        """Atomically add each of ``adds`` to its stream and ack (and delete) ``acks``'
+        entries of each stream."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for stream, fields in adds:
+                self._xadd(pipe, stream, fields)
+            for stream, ids in acks.items():
+                if ids:
+                    pipe.xack(stream, group, *ids)
+                    pipe.xdel(stream, *ids)
+            await pipe.execute()
+
+    async def take(
+        self, streams: Sequence[str], group: str, consumer: str, *, count: int
+    ) -> list[Taken]:
+        """Up to ``count`` new entries for ``consumer``, from ``streams`` in that order (the
+        next stream only when one has too few), in one round trip; a group Redis lost is
+        made again, and the streams read once more."""
+        for _ in range(2):
+            reply = await self._take(keys=list(streams), args=[group, consumer, count])
+            lost = [stream.decode() for stream, entries in reply if entries == b"NOGROUP"]
+            for name in lost:
+                await self.ensure_group(name, group)
+            taken = [
+                (stream.decode(), (entry_id, _fields(flat)))
+                for stream, entries in reply
+                if entries != b"NOGROUP"
+                for entry_id, flat in entries
+            ]
+            if taken or not lost:
+                return taken
+        return []
+
+    async def wait(
+        self, streams: Sequence[str], group: str, consumer: str, *, count: int, block_ms: int
+    ) -> list[Taken]:
+        """Block until any of ``streams`` has new entries (at most ``block_ms``); those
+        that came, taken for ``consumer`` (up to ``count`` from each stream)."""
+        try:
+            reply = await self.redis.xreadgroup(
+                group, consumer, {s: ">" for s in streams}, count=count, block=block_ms
+            )
+        except redis.exceptions.ResponseError as exc:
+            if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
+                raise
+            for stream in streams:
+                await self.ensure_group(stream, group)
+            return []
+        return [
+            (stream.decode(), (eid, fields or {}))
+            for stream, entries in reply or []
+            for eid, fields in entries
+        ]
 
     async def idle_pending(
         self, stream: str, group: str, *, min_idle_ms: int, count: int
@@ -219,3 +314,32 @@ class Streams:
                 await self.redis.xgroup_delconsumer(stream, group, c["name"])
                 dropped += 1
         return dropped
+
+
+def _fields(flat: list[bytes]) -> dict[bytes, bytes]:
+    """An entry's fields from a script's flat [name, value, ...] reply."""
+    return dict(zip(flat[0::2], flat[1::2], strict=True))
+
+
+# Read new entries for one consumer from the streams in KEYS, in order, until ARGV[3] are
+# taken: XREADGROUP without BLOCK inside a script, so the streams are tried in one round
+# trip and nothing is taken from a later stream while an earlier one had enough. A stream
+# whose group is gone answers NOGROUP in place of its entries.
+_TAKE = """
+local left = tonumber(ARGV[3])
+local reply = {}
+for _, key in ipairs(KEYS) do
+    if left <= 0 then break end
+    local ok, read = pcall(redis.call, 'XREADGROUP', 'GROUP', ARGV[1], ARGV[2],
+                           'COUNT', left, 'STREAMS', key, '>')
+    if not ok then
+        table.insert(reply, {key, 'NOGROUP'})
+    elseif read and read[1] then
+        -- Redis answers {{stream, entries}}; fakeredis, which unit tests run, {stream, entries}
+        local entries = type(read[1]) == 'table' and read[1][2] or read[2]
+        left = left - #entries
+        table.insert(reply, {key, entries})
+    end
+end
+return reply
+"""

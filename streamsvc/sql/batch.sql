@@ -6,7 +6,9 @@
 -- a caller's statement earlier in the batch cannot make "BatchOperations" unresolvable.
 
 -- Claim the batch's rows still pending, marking them SUCCESS: the effects and this mark
--- commit together (the refused are marked FAIL before the commit). A row another flusher
+-- commit together (the refused are marked FAIL before the commit). Only rows that may be
+-- applied now: not parked behind their key's earlier operations, not held for a runAt
+-- still ahead. A row another flusher
 -- is finishing is waited for, then skipped as no longer pending. `id = ANY(ids)` finds the
 -- rows by primary key (joined to an unnest alone, a batch of 1,000 is planned as a hash
 -- join over a scan of the whole table). That wait is a lock wait, as the table locks'
@@ -21,6 +23,8 @@ BEGIN
     SET status = 'SUCCESS', error = NULL, attempts = b.attempts + 1, batch_id = batch,
         processed_at = clock_timestamp(), updated_at = now()
     WHERE b.id = ANY(ids) AND b.status IN ('UNPROCESSED', 'PROCESSING')
+      AND NOT b.parked AND b.wake_at IS NULL
+      AND (b.run_at IS NULL OR b.run_at <= clock_timestamp())
     RETURNING b.id::text, b.attempts;
 EXCEPTION WHEN query_canceled THEN
     RAISE EXCEPTION 'waiting for the batch''s rows: %', SQLERRM

@@ -66,7 +66,12 @@ async def test_migrate_creates_only_its_own_tables_and_is_safe_to_rerun(
         }
     finally:
         await conn.close()
-    assert tables == {"BatchOperations", "streamsvc_migrations", "streamsvc_api_keys"}
+    assert tables == {
+        "BatchOperations",
+        "streamsvc_migrations",
+        "streamsvc_api_keys",
+        "streamsvc_schedule_ticks",
+    }
 
 
 async def test_run_refuses_an_unmigrated_database(empty_database: str, tmp_path: Path) -> None:

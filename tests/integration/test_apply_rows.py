@@ -15,10 +15,10 @@ import asyncpg
 import msgspec
 import pytest
 
-from streamsvc import queries
 from streamsvc.adapters import caller_role, postgres
 from streamsvc.allowlist import AllowList
 from streamsvc.sqlbuild import COUNT_ROWS
+from streamsvc.store.queries import QUERIES
 from tests.conftest import PG
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -66,7 +66,7 @@ async def apply_groups(
     """The statements applied in one call, neither claiming nor marking: each refused row
     as (statement index, position, SQLSTATE, message)."""
     reply = await db.fetch(
-        queries.APPLY_BATCH,
+        QUERIES["apply_batch"],
         None,
         None,
         tables,
@@ -224,7 +224,7 @@ async def test_a_batch_in_one_call_claims_applies_and_marks_the_refused(
     batch = str(uuid.uuid4())
     async with db.transaction():
         reply = await db.fetch(
-            queries.APPLY_BATCH,
+            QUERIES["apply_batch"],
             ids,
             batch,
             ["items"],
@@ -260,7 +260,7 @@ async def test_a_batch_whose_rows_finished_earlier_applies_nothing_in_its_first_
     await db.execute("""UPDATE "BatchOperations" SET status = 'SUCCESS' WHERE id = $1""", ids[1])
     async with db.transaction():
         reply = await db.fetch(
-            queries.APPLY_BATCH,
+            QUERIES["apply_batch"],
             ids,
             str(uuid.uuid4()),
             ["items"],
@@ -298,7 +298,7 @@ async def test_each_refused_statement_is_found_and_every_other_applied(
     await db.execute("SET track_functions = 'pl'")
     async with db.transaction():
         refused = await db.fetch(
-            queries.APPLY_BATCH, None, None, [], [EACH], [text(params)], [True], None, [], []
+            QUERIES["apply_batch"], None, None, [], [EACH], [text(params)], [True], None, [], []
         )
         probes = await db.fetchval(
             "SELECT calls FROM pg_stat_xact_user_functions "
@@ -331,7 +331,7 @@ async def test_a_statement_group_is_prepared_once_and_leaves_nothing_prepared(
     updated = [[str(i), str(i + 1)] for i in range(1, 7)]
     async with db.transaction():
         refused = await db.fetch(
-            queries.APPLY_BATCH,
+            QUERIES["apply_batch"],
             None,
             None,
             [],
@@ -360,10 +360,19 @@ async def test_a_statement_a_timeout_left_prepared_goes_with_the_cleanup(
         async with db.transaction():
             await db.execute("SET LOCAL statement_timeout = '300ms'")
             await db.fetch(
-                queries.APPLY_BATCH, None, None, [], [sleepy], [text(params)], [True], None, [], []
+                QUERIES["apply_batch"],
+                None,
+                None,
+                [],
+                [sleepy],
+                [text(params)],
+                [True],
+                None,
+                [],
+                [],
             )
     assert await db.fetchval(PREPARED) == 1
-    await db.execute(queries.CLEAN_SESSION)
+    await db.execute(QUERIES["clean_session"])
     assert await db.fetchval(PREPARED) == 0
     assert await stored(db) == []
 
@@ -385,7 +394,7 @@ async def test_a_timeout_while_waiting_for_the_table_locks_is_a_lock_wait(
                     await db.execute("SET LOCAL statement_timeout = '200ms'")
                     await db.execute("SET LOCAL lock_timeout = 0")
                     await db.fetch(
-                        queries.APPLY_BATCH,
+                        QUERIES["apply_batch"],
                         None,
                         None,
                         ["public.items"],
@@ -428,7 +437,7 @@ async def test_a_row_lock_that_runs_out_ends_the_call_and_refuses_nothing(
                 async with db.transaction():
                     await db.execute("SET LOCAL lock_timeout = '100ms'")
                     await db.fetch(
-                        queries.APPLY_BATCH,
+                        QUERIES["apply_batch"],
                         None,
                         None,
                         [],
@@ -441,4 +450,4 @@ async def test_a_row_lock_that_runs_out_ends_the_call_and_refuses_nothing(
                     )
     finally:
         await holder.close()
-    await db.execute(queries.CLEAN_SESSION)
+    await db.execute(QUERIES["clean_session"])

@@ -366,7 +366,7 @@ async def test_a_slow_statement_fails_alone_and_the_batch_waiting_for_its_table_
         slow = await service.streams.read(work, rs.FLUSHER_GROUP, a.name, count=1, block_ms=None)
         waiting = await service.streams.read(work, rs.FLUSHER_GROUP, b.name, count=1, block_ms=None)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(a.handle, slow)
+            tg.start_soon(a.handle, [(work, e) for e in slow])
 
             async def table_locked() -> bool:
                 return bool(
@@ -376,7 +376,7 @@ async def test_a_slow_statement_fails_alone_and_the_batch_waiting_for_its_table_
                 )
 
             await eventually(table_locked, every=0.005)
-            tg.start_soon(b.handle, waiting)
+            tg.start_soon(b.handle, [(work, e) for e in waiting])
     rows = await conn.fetch(
         """SELECT body->'params'->>0 AS name, status, error, attempts FROM "BatchOperations"
            ORDER BY name"""

@@ -193,7 +193,7 @@ async def test_an_operation_that_kills_its_flusher_is_cornered_and_dead_lettered
             )
             for entry in entries:
                 if poison.id.encode() not in entry[1][b"ops"]:
-                    await flusher.handle([entry])  # the flusher survives these
+                    await flusher.handle([(names.work, entry)])  # the flusher survives these
             await anyio.sleep(0.005)
             await service.sweeper.sweep()
             if not await service.streams.length(names.work):
@@ -229,8 +229,8 @@ async def test_two_flushers_holding_the_same_entries_apply_them_once(
         )
         assert len(claimed) == len(entries) == 3
         async with anyio.create_task_group() as tg:
-            tg.start_soon(a.handle, entries)
-            tg.start_soon(b.handle, claimed)
+            tg.start_soon(a.handle, [(names.work, e) for e in entries])
+            tg.start_soon(b.handle, [(names.work, e) for e in claimed])
         outcomes = await service.streams.redis.xrange(names.outcomes)
     await workload.verify(conn, w)
     assert await statuses(conn) == workload.expected_statuses(w)
@@ -264,8 +264,8 @@ async def test_concurrent_batches_on_hot_rows_do_not_deadlock(
         async with service.pool.acquire(), service.pool.acquire():
             pass  # two warm connections, so neither flusher waits for a connect
         async with anyio.create_task_group() as tg:  # opposite lock orders, at the same time
-            tg.start_soon(a.handle, first)
-            tg.start_soon(b.handle, second)
+            tg.start_soon(a.handle, [(work, e) for e in first])
+            tg.start_soon(b.handle, [(work, e) for e in second])
     assert await conn.fetchval("SELECT sum(value) FROM counters WHERE name LIKE 'h%'") == 80
     attempts = {r[0] for r in await conn.fetch('SELECT attempts FROM "BatchOperations"')}
     assert attempts == {1}, "no batch had to be retried after a deadlock"

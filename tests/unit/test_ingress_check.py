@@ -28,7 +28,7 @@ def statement(n: int) -> Operation:
 
 
 def ingress() -> Ingress:
-    return Ingress(None, None, catalog(), chunk=100)  # type: ignore[arg-type]  # no I/O here
+    return Ingress(None, None, None, catalog(), chunk=100)  # type: ignore[arg-type]  # no I/O here
 
 
 async def test_a_new_statement_is_checked_while_the_event_loop_goes_on(

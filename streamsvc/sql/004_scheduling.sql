@@ -1,0 +1,121 @@
+-- Scheduling, cancelling and per-key ordering (docs/scheduling.md says how they work).
+
+-- CANCELLED: final, cancelled before it was applied.
+ALTER TABLE "BatchOperations" DROP CONSTRAINT "BatchOperations_status_check";
+ALTER TABLE "BatchOperations" ADD CONSTRAINT "BatchOperations_status_check"
+    CHECK (status IN ('UNPROCESSED', 'PROCESSING', 'SUCCESS', 'FAIL', 'CANCELLED'));
+
+-- A pending operation is on a work stream unless one of these holds it back:
+-- - wake_at: its runAt is still ahead; a scheduler puts it on a work stream then.
+-- - parked: an earlier operation with its orderingKey has not finished; the transaction
+--   that finishes that one takes this one out (streamsvc_release_keys).
+-- key_seq orders the operations of one orderingKey as they were stored.
+ALTER TABLE "BatchOperations"
+    ADD COLUMN wake_at timestamptz,
+    ADD COLUMN parked  boolean NOT NULL DEFAULT false,
+    ADD COLUMN key_seq bigint;
+
+CREATE SEQUENCE "BatchOperations_key_seq";
+
+-- What is due next; finished and released rows leave this index.
+CREATE INDEX "BatchOperations_wake_idx" ON "BatchOperations" (wake_at)
+    WHERE wake_at IS NOT NULL;
+
+-- The pending operations of a key, in their order.
+CREATE INDEX "BatchOperations_key_idx" ON "BatchOperations" (ordering_key, key_seq)
+    WHERE ordering_key IS NOT NULL AND status IN ('UNPROCESSED', 'PROCESSING');
+
+-- The sweeper looks for pending rows that should be on a stream and were not touched for
+-- a while: held-back rows are not among them.
+DROP INDEX "BatchOperations_pending_idx";
+CREATE INDEX "BatchOperations_pending_idx" ON "BatchOperations" (updated_at)
+    WHERE status IN ('UNPROCESSED', 'PROCESSING') AND wake_at IS NULL AND NOT parked;
+
+-- The last tick of each recurring operation (STREAMSVC_SCHEDULES) that was submitted.
+CREATE TABLE streamsvc_schedule_ticks (
+    name       text PRIMARY KEY,
+    last_tick  timestamptz NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- The head of each of `keys` (its earliest pending operation), when parked, is taken out:
+-- held for its runAt when that is ahead, else returned (id, body) to be put on a work
+-- stream. Every
+-- transaction that stores or finishes operations with a key calls this after, so a key's
+-- head is never parked and the rest of its pending operations always are. The key locks,
+-- taken in one order, make storing and finishing one key's operations take turns: a
+-- transaction that parks an operation behind a head commits before the head's finisher
+-- looks for the next one, or after it (and then sees no pending head, and stores its own
+-- first operation as the head).
+CREATE FUNCTION streamsvc_release_keys(keys text[])
+RETURNS TABLE (id text, body text)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    k text;
+BEGIN
+    FOR k IN SELECT DISTINCT u.k FROM unnest(keys) AS u(k) WHERE u.k IS NOT NULL ORDER BY 1
+    LOOP
+        PERFORM pg_advisory_xact_lock(1398035021, hashtext(k));
+    END LOOP;
+    RETURN QUERY
+    WITH heads AS (
+        SELECT DISTINCT ON (b.ordering_key) b.id, b.parked
+        FROM "BatchOperations" AS b
+        WHERE b.ordering_key = ANY(keys) AND b.status IN ('UNPROCESSED', 'PROCESSING')
+        ORDER BY b.ordering_key, b.key_seq
+    ), released AS (
+        UPDATE "BatchOperations" AS b
+        SET parked = false, updated_at = now(),
+            wake_at = CASE WHEN b.run_at > clock_timestamp() THEN b.run_at END
+        FROM heads
+        WHERE b.id = heads.id AND heads.parked
+          AND b.parked AND b.status IN ('UNPROCESSED', 'PROCESSING')
+        RETURNING b.id, b.wake_at, b.body
+    )
+    SELECT r.id::text, r.body::text FROM released AS r WHERE r.wake_at IS NULL;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION streamsvc_release_keys(text[]) FROM PUBLIC;
+
+-- Store operations (as many as a group commit holds): new ids come back as (id, true,
+-- ready), ready when the operation goes on a work stream now (neither held for its runAt
+-- nor parked behind its key's earlier operations). An id seen before is left as it is. A
+-- key's first operation is stored parked, then released as every key's head is (rows
+-- (id, false, true, body)).
+CREATE FUNCTION streamsvc_intake(
+    ids uuid[], types text[], bodies text[], priorities smallint[], run_ats timestamptz[],
+    keys text[], sources text[], submitters text[])
+RETURNS TABLE (id text, created boolean, ready boolean, body text)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    k text;
+    keyed boolean := false;
+BEGIN
+    FOR k IN SELECT DISTINCT u.k FROM unnest(keys) AS u(k) WHERE u.k IS NOT NULL ORDER BY 1
+    LOOP
+        PERFORM pg_advisory_xact_lock(1398035021, hashtext(k));
+        keyed := true;
+    END LOOP;
+    RETURN QUERY
+    INSERT INTO "BatchOperations" AS b (
+        id, operation_type, body, priority, run_at, ordering_key, source, submitted_by,
+        parked, key_seq, wake_at)
+    SELECT u.id, u.operation_type, u.body::jsonb, u.priority, u.run_at, u.ordering_key,
+           u.source, u.submitted_by, u.ordering_key IS NOT NULL,
+           CASE WHEN u.ordering_key IS NOT NULL THEN nextval('"BatchOperations_key_seq"') END,
+           CASE WHEN u.ordering_key IS NULL AND u.run_at > clock_timestamp() THEN u.run_at END
+    FROM unnest(ids, types, bodies, priorities, run_ats, keys, sources, submitters)
+         WITH ORDINALITY
+         AS u(id, operation_type, body, priority, run_at, ordering_key, source, submitted_by, n)
+    ORDER BY u.n
+    ON CONFLICT ON CONSTRAINT "BatchOperations_pkey" DO NOTHING
+    RETURNING b.id::text, true, NOT b.parked AND b.wake_at IS NULL, NULL::text;
+    IF keyed THEN
+        RETURN QUERY SELECT r.id, false, true, r.body FROM streamsvc_release_keys(keys) AS r;
+    END IF;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION streamsvc_intake(
+    uuid[], text[], text[], smallint[], timestamptz[], text[], text[], text[]) FROM PUBLIC;

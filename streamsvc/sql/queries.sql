@@ -1,0 +1,193 @@
+-- Every statement the service runs on "BatchOperations" and its own tables, by name.
+-- streamsvc.store.queries reads this file: a query is the text between its `-- name:`
+-- line and the next one; the comment lines under the name say what it does.
+
+-- name: intake
+-- Store a group commit's operations (sql/004_scheduling.sql, streamsvc_intake).
+SELECT id, created, ready, body
+FROM streamsvc_intake($1::uuid[], $2::text[], $3::text[], $4::int2[], $5::timestamptz[],
+                      $6::text[], $7::text[], $8::text[])
+
+-- name: states
+-- Where operations stand, by id.
+SELECT id::text AS id, operation_type, status, error, attempts, batch_id::text AS batch_id
+FROM "BatchOperations" WHERE id = ANY($1::uuid[])
+
+-- name: get_operation
+-- One operation by its id or its caller's userOperationId, seen by $2 (NULL: by anyone);
+-- an id match first, then the looker's own ($3), then the oldest.
+SELECT id::text AS id, operation_type, status, error, attempts, priority, source,
+       batch_id::text AS batch_id, run_at, ordering_key, created_at, updated_at, processed_at,
+       body::text AS body
+FROM "BatchOperations"
+WHERE (id = $1::uuid OR user_operation_id = $1::uuid)
+  AND ($2::text IS NULL OR submitted_by = $2::text)
+ORDER BY id = $1::uuid DESC, submitted_by = $3::text DESC, created_at
+LIMIT 1
+
+-- name: apply_batch
+-- A batch's statements, their refused rows searched out inside PostgreSQL, in one round
+-- trip (sql/apply_rows.sql, sql/batch.sql): the table locks first (an empty list when
+-- taken already), then each statement over its rows (a JSON array in text), as the caller
+-- role: a multi-row statement over all its rows, or (each: true) a caller's statement once
+-- per row, a row holding its parameters. The rows a statement accepts are applied; each
+-- refused one returns with its statement's index, its position, SQLSTATE and message. A
+-- batch's first call also claims its rows (claim ids, else NULL) and stops when any could
+-- not be claimed; its last call also marks the refused FAIL (each statement's operation
+-- ids, comma-separated, else NULL; and the ids and errors refused earlier in the batch).
+-- Arguments: claim ids, batch id, tables, statements, rows, each, mark ids, failed ids,
+-- failed errors.
+SELECT op_id, attempts, group_index, row_position, error_state, error_message
+FROM pg_temp.streamsvc_apply_batch($1::uuid[], $2::uuid, $3::text[], $4::text[], $5::text[],
+                                   $6::boolean[], $7::text[], $8::uuid[], $9::text[])
+
+-- name: lock_tables
+-- Batches writing the same table apply one after the other (sql/apply_rows.sql):
+-- `tables` sorted.
+SELECT pg_temp.streamsvc_lock_tables($1::text[])
+
+-- name: mark_failed
+-- The refused among a batch's claimed rows, marked FAIL before its commit.
+SELECT pg_temp.streamsvc_mark_failed($1::uuid[], $2::text[])
+
+-- name: claim_batch
+-- Claim a batch's pending rows, marking them SUCCESS (sql/batch.sql).
+SELECT op_id, attempts FROM pg_temp.streamsvc_claim($1::uuid[], $2::uuid)
+
+-- name: release_keys
+-- The heads of these orderingKeys that were parked, taken out; those due now come back
+-- to be put on a work stream (sql/004_scheduling.sql).
+SELECT id, body FROM streamsvc_release_keys($1::text[])
+
+-- name: clean_session
+-- After a batch that ran callers' statements: what they may have left on the session for
+-- the next user of the connection (settings changed with set_config(..., false), session
+-- advisory locks, a statement prepared for them that a timeout left behind). RESET ALL
+-- returns every setting to the connection's start-up value.
+RESET ALL; SELECT pg_advisory_unlock_all(), pg_temp.streamsvc_forget_statement()
+
+-- name: not_claimed
+-- The rows of a batch its claim left alone: finished ones, to report again; pending ones
+-- are held back (parked, or not due) and are not on a stream any more. A row whose runAt
+-- is still ahead (put on a stream early, as a clock ahead of the database's can) goes
+-- back to waiting for it.
+WITH rearmed AS (
+    UPDATE "BatchOperations" SET wake_at = run_at, updated_at = now()
+    WHERE id = ANY($1::uuid[]) AND status IN ('UNPROCESSED', 'PROCESSING')
+      AND NOT parked AND wake_at IS NULL AND run_at > clock_timestamp()
+    RETURNING id
+)
+SELECT id::text AS id, operation_type, status, error, attempts, batch_id::text AS batch_id
+FROM "BatchOperations"
+WHERE id = ANY($1::uuid[]) AND status IN ('SUCCESS', 'FAIL', 'CANCELLED')
+
+-- name: count_attempt
+-- Count a transient failure on rows still pending; they stay on their stream to be
+-- tried again.
+UPDATE "BatchOperations"
+SET status = 'PROCESSING', attempts = attempts + 1, error = $2, updated_at = now()
+WHERE id = ANY($1::uuid[]) AND status IN ('UNPROCESSED', 'PROCESSING')
+
+-- name: touch_pending
+-- Mark pending rows as just put on a stream again (keeps the sweeper's staleness rule
+-- true).
+UPDATE "BatchOperations" SET updated_at = now()
+WHERE id = ANY($1::uuid[]) AND status IN ('UNPROCESSED', 'PROCESSING')
+
+-- name: fail_pending
+-- End rows still pending as FAIL (retries exhausted, or dead-lettered); not those held
+-- back (parked, or waiting for their runAt), which no batch held.
+UPDATE "BatchOperations"
+SET status = 'FAIL', error = $2, processed_at = clock_timestamp(), updated_at = now()
+WHERE id = ANY($1::uuid[]) AND status IN ('UNPROCESSED', 'PROCESSING')
+  AND NOT parked AND wake_at IS NULL
+RETURNING id::text AS id, operation_type, attempts, body -> 'meta' AS meta, ordering_key,
+          (body ->> 'userOperationId') AS user_operation_id
+
+-- name: stale
+-- Pending rows that should be on a stream and were untouched since before $1: touched
+-- and handed back to be put on one again.
+UPDATE "BatchOperations" SET updated_at = now()
+WHERE id IN (
+    SELECT id FROM "BatchOperations"
+    WHERE status IN ('UNPROCESSED', 'PROCESSING') AND wake_at IS NULL AND NOT parked
+      AND updated_at < $1
+    ORDER BY updated_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING id::text AS id, body::text AS body
+
+-- name: due
+-- Operations whose runAt comes within $1 seconds, taken by one scheduler (SKIP LOCKED:
+-- another takes others): no longer held, touched (as put on a stream), with the seconds
+-- left until each is due by the database's clock.
+UPDATE "BatchOperations" AS b SET wake_at = NULL, updated_at = now()
+FROM (
+    SELECT id FROM "BatchOperations"
+    WHERE wake_at <= clock_timestamp() + make_interval(secs => $1)
+    ORDER BY wake_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+) AS due
+WHERE b.id = due.id
+RETURNING b.id::text AS id, b.body::text AS body,
+          greatest(0, extract(epoch FROM b.run_at - clock_timestamp()))::float8 AS wait_s
+
+-- name: hold_again
+-- Operations a scheduler took and will not put on a stream (it is stopping): held for
+-- their runAt again.
+UPDATE "BatchOperations" SET wake_at = run_at
+WHERE id = ANY($1::uuid[]) AND status IN ('UNPROCESSED', 'PROCESSING')
+  AND wake_at IS NULL AND NOT parked AND run_at IS NOT NULL
+
+-- name: find
+-- The operation a caller names (by id or userOperationId, seen by $2), as get_operation.
+SELECT id::text AS id, ordering_key
+FROM "BatchOperations"
+WHERE (id = $1::uuid OR user_operation_id = $1::uuid)
+  AND ($2::text IS NULL OR submitted_by = $2::text)
+ORDER BY id = $1::uuid DESC, submitted_by = $3::text DESC, created_at
+LIMIT 1
+
+-- name: stuck_keys
+-- Keys whose earliest pending operation is parked: its turn came and nobody released it
+-- (a crash between a cancel and the release after it). At most $1.
+SELECT ordering_key FROM (
+    SELECT DISTINCT ON (ordering_key) ordering_key, parked FROM "BatchOperations"
+    WHERE ordering_key IS NOT NULL AND status IN ('UNPROCESSED', 'PROCESSING')
+    ORDER BY ordering_key, key_seq
+) AS heads
+WHERE parked
+LIMIT $1
+
+-- name: cancel
+-- Cancel one operation that has not been applied.
+UPDATE "BatchOperations"
+SET status = 'CANCELLED', processed_at = clock_timestamp(), updated_at = now(),
+    wake_at = NULL, parked = false
+WHERE id = $1::uuid AND status IN ('UNPROCESSED', 'PROCESSING')
+RETURNING id::text AS id, operation_type, attempts, body -> 'meta' AS meta, ordering_key,
+          (body ->> 'userOperationId') AS user_operation_id
+
+-- name: status_counts
+SELECT status, count(*) AS count FROM "BatchOperations" GROUP BY status
+
+-- name: recent_failures
+SELECT id::text AS id, operation_type, error, processed_at FROM "BatchOperations"
+WHERE status = 'FAIL' ORDER BY processed_at DESC NULLS LAST LIMIT $1
+
+-- name: finished_since
+SELECT count(*) FROM "BatchOperations"
+WHERE processed_at >= now() - make_interval(secs => $1)
+  AND status IN ('SUCCESS', 'FAIL', 'CANCELLED')
+
+-- name: last_ticks
+-- The last tick of every recurring operation that was submitted.
+SELECT name, last_tick FROM streamsvc_schedule_ticks
+
+-- name: record_tick
+-- A recurring operation's tick was submitted (ticks only move forward).
+INSERT INTO streamsvc_schedule_ticks AS t (name, last_tick) VALUES ($1, $2)
+ON CONFLICT (name) DO UPDATE
+SET last_tick = greatest(t.last_tick, excluded.last_tick), updated_at = now()

@@ -1,0 +1,96 @@
+"""The store: every statement about BatchOperations, behind methods named for what they do.
+
+The actors never hold SQL or a connection: they call a ``Store``. ``PgStore``
+(streamsvc.store.postgres) is the real one, its statements named in sql/queries.sql;
+``MemoryStore`` (streamsvc.store.memory) keeps the same promises in memory, for unit
+tests of the actors without servers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from typing import Protocol
+
+from streamsvc.model import OperationView, WorkOp
+from streamsvc.store.records import (
+    Applied,
+    Cancelled,
+    Due,
+    Ended,
+    Intake,
+    NewOperation,
+    State,
+    Summary,
+)
+
+__all__ = [
+    "Applied",
+    "Cancelled",
+    "Due",
+    "Ended",
+    "Intake",
+    "NewOperation",
+    "State",
+    "Store",
+    "Summary",
+]
+
+
+class Store(Protocol):
+    async def intake(self, rows: Sequence[NewOperation]) -> Intake:
+        """Store ``rows`` (ids seen before stay as they are): one group commit. Rows the
+        database refuses on their data are refused alone; any other error fails them all."""
+
+    async def states(self, ids: Sequence[str]) -> dict[str, State]:
+        """Where the operations with these ids stand (unknown ids are left out)."""
+
+    async def get(
+        self, op_id: str, *, owner: str | None, looker: str | None
+    ) -> OperationView | None:
+        """The operation whose id or userOperationId is ``op_id``, submitted by ``owner``
+        (None: by anyone), the ``looker``'s own first."""
+
+    async def apply(self, items: Sequence[WorkOp]) -> Applied:
+        """Apply ``items`` in ONE transaction: those still pending and due are claimed,
+        applied and marked SUCCESS, or FAIL with the database's reason, together. Raises a
+        TransientError (StatementTimeout, LockWait) when the transaction must be tried
+        again, a PermanentError when it never can be."""
+
+    async def count_attempt(self, ids: Sequence[str], error: str) -> None:
+        """A transient failure of these pending operations' batch."""
+
+    async def fail_pending(self, ids: Sequence[str], error: str) -> Ended:
+        """End these operations, when still pending, as FAIL with ``error``."""
+
+    async def touch_pending(self, ids: Sequence[str]) -> None:
+        """These pending operations were just put on a work stream again."""
+
+    async def stale(self, before: dt.datetime, limit: int) -> list[WorkOp]:
+        """Pending operations that should be on a work stream and were untouched since
+        ``before`` (Redis lost them, or a crash came before they were put there): touched,
+        and returned to be put there."""
+
+    async def due(self, within_s: float, limit: int) -> list[Due]:
+        """Take the operations whose runAt comes within ``within_s`` seconds (each taken by
+        one caller only); the caller puts them on a work stream when they are due."""
+
+    async def hold_again(self, ids: Sequence[str]) -> None:
+        """Give back operations ``due`` returned that will not be put on a stream."""
+
+    async def cancel(self, op_id: str, *, owner: str | None, looker: str | None) -> Cancelled:
+        """Cancel the operation ``get`` would find, unless it has finished."""
+
+    async def summary(self, *, failures: int, window_s: int) -> Summary:
+        """Counts by status, operations finished per second over ``window_s``, and the
+        latest ``failures``."""
+
+    async def last_ticks(self) -> dict[str, dt.datetime]:
+        """The last submitted tick of each recurring operation."""
+
+    async def record_tick(self, name: str, tick: dt.datetime) -> None:
+        """A recurring operation's ``tick`` was submitted."""
+
+    async def release_stuck(self, limit: int) -> list[WorkOp]:
+        """Release keys whose earliest pending operation is parked (nobody released it:
+        a crash came in between); their released operations, to put on a work stream."""

@@ -1,0 +1,307 @@
+"""The store in memory: the same promises as PgStore, for unit tests of the actors.
+
+One process, no concurrency inside a call: each method runs to its end before another
+starts, as a transaction would. An operation "applied" is recorded in ``applied`` (ids, in
+the order their effects landed); ``refuse`` says which ones the database would refuse (their
+reason, else None), and ``failures`` holds errors the next ``apply`` calls raise, one each.
+``now`` is the clock (the database's, for PgStore), so tests can move time.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from streamsvc.model import OperationView, Outcome, Status, WorkOp, user_id
+from streamsvc.store.records import (
+    Applied,
+    Cancelled,
+    Due,
+    Ended,
+    Failure,
+    Intake,
+    NewOperation,
+    State,
+    Summary,
+)
+
+PENDING = (Status.UNPROCESSED, Status.PROCESSING)
+
+
+def _utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass
+class Row:
+    """One BatchOperations row."""
+
+    id: str
+    op: WorkOp
+    source: str
+    submitted_by: str
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    run_at: dt.datetime | None = None
+    status: Status = Status.UNPROCESSED
+    error: str | None = None
+    attempts: int = 0
+    batch_id: str | None = None
+    processed_at: dt.datetime | None = None
+    wake_at: dt.datetime | None = None
+    parked: bool = False
+    key_seq: int | None = None
+
+    @property
+    def pending(self) -> bool:
+        return self.status in PENDING
+
+    @property
+    def queued(self) -> bool:
+        """Pending and not held back: it belongs on a work stream."""
+        return self.pending and not self.parked and self.wake_at is None
+
+    def state(self) -> State:
+        op_type = self.op.op.operation_type
+        return State(self.id, op_type, self.status, self.error, self.attempts, self.batch_id)
+
+    def outcome(self) -> Outcome:
+        return Outcome(
+            id=self.id,
+            operation_type=self.op.op.operation_type,
+            status=self.status,
+            error=self.error,
+            attempts=self.attempts,
+            batch_id=self.batch_id,
+            meta=self.op.op.meta,
+            user_operation_id=user_id(self.op.op),
+        )
+
+
+class MemoryStore:
+    def __init__(
+        self,
+        *,
+        refuse: Callable[[WorkOp], str | None] = lambda _: None,
+        now: Callable[[], dt.datetime] = _utc_now,
+    ) -> None:
+        self.rows: dict[str, Row] = {}
+        self.applied: list[str] = []
+        self.failures: list[BaseException] = []
+        self.refuse = refuse
+        self.now = now
+        self.ticks: dict[str, dt.datetime] = {}
+        self._seq = 0
+
+    # -- intake ------------------------------------------------------------------------
+    async def intake(self, rows: Sequence[NewOperation]) -> Intake:
+        result = Intake(created=set(), refused={}, ready=[])
+        now = self.now()
+        keys: list[str | None] = []
+        for new in rows:
+            if new.id in self.rows:
+                continue
+            row = Row(new.id, WorkOp(new.id, new.op), new.source, new.submitted_by, now, now)
+            row.run_at = new.run_at
+            if new.op.ordering_key is not None:
+                self._seq += 1
+                row.parked, row.key_seq = True, self._seq
+                keys.append(new.op.ordering_key)
+            elif new.run_at is not None and new.run_at > now:
+                row.wake_at = new.run_at
+            self.rows[new.id] = row
+            result.created.add(new.id)
+            if row.queued:
+                result.ready.append(row.op)
+        result.ready.extend(self._release(keys))
+        return result
+
+    async def states(self, ids: Sequence[str]) -> dict[str, State]:
+        return {i: self.rows[i].state() for i in ids if i in self.rows}
+
+    async def get(
+        self, op_id: str, *, owner: str | None, looker: str | None
+    ) -> OperationView | None:
+        row = self._find(op_id, owner, looker)
+        if row is None:
+            return None
+        op = row.op.op
+        return OperationView(
+            id=row.id,
+            operation_type=op.operation_type,
+            status=row.status,
+            error=row.error,
+            attempts=row.attempts,
+            priority=op.priority,
+            source=row.source,
+            batch_id=row.batch_id,
+            run_at=row.run_at,
+            ordering_key=op.ordering_key,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            processed_at=row.processed_at,
+            operation=op,
+        )
+
+    # -- flushing ----------------------------------------------------------------------
+    async def apply(self, items: Sequence[WorkOp]) -> Applied:
+        if self.failures:
+            raise self.failures.pop(0)
+        result = Applied(batch_id=str(uuid.uuid4()))
+        now = self.now()
+        claimed: list[Row] = []
+        for item in {i.id: i for i in items}.values():
+            row = self.rows.get(item.id)
+            if row is None:
+                continue
+            if row.queued and (row.run_at is None or row.run_at <= now):
+                claimed.append(row)
+            elif row.queued:  # put on a stream before its time: wait for it again
+                row.wake_at = row.run_at
+            elif not row.pending and row.status is not Status.CANCELLED:
+                result.earlier.append(row.outcome())
+        for row in claimed:
+            error = self.refuse(row.op)
+            row.status = Status.FAIL if error else Status.SUCCESS
+            row.error = error
+            row.attempts += 1
+            row.batch_id = result.batch_id
+            row.processed_at = row.updated_at = now
+            if error is None:
+                self.applied.append(row.id)
+            result.outcomes.append(row.outcome())
+        result.released = self._release([r.op.op.ordering_key for r in claimed])
+        return result
+
+    async def count_attempt(self, ids: Sequence[str], error: str) -> None:
+        for row in self._pending(ids):
+            row.status, row.error, row.updated_at = Status.PROCESSING, error, self.now()
+            row.attempts += 1
+
+    async def fail_pending(self, ids: Sequence[str], error: str) -> Ended:
+        ended = [row for row in self._pending(ids) if row.queued]
+        for row in ended:
+            row.status, row.error = Status.FAIL, error
+            row.processed_at = row.updated_at = self.now()
+        outcomes = [row.outcome() for row in ended]
+        for outcome in outcomes:
+            outcome.batch_id = None
+        return Ended(outcomes, self._release([r.op.op.ordering_key for r in ended]))
+
+    # -- sweeping and scheduling ----------------------------------------------------------
+    async def touch_pending(self, ids: Sequence[str]) -> None:
+        for row in self._pending(ids):
+            row.updated_at = self.now()
+
+    async def stale(self, before: dt.datetime, limit: int) -> list[WorkOp]:
+        rows = sorted(
+            (r for r in self.rows.values() if r.queued and r.updated_at < before),
+            key=lambda r: r.updated_at,
+        )[:limit]
+        for row in rows:
+            row.updated_at = self.now()
+        return [row.op for row in rows]
+
+    async def due(self, within_s: float, limit: int) -> list[Due]:
+        now = self.now()
+        horizon = now + dt.timedelta(seconds=within_s)
+        rows = sorted(
+            (r for r in self.rows.values() if r.wake_at is not None and r.wake_at <= horizon),
+            key=lambda r: r.wake_at or now,
+        )[:limit]
+        taken = []
+        for row in rows:
+            row.wake_at, row.updated_at = None, now
+            wait_s = max(0.0, ((row.run_at or now) - now).total_seconds())
+            taken.append(Due(row.op, wait_s))
+        return taken
+
+    async def hold_again(self, ids: Sequence[str]) -> None:
+        for row in self._pending(ids):
+            if row.queued and row.run_at is not None:
+                row.wake_at = row.run_at
+
+    async def release_stuck(self, limit: int) -> list[WorkOp]:
+        heads: dict[str, Row] = {}
+        for row in sorted(self.rows.values(), key=lambda r: r.key_seq or 0):
+            key = row.op.op.ordering_key
+            if key is not None and row.pending and key not in heads:
+                heads[key] = row
+        stuck = [key for key, row in heads.items() if row.parked][:limit]
+        return self._release(stuck)
+
+    # -- callers' requests ---------------------------------------------------------------
+    async def cancel(self, op_id: str, *, owner: str | None, looker: str | None) -> Cancelled:
+        row = self._find(op_id, owner, looker)
+        if row is None:
+            return Cancelled("unknown")
+        if row.status is Status.CANCELLED:
+            return Cancelled("cancelled", row.state())
+        if not row.pending:
+            return Cancelled("finished", row.state())
+        row.status, row.wake_at, row.parked = Status.CANCELLED, None, False
+        row.processed_at = row.updated_at = self.now()
+        outcome = row.outcome()
+        outcome.batch_id = None
+        released = self._release([row.op.op.ordering_key])
+        return Cancelled("cancelled", row.state(), outcome, released)
+
+    async def summary(self, *, failures: int, window_s: int) -> Summary:
+        counts: dict[str, int] = {}
+        for row in self.rows.values():
+            counts[row.status.value] = counts.get(row.status.value, 0) + 1
+        since = self.now() - dt.timedelta(seconds=window_s)
+        finished = [r for r in self.rows.values() if r.processed_at and r.processed_at >= since]
+        failed = sorted(
+            (r for r in self.rows.values() if r.status is Status.FAIL),
+            key=lambda r: r.processed_at or r.created_at,
+            reverse=True,
+        )[:failures]
+        return Summary(
+            statuses=counts,
+            finished_per_s=len(finished) / window_s,
+            failures=[
+                Failure(r.id, r.op.op.operation_type, r.error, r.processed_at) for r in failed
+            ],
+        )
+
+    # -- recurring operations --------------------------------------------------------------
+    async def last_ticks(self) -> dict[str, dt.datetime]:
+        return dict(self.ticks)
+
+    async def record_tick(self, name: str, tick: dt.datetime) -> None:
+        self.ticks[name] = max(tick, self.ticks.get(name, tick))
+
+    # -- inside ------------------------------------------------------------------------
+    def _pending(self, ids: Sequence[str]) -> list[Row]:
+        return [self.rows[i] for i in ids if i in self.rows and self.rows[i].pending]
+
+    def _find(self, op_id: str, owner: str | None, looker: str | None) -> Row | None:
+        found = [
+            r
+            for r in self.rows.values()
+            if (r.id == op_id or str(r.op.op.user_operation_id) == op_id)
+            and (owner is None or r.submitted_by == owner)
+        ]
+        found.sort(key=lambda r: (r.id != op_id, r.submitted_by != looker, r.created_at))
+        return found[0] if found else None
+
+    def _release(self, keys: Sequence[str | None]) -> list[WorkOp]:
+        """streamsvc_release_keys: each key's head, when parked, taken out."""
+        released: list[WorkOp] = []
+        now = self.now()
+        for key in sorted({k for k in keys if k is not None}):
+            pending = [r for r in self.rows.values() if r.pending and r.op.op.ordering_key == key]
+            if not pending:
+                continue
+            head = min(pending, key=lambda r: r.key_seq or 0)
+            if not head.parked:
+                continue
+            head.parked, head.updated_at = False, now
+            if head.run_at is not None and head.run_at > now:
+                head.wake_at = head.run_at
+            else:
+                released.append(head.op)
+        return released

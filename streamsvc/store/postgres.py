@@ -1,0 +1,233 @@
+"""The store on PostgreSQL: each method one named query of sql/queries.sql, or one short
+transaction of them; the batch transaction is streamsvc.store.batch."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+import msgspec
+import structlog
+
+from streamsvc.adapters.postgres import translate
+from streamsvc.catalog import Catalog
+from streamsvc.model import Operation, OperationView, Outcome, Status, WorkOp, json_encoder
+from streamsvc.store import batch
+from streamsvc.store.queries import QUERIES
+from streamsvc.store.records import (
+    Applied,
+    Cancelled,
+    Due,
+    Ended,
+    Failure,
+    Intake,
+    NewOperation,
+    State,
+    Summary,
+)
+
+log = structlog.get_logger("streamsvc.store")
+
+_body = msgspec.json.Decoder(Operation)
+
+# Errors about the values sent, not the server: data exceptions (a NUL in text, a time out
+# of range; asyncpg reports values it cannot encode as these too), integrity violations,
+# program limits. Any other error fails the whole group, as a transient one does.
+_DATA_SQLSTATE_CLASSES = frozenset({"22", "23", "54"})
+
+
+class PgStore:
+    def __init__(self, pool: asyncpg.Pool, catalog: Catalog) -> None:
+        self.pool = pool
+        self.catalog = catalog
+
+    # -- intake ------------------------------------------------------------------------
+    async def intake(self, rows: Sequence[NewOperation]) -> Intake:
+        result = Intake(created=set(), refused={}, ready=[])
+        values: list[tuple[int, tuple[Any, ...]]] = []
+        for n, row in enumerate(rows):
+            try:
+                body = json_encoder.encode(row.op).decode()
+            except (ValueError, OverflowError, TypeError, msgspec.EncodeError) as exc:
+                result.refused[n] = f"cannot be stored: {exc}"
+                continue
+            op = row.op
+            values.append(
+                (
+                    n,
+                    (
+                        row.id,
+                        op.operation_type,
+                        body,
+                        op.priority,
+                        row.run_at,
+                        op.ordering_key,
+                        row.source,
+                        row.submitted_by,
+                    ),
+                )
+            )
+        ready: dict[str, WorkOp | None] = {}
+        await self._insert(values, result, ready)
+        by_id = {row.id: row.op for row in rows}
+        for op_id, work in ready.items():
+            if work is None:
+                work = WorkOp(op_id, by_id[op_id])
+            result.ready.append(work)
+        return result
+
+    async def _insert(
+        self,
+        values: list[tuple[int, tuple[Any, ...]]],
+        result: Intake,
+        ready: dict[str, WorkOp | None],
+    ) -> None:
+        """One call for ``values``; when PostgreSQL refuses their data, halves of them until
+        each refused operation is alone."""
+        if not values:
+            return
+        columns = [list(column) for column in zip(*(v for _, v in values), strict=True)]
+        try:
+            async with self.pool.acquire() as conn:
+                stored = await conn.fetch(QUERIES["intake"], *columns)
+        except asyncpg.PostgresError as exc:
+            if (exc.sqlstate or "")[:2] not in _DATA_SQLSTATE_CLASSES:
+                raise
+            if len(values) == 1:
+                n, row = values[0]
+                reason = f"cannot be stored: {translate(exc)}"
+                log.warning("ingress.refused_by_store", id=row[0], reason=reason)
+                result.refused[n] = reason
+                return
+            half = len(values) // 2
+            await self._insert(values[:half], result, ready)
+            await self._insert(values[half:], result, ready)
+            return
+        for op_id, created, is_ready, body in stored:
+            if created:
+                result.created.add(op_id)
+            if is_ready:
+                ready[op_id] = WorkOp(op_id, _body.decode(body)) if body is not None else None
+
+    async def states(self, ids: Sequence[str]) -> dict[str, State]:
+        if not ids:
+            return {}
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(QUERIES["states"], list(ids))
+        return {row["id"]: _state(row) for row in rows}
+
+    async def get(
+        self, op_id: str, *, owner: str | None, looker: str | None
+    ) -> OperationView | None:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(QUERIES["get_operation"], op_id, owner, looker)
+        if row is None:
+            return None
+        fields = dict(row)
+        body = fields.pop("body")
+        fields["status"] = Status(fields["status"])
+        return OperationView(**fields, operation=_body.decode(body))
+
+    # -- flushing ----------------------------------------------------------------------
+    async def apply(self, items: Sequence[WorkOp]) -> Applied:
+        return await batch.apply(self.pool, self.catalog, items)
+
+    async def count_attempt(self, ids: Sequence[str], error: str) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.execute(QUERIES["count_attempt"], list(ids), error)
+
+    async def fail_pending(self, ids: Sequence[str], error: str) -> Ended:
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(QUERIES["fail_pending"], list(ids), error)
+            released = await batch.release(conn, [r["ordering_key"] for r in rows])
+        outcomes = [_ended(row, Status.FAIL, error) for row in rows]
+        return Ended(outcomes=outcomes, released=released)
+
+    # -- sweeping and scheduling ----------------------------------------------------------
+    async def touch_pending(self, ids: Sequence[str]) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.execute(QUERIES["touch_pending"], list(ids))
+
+    async def stale(self, before: dt.datetime, limit: int) -> list[WorkOp]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(QUERIES["stale"], before, limit)
+        return [WorkOp(row["id"], _body.decode(row["body"])) for row in rows]
+
+    async def due(self, within_s: float, limit: int) -> list[Due]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(QUERIES["due"], within_s, limit)
+        return [Due(WorkOp(r["id"], _body.decode(r["body"])), r["wait_s"]) for r in rows]
+
+    async def hold_again(self, ids: Sequence[str]) -> None:
+        if ids:
+            async with self.pool.acquire() as conn:
+                await conn.execute(QUERIES["hold_again"], list(ids))
+
+    # -- callers' requests ---------------------------------------------------------------
+    async def cancel(self, op_id: str, *, owner: str | None, looker: str | None) -> Cancelled:
+        """The cancel commits first; the next operation of its key, if its turn came, is
+        released after, in a transaction of its own: a release holds the key's lock while
+        it takes the next row, so holding that row while waiting for the key could
+        deadlock. Should a crash come between the two, the sweeper releases the key
+        (``release_stuck``)."""
+        async with self.pool.acquire() as conn:
+            found = await conn.fetchrow(QUERIES["find"], op_id, owner, looker)
+            if found is None:
+                return Cancelled("unknown")
+            row = await conn.fetchrow(QUERIES["cancel"], found["id"])
+            if row is None:
+                state = _state((await conn.fetch(QUERIES["states"], [found["id"]]))[0])
+                if state.status is Status.CANCELLED:
+                    return Cancelled("cancelled", state)
+                return Cancelled("finished", state)
+            released = await batch.release(conn, [row["ordering_key"]])
+        outcome = _ended(row, Status.CANCELLED, None)
+        state = State(
+            row["id"], row["operation_type"], Status.CANCELLED, None, row["attempts"], None
+        )
+        return Cancelled("cancelled", state, outcome, released)
+
+    async def release_stuck(self, limit: int) -> list[WorkOp]:
+        async with self.pool.acquire() as conn:
+            keys = [row[0] for row in await conn.fetch(QUERIES["stuck_keys"], limit)]
+            return await batch.release(conn, keys)
+
+    async def summary(self, *, failures: int, window_s: int) -> Summary:
+        async with self.pool.acquire() as conn:
+            counts = await conn.fetch(QUERIES["status_counts"])
+            finished = await conn.fetchval(QUERIES["finished_since"], window_s)
+            recent = await conn.fetch(QUERIES["recent_failures"], failures)
+        return Summary(
+            statuses={row["status"]: row["count"] for row in counts},
+            finished_per_s=finished / window_s,
+            failures=[Failure(**dict(row)) for row in recent],
+        )
+
+    # -- recurring operations --------------------------------------------------------------
+    async def last_ticks(self) -> dict[str, dt.datetime]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(QUERIES["last_ticks"])
+        return {row["name"]: row["last_tick"] for row in rows}
+
+    async def record_tick(self, name: str, tick: dt.datetime) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.execute(QUERIES["record_tick"], name, tick)
+
+
+def _state(row: asyncpg.Record) -> State:
+    return msgspec.convert(dict(row), State)
+
+
+def _ended(row: asyncpg.Record, status: Status, error: str | None) -> Outcome:
+    return Outcome(
+        id=row["id"],
+        operation_type=row["operation_type"],
+        status=status,
+        error=error,
+        attempts=row["attempts"],
+        batch_id=None,
+        meta=row["meta"],
+        user_operation_id=row["user_operation_id"],
+    )

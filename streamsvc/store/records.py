@@ -1,0 +1,101 @@
+"""What the store takes and returns: small typed records, never tuples read by index."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Literal
+
+import msgspec
+
+from streamsvc.model import Operation, Outcome, Status, WorkOp
+
+
+class NewOperation(msgspec.Struct, frozen=True):
+    """One accepted operation for the next group commit."""
+
+    id: str
+    op: Operation
+    source: str
+    submitted_by: str
+    run_at: dt.datetime | None = None  # runAt, or delayMs from the time it was accepted
+
+
+class Intake(msgspec.Struct):
+    """What a group commit stored.
+
+    ``created``: ids stored now (the others were stored before). ``refused``: positions in
+    the group PostgreSQL would not store, with the reason. ``ready``: the operations to put
+    on the work streams now; the others wait for their runAt, or for their key's earlier
+    operations (see docs/scheduling.md)."""
+
+    created: set[str]
+    refused: dict[int, str]
+    ready: list[WorkOp]
+
+
+class State(msgspec.Struct, frozen=True):
+    """Where one stored operation stands."""
+
+    id: str
+    operation_type: str
+    status: Status
+    error: str | None
+    attempts: int
+    batch_id: str | None
+
+
+class Applied(msgspec.Struct):
+    """What one batch transaction decided.
+
+    ``outcomes``: the operations it finished (applied, or refused by the database).
+    ``earlier``: those an earlier transaction finished, reported again, applied never.
+    ``released``: operations whose turn came when their key's earlier one finished, to put
+    on the work streams."""
+
+    batch_id: str
+    outcomes: list[Outcome] = msgspec.field(default_factory=list)
+    earlier: list[Outcome] = msgspec.field(default_factory=list)
+    released: list[WorkOp] = msgspec.field(default_factory=list)
+
+
+class Ended(msgspec.Struct):
+    """Operations ended without being applied (FAIL after retries, dead-lettered, or
+    CANCELLED), and those whose turn came because of it."""
+
+    outcomes: list[Outcome] = msgspec.field(default_factory=list)
+    released: list[WorkOp] = msgspec.field(default_factory=list)
+
+
+class Due(msgspec.Struct, frozen=True):
+    """An operation a scheduler took: put it on a work stream in ``wait_s`` seconds."""
+
+    work: WorkOp
+    wait_s: float
+
+
+class Failure(msgspec.Struct, frozen=True):
+    id: str
+    operation_type: str
+    error: str | None
+    processed_at: dt.datetime | None
+
+
+class Summary(msgspec.Struct):
+    """Counts for `streamsvc status`."""
+
+    statuses: dict[str, int]
+    finished_per_s: float
+    failures: list[Failure]
+
+
+CancelVerdict = Literal["cancelled", "finished", "unknown"]
+
+
+class Cancelled(msgspec.Struct):
+    """What a cancel request found: ``cancelled`` (now, or before), ``finished`` (applied
+    or failed: too late), or ``unknown`` (no such operation the caller may see)."""
+
+    verdict: CancelVerdict
+    state: State | None = None
+    outcome: Outcome | None = None
+    released: list[WorkOp] = msgspec.field(default_factory=list)
