@@ -216,21 +216,25 @@ class Ingress:
 
     async def _commit(self, tickets: list[_Ticket]) -> None:
         now = dt.datetime.now(dt.UTC)
-        rows = [
-            NewOperation(op_id, op, ticket.source, ticket.caller, _run_at(op, now))
-            for ticket in tickets
-            for op_id, op in zip(ticket.ids, ticket.ops, strict=True)
-        ]
+        rows: list[NewOperation] = []
+        places: list[tuple[int, int]] = []  # (ticket, operation) of each row
+        refused: dict[tuple[int, int], str] = {}
+        for t, ticket in enumerate(tickets):
+            for j, (op_id, op) in enumerate(zip(ticket.ids, ticket.ops, strict=True)):
+                try:
+                    run_at = _run_at(op, now)
+                except (ValueError, OverflowError) as exc:
+                    refused[(t, j)] = f"cannot be stored: {exc}"
+                    continue
+                rows.append(NewOperation(op_id, op, ticket.source, ticket.caller, run_at))
+                places.append((t, j))
         try:
             stored = await self.store.intake(rows)
             await self._enqueue(stored.ready)
-            held = [
-                r.run_at for r in rows if r.run_at and r.run_at > now and r.id in stored.created
-            ]
+            held = [r.run_at for r in rows if r.run_at and r.run_at > now]
             if held:
                 self.on_held(held)
-            repeated = [r.id for r in rows if r.id not in stored.created]
-            existing = await self.store.states(repeated)
+            existing = await self.store.states([r.id for r in rows if r.id not in stored.created])
         except Exception as exc:
             error = translate(exc)
             log.warning("ingress.store_failed", error=str(error), operations=len(rows))
@@ -238,12 +242,11 @@ class Ingress:
                 ticket.error = error
                 ticket.done.set()
             return
-        n = 0
-        for ticket in tickets:
+        refused.update((places[n], reason) for n, reason in stored.refused.items())
+        for t, ticket in enumerate(tickets):
             seen: set[str] = set()
-            for op_id, op in zip(ticket.ids, ticket.ops, strict=True):
-                reason = stored.refused.get(n)
-                n += 1
+            for j, (op_id, op) in enumerate(zip(ticket.ids, ticket.ops, strict=True)):
+                reason = refused.get((t, j))
                 if reason is not None:
                     ticket.results.append(Rejection("body", reason))
                     continue
@@ -251,11 +254,10 @@ class Ingress:
                 seen.add(op_id)
                 state = existing.get(op_id)
                 if is_new or state is None:
-                    ticket.results.append(
-                        Receipt(op_id, op.operation_type, Status.UNPROCESSED, is_new)
-                    )
+                    receipt = Receipt(op_id, op.operation_type, Status.UNPROCESSED, is_new)
                 else:
-                    ticket.results.append(Receipt(op_id, state.operation_type, state.status, False))
+                    receipt = Receipt(op_id, state.operation_type, state.status, False)
+                ticket.results.append(receipt)
             accepted = sum(isinstance(r, Receipt) for r in ticket.results)
             metrics.received.labels(ticket.source).inc(accepted)
             if accepted < len(ticket.ops):

@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 import prometheus_client
 import uvicorn
-from litestar import Litestar, Request, Response, get, post
+from litestar import Litestar, Request, Response, delete, get, post
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.params import FromPath, JSONBody
@@ -191,6 +191,42 @@ def create_app(
             raise ProblemError(
                 Problem(
                     title="Not found", status=404, detail=f"no operation with id {operation_id!r}"
+                )
+            )
+        return view
+
+    @delete(
+        "/api/operations/{operation_id:str}",
+        status_code=200,
+        summary="Cancel an operation not yet applied",
+        description="By the stored id or the caller's userOperationId. The operation ends "
+        "CANCELLED and is never applied, even when a flusher holds it already; cancelling it "
+        "again answers the same. One that finished (SUCCESS or FAIL) answers 409; another "
+        "key's, or an unknown id, 404.",
+        responses={
+            404: ResponseSpec(Problem, description="No such operation"),
+            409: ResponseSpec(Problem, description="Finished already: cannot be cancelled"),
+        },
+    )
+    async def cancel_operation(
+        operation_id: FromPath[str], request: Request[Any, Any, Any]
+    ) -> OperationView:
+        caller = caller_of(request)
+        result = await ingress.cancel(operation_id, caller=caller)
+        view = await ingress.get(operation_id, caller=caller)
+        if result.verdict == "unknown" or view is None:
+            raise ProblemError(
+                Problem(
+                    title="Not found", status=404, detail=f"no operation with id {operation_id!r}"
+                )
+            )
+        if result.verdict == "finished":
+            raise ProblemError(
+                Problem(
+                    title="Conflict",
+                    status=409,
+                    detail=f"operation {operation_id!r} finished as {view.status}: "
+                    "it cannot be cancelled",
                 )
             )
         return view

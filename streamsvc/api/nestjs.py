@@ -100,6 +100,17 @@ def refused(rejection: Rejection) -> IResponse:
     )
 
 
+def not_found() -> IResponse:
+    """Unknown, or another key's (the same answer: ids of others are not disclosed)."""
+    return IResponse(
+        status=False,
+        message="Operation not found",
+        error="Operation not found",
+        data=None,
+        error_code="NOT_FOUND",
+    )
+
+
 def internal_error() -> IResponse:
     return IResponse(
         status=False,

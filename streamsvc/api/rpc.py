@@ -97,6 +97,8 @@ class RpcServer:
             "create_operations": self.create_operations,
             "get_operation": self.get_operation,
             "getOperation": self.get_operation,
+            "cancel_operation": self.cancel_operation,
+            "cancelOperation": self.cancel_operation,
         }
 
     async def run(self) -> None:
@@ -260,23 +262,40 @@ class RpcServer:
     async def get_operation(
         self, data: bytes, caller: Caller, request_id: str | None
     ) -> nestjs.IResponse:
-        ref = _decode(nestjs.ref_decoder, data)
-        op_id = ref if isinstance(ref, str) else ref.id or ref.user_operation_id
-        if not op_id:
-            raise _Refusal(nestjs.refused(Rejection("id", "give the operation's id")))
+        op_id = self._operation_id(data)
         try:
             view = await self.ingress.get(op_id, caller=caller)  # another key's: not found
         except Exception as exc:
             raise Unavailable(str(translate(exc))) from exc
         if view is None:
-            return nestjs.IResponse(
-                status=False,
-                message="Operation not found",
-                error="Operation not found",
-                data=None,
-                error_code="NOT_FOUND",
-            )
+            return nestjs.not_found()
         return nestjs.IResponse(status=True, message="Operation found", data=view)
+
+    async def cancel_operation(
+        self, data: bytes, caller: Caller, request_id: str | None
+    ) -> nestjs.IResponse:
+        """``{id}`` (or the id alone): the operation ends CANCELLED unless it finished."""
+        op_id = self._operation_id(data)
+        try:
+            result = await self.ingress.cancel(op_id, caller=caller)
+            view = await self.ingress.get(op_id, caller=caller)
+        except Exception as exc:
+            raise Unavailable(str(translate(exc))) from exc
+        if result.verdict == "unknown" or view is None:
+            return nestjs.not_found()
+        if result.verdict == "finished":
+            message = f"Operation finished as {view.status}: it cannot be cancelled"
+            return nestjs.IResponse(
+                status=False, message=message, error=message, data=view, error_code="FINISHED"
+            )
+        return nestjs.IResponse(status=True, message="Operation cancelled", data=view)
+
+    def _operation_id(self, data: bytes) -> str:
+        ref = _decode(nestjs.ref_decoder, data)
+        op_id = ref if isinstance(ref, str) else ref.id or ref.user_operation_id
+        if not op_id:
+            raise _Refusal(nestjs.refused(Rejection("id", "give the operation's id")))
+        return op_id
 
     async def _submit(self, ops: list[Any], caller: Caller, request_id: str | None) -> list[Result]:
         """Store ``ops``. Operations without a userOperationId get ids derived from the

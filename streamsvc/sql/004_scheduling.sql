@@ -1,4 +1,6 @@
 -- Scheduling, cancelling and per-key ordering (docs/scheduling.md says how they work).
+-- The functions below run with their caller's rights (SECURITY INVOKER): only a role that
+-- may change "BatchOperations" can use them, which the caller role may not.
 
 -- CANCELLED: final, cancelled before it was applied.
 ALTER TABLE "BatchOperations" DROP CONSTRAINT "BatchOperations_status_check";
@@ -15,7 +17,7 @@ ALTER TABLE "BatchOperations"
     ADD COLUMN parked  boolean NOT NULL DEFAULT false,
     ADD COLUMN key_seq bigint;
 
-CREATE SEQUENCE "BatchOperations_key_seq";
+CREATE SEQUENCE "BatchOperations_key_seq" OWNED BY "BatchOperations".key_seq;
 
 -- What is due next; finished and released rows leave this index.
 CREATE INDEX "BatchOperations_wake_idx" ON "BatchOperations" (wake_at)
@@ -76,7 +78,6 @@ BEGIN
     SELECT r.id::text, r.body::text FROM released AS r WHERE r.wake_at IS NULL;
 END
 $$;
-REVOKE EXECUTE ON FUNCTION streamsvc_release_keys(text[]) FROM PUBLIC;
 
 -- Store operations (as many as a group commit holds): new ids come back as (id, true,
 -- ready), ready when the operation goes on a work stream now (neither held for its runAt
@@ -117,5 +118,3 @@ BEGIN
     END IF;
 END
 $$;
-REVOKE EXECUTE ON FUNCTION streamsvc_intake(
-    uuid[], text[], text[], smallint[], timestamptz[], text[], text[], text[]) FROM PUBLIC;

@@ -460,7 +460,13 @@ async def login(conn: asyncpg.Connection) -> str:
     with contextlib.suppress(asyncpg.DuplicateObjectError, asyncpg.UniqueViolationError):
         await conn.execute(f'CREATE ROLE "{LOGIN}" LOGIN')
     await conn.execute(f'GRANT "{ROLE}" TO "{LOGIN}"')
-    for table in ("BatchOperations", "streamsvc_migrations", "streamsvc_api_keys", *OWNED):
+    service_tables = (
+        "BatchOperations",
+        "streamsvc_migrations",
+        "streamsvc_api_keys",
+        "streamsvc_schedule_ticks",
+    )
+    for table in (*service_tables, *OWNED):
         await conn.execute(f'ALTER TABLE "{table}" OWNER TO "{LOGIN}"')
     return LOGIN
 
