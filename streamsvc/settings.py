@@ -16,6 +16,7 @@ from dotenv import dotenv_values
 
 from streamsvc.allowlist import AllowList
 from streamsvc.errors import ConfigError
+from streamsvc.schedules import Schedule, parse_schedules
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
@@ -86,6 +87,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     notify_mode: NotifyMode = msgspec.field(default="aggregate", name="STREAMSVC_NOTIFY_MODE")
     rate_limit_ops: NonNegative = msgspec.field(default=0, name="STREAMSVC_RATE_LIMIT_OPS")
     stream_maxlen: Positive = msgspec.field(default=100_000, name="STREAMSVC_STREAM_MAXLEN")
+    schedules_json: str = msgspec.field(default="", name="STREAMSVC_SCHEDULES")
 
     @property
     def allow_list(self) -> AllowList:
@@ -100,6 +102,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 f"STREAMSVC_NOTIFY_ROUTES: {exc}; expected "
                 '{"OPERATION_TYPE": {"queue": "name", "pattern": "optional"}}'
             ) from None
+
+    @property
+    def schedules(self) -> dict[str, Schedule]:
+        """Recurring operations by name (streamsvc.schedules); empty when unset. An
+        ``@path`` value reads the file on every access."""
+        return parse_schedules(self.schedules_json)
 
     @property
     def lock_wait_ms(self) -> int:
@@ -167,6 +175,7 @@ def load(environ: Mapping[str, str] | None = None, env_file: str | None = ".env"
         raise ConfigError(_explain(exc)) from None
     settings.allow_list  # noqa: B018 - parse now so a bad value stops start-up
     settings.notify_routes  # noqa: B018
+    settings.schedules  # noqa: B018
     return settings
 
 

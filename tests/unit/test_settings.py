@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from streamsvc import settings
@@ -138,3 +140,17 @@ def test_a_lock_wait_is_bounded_below_the_statement_timeout(
 ) -> None:
     env = {"STREAMSVC_STATEMENT_TIMEOUT_MS": statement_ms, "STREAMSVC_LOCK_TIMEOUT_MS": lock_ms}
     assert settings.load(env, env_file=None).lock_wait_ms == wait_ms
+
+
+def test_schedules_are_parsed_and_a_bad_one_stops_start_up(tmp_path: Path) -> None:
+    assert settings.load({}, env_file=None).schedules == {}
+    text = '{"purge": {"cron": "0 3 * * *", "operation": {"operationType": "PURGE"}}}'
+    s = settings.load({"STREAMSVC_SCHEDULES": text}, env_file=None)
+    assert list(s.schedules) == ["purge"]
+    path = tmp_path / "schedules.json"
+    path.write_text(text, encoding="utf-8")
+    s = settings.load({"STREAMSVC_SCHEDULES": f"@{path}"}, env_file=None)
+    assert s.schedules["purge"].cron == "0 3 * * *"
+    bad = text.replace("0 3 * * *", "0 3 * *")
+    with pytest.raises(ConfigError, match=r"^STREAMSVC_SCHEDULES: schedule 'purge': cron: "):
+        settings.load({"STREAMSVC_SCHEDULES": bad}, env_file=None)
