@@ -137,16 +137,18 @@ async def _status(config: Settings, args: argparse.Namespace) -> None:
     client = rs.connect(config.redis_url)
     streams = rs.Streams(client, rs.Names(config.redis_prefix))
     store = PgStore(pool, Catalog(config.allow_list))
+    schedules = list(config.schedules.values())
     console = Console()
     try:
         async with pool.acquire() as conn:
             await postgres.check_migrated(conn)
         if not args.watch:
-            console.print(status.render(await status.gather(store, streams)))
+            console.print(status.render(await status.gather(store, streams, schedules=schedules)))
             return
         with Live(console=console, auto_refresh=False) as live:
             while True:
-                live.update(status.render(await status.gather(store, streams)), refresh=True)
+                snap = await status.gather(store, streams, schedules=schedules)
+                live.update(status.render(snap), refresh=True)
                 await anyio.sleep(args.every)
     finally:
         await client.aclose()

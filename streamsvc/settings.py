@@ -88,6 +88,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     rate_limit_ops: NonNegative = msgspec.field(default=0, name="STREAMSVC_RATE_LIMIT_OPS")
     stream_maxlen: Positive = msgspec.field(default=100_000, name="STREAMSVC_STREAM_MAXLEN")
     schedules_json: str = msgspec.field(default="", name="STREAMSVC_SCHEDULES")
+    scheduler_poll_ms: Positive = msgspec.field(default=200, name="STREAMSVC_SCHEDULER_POLL_MS")
+    scheduler_lookahead_ms: Positive = msgspec.field(
+        default=1000, name="STREAMSVC_SCHEDULER_LOOKAHEAD_MS"
+    )
 
     @property
     def allow_list(self) -> AllowList:
@@ -120,6 +124,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         if timeout:
             wait = min(wait, timeout - 1) or 1
         return wait
+
+    @property
+    def lookahead_ms(self) -> int:
+        """How far ahead a scheduler takes held operations: STREAMSVC_SCHEDULER_LOOKAHEAD_MS,
+        at most half the sweep interval, so that an operation a dead scheduler took is
+        re-enqueued by the sweeper only after its time (docs/scheduling.md)."""
+        return max(1, min(self.scheduler_lookahead_ms, self.interval_ms // 2))
 
     @property
     def auth_on(self) -> bool:

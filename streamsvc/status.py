@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import redis.exceptions
@@ -10,6 +11,7 @@ from rich.console import Group
 from rich.table import Table
 
 from streamsvc.adapters import streams as rs
+from streamsvc.schedules import Schedule, next_tick
 from streamsvc.store import Store
 
 WINDOW_S = 60
@@ -22,9 +24,17 @@ class Snapshot:
     statuses: dict[str, int] = field(default_factory=dict)
     finished_per_s: float = 0.0
     failures: list[tuple[str, str, str | None, dt.datetime | None]] = field(default_factory=list)
+    # name, cron, last submitted tick, next tick
+    schedules: list[tuple[str, str, dt.datetime | None, dt.datetime]] = field(default_factory=list)
 
 
-async def gather(store: Store, streams: rs.Streams, *, failures: int = 10) -> Snapshot:
+async def gather(
+    store: Store,
+    streams: rs.Streams,
+    *,
+    failures: int = 10,
+    schedules: Sequence[Schedule] = (),
+) -> Snapshot:
     snap = Snapshot()
     names = streams.names
     for label in ("inbox", "outcomes", "rejects", "dead"):
@@ -51,6 +61,10 @@ async def gather(store: Store, streams: rs.Streams, *, failures: int = 10) -> Sn
     snap.statuses = summary.statuses
     snap.finished_per_s = summary.finished_per_s
     snap.failures = [(f.id, f.operation_type, f.error, f.processed_at) for f in summary.failures]
+    if schedules:
+        last = await store.last_ticks()
+        now = dt.datetime.now(dt.UTC)
+        snap.schedules = [(s.name, s.cron, last.get(s.name), next_tick(s, now)) for s in schedules]
     return snap
 
 
@@ -84,4 +98,13 @@ def render(snap: Snapshot) -> Group:
     for op_id, op_type, error, when in snap.failures:
         stamp = when.strftime("%Y-%m-%d %H:%M:%S") if when else ""
         failures.add_row(stamp, op_id, op_type, (error or "").splitlines()[0][:200])
-    return Group(depths, consumers, statuses, failures)
+    recurring = Table(title="Recurring operations (STREAMSVC_SCHEDULES)", title_justify="left")
+    for column in ("name", "cron", "last run", "next run"):
+        recurring.add_column(column)
+    for name, cron, last, upcoming in snap.schedules:
+        recurring.add_row(name, cron, _stamp(last) or "never", _stamp(upcoming))
+    return Group(depths, consumers, statuses, failures, recurring)
+
+
+def _stamp(when: dt.datetime | None) -> str:
+    return when.strftime("%Y-%m-%d %H:%M:%S UTC") if when else ""

@@ -24,6 +24,7 @@ import structlog
 from streamsvc.actors.flusher import Flusher
 from streamsvc.actors.ingress import Ingress
 from streamsvc.actors.notifier import Notifier
+from streamsvc.actors.scheduler import Scheduler
 from streamsvc.actors.sweeper import Sweeper
 from streamsvc.adapters import postgres
 from streamsvc.adapters import streams as rs
@@ -32,15 +33,21 @@ from streamsvc.api.inbox import InboxConsumer
 from streamsvc.api.rpc import RpcServer
 from streamsvc.catalog import Catalog
 from streamsvc.keys import Authenticator, KeyStore
+from streamsvc.model import Operation, Receipt, Rejection
 from streamsvc.policy import RetryPolicy
 from streamsvc.ratelimit import RateLimiter
 from streamsvc.settings import Settings
 from streamsvc.store.postgres import PgStore
+from streamsvc.validate import Caller
 
 log = structlog.get_logger("streamsvc.supervisor")
 
-Role = Literal["all", "ingress", "flusher", "sweeper", "notifier"]
-ROLES: tuple[Role, ...] = ("all", "ingress", "flusher", "sweeper", "notifier")
+Role = Literal["all", "ingress", "flusher", "sweeper", "notifier", "scheduler"]
+ROLES: tuple[Role, ...] = ("all", "ingress", "flusher", "sweeper", "notifier", "scheduler")
+
+# Who submits recurring operations (STREAMSVC_SCHEDULES): configuration, not a caller, so
+# every allowed table; the same name in every process, so each tick's id is the same too.
+SCHEDULES = Caller(name="streamsvc:schedules", admin=True)
 
 
 @dataclass
@@ -55,6 +62,7 @@ class Service:
     inbox: InboxConsumer
     flushers: list[Flusher]
     sweeper: Sweeper
+    scheduler: Scheduler
     rpc: RpcServer
     notifier: Notifier
     keys: KeyStore | None
@@ -65,6 +73,7 @@ class Service:
         self.inbox.stopping = True
         for flusher in self.flushers:
             flusher.stopping = True
+        self.scheduler.stop()
         self.rpc.stop()
         self.notifier.stop()
         self.http.should_exit = True
@@ -132,6 +141,21 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
             max_deliveries=settings.max_deliveries,
             chunk=settings.batch_limit,
         )
+
+        async def submit_tick(op: Operation) -> Receipt | Rejection:
+            (result,) = await ingress.submit([op], caller=SCHEDULES, source="schedule")
+            return result
+
+        scheduler = Scheduler(
+            store,
+            streams,
+            chunk=settings.batch_limit,
+            poll_ms=settings.scheduler_poll_ms,
+            lookahead_ms=settings.lookahead_ms,
+            schedules=list(settings.schedules.values()),
+            submit=submit_tick,
+        )
+        ingress.on_held = scheduler.held_until
         rpc = RpcServer(
             ingress,
             auth,
@@ -169,6 +193,7 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
             inbox,
             flushers,
             sweeper,
+            scheduler,
             rpc,
             notifier,
             keys,
@@ -232,7 +257,7 @@ async def run(settings: Settings, role: Role = "all") -> None:
     async with open_service(settings, role) as service, anyio.create_task_group() as support:
         _freeze_start_up()
         # Committers and the sweeper serve the claimers; they go when the claimers are done.
-        if role in ("all", "ingress"):
+        if role in ("all", "ingress", "scheduler"):  # the scheduler submits recurring ones
             support.start_soon(service.ingress.run)
             support.start_soon(service.ingress.run)
         if role in ("all", "sweeper"):
@@ -250,6 +275,8 @@ async def run(settings: Settings, role: Role = "all") -> None:
             if role in ("all", "flusher"):
                 for flusher in service.flushers:
                     claimers.start_soon(flusher.run)
+            if role in ("all", "scheduler"):
+                claimers.start_soon(service.scheduler.run)
             log.info(
                 "service.started",
                 role=role,
