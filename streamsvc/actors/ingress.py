@@ -40,7 +40,6 @@ from streamsvc.model import (
     Receipt,
     Rejection,
     Status,
-    WorkOp,
     derived_id,
     work_encoder,
 )
@@ -230,7 +229,10 @@ class Ingress:
                 places.append((t, j))
         try:
             stored = await self.store.intake(rows)
-            await self._enqueue(stored.ready)
+            if stored.ready:
+                await self.streams.enqueue(
+                    stored.ready, self.chunk, log=log, event="ingress.enqueue_failed"
+                )
             held = [r.run_at for r in rows if r.run_at and r.run_at > now]
             if held:
                 self.on_held(held)
@@ -263,20 +265,6 @@ class Ingress:
             if accepted < len(ticket.ops):
                 metrics.rejected.labels(ticket.source).inc(len(ticket.ops) - accepted)
             ticket.done.set()
-
-    async def _enqueue(self, ready: list[WorkOp]) -> None:
-        """Put the operations due now on the work streams; on failure the sweeper does."""
-        if not ready:
-            return
-        try:
-            await self.streams.add_each(rs.work_entries(self.streams.names, ready, self.chunk))
-        except rs.CONNECTION_EXCEPTIONS as exc:
-            log.warning(
-                "ingress.enqueue_failed",
-                error=str(exc),
-                operations=len(ready),
-                next="stored; the sweeper re-enqueues them from PostgreSQL",
-            )
 
 
 def _scope(caller: Caller | None) -> tuple[str | None, str | None]:

@@ -113,7 +113,7 @@ def publications(
     for o in outcomes:
         by_type[o.operation_type].append(o)
     for op_type, group in by_type.items():
-        for status in (Status.SUCCESS, Status.FAIL):
+        for status in (Status.SUCCESS, Status.FAIL, Status.CANCELLED):
             subset = [o for o in group if o.status is status]
             for part in _parts(subset, budget):
                 event = Event(AGGREGATE_PATTERN, _grouped(op_type, part))
@@ -153,11 +153,17 @@ def _grouped(op_type: str, outcomes: list[Outcome]) -> Grouped:
             if o.status is Status.SUCCESS
         ],
         [
-            Failed(o.id, o.error, o.meta, o.user_operation_id)
+            Failed(o.id, _failed_error(o), o.meta, o.user_operation_id)
             for o in outcomes
             if o.status is not Status.SUCCESS
         ],
     )
+
+
+def _failed_error(o: Outcome) -> str | None:
+    """A failed entry's error; a cancelled operation (which the old service's grouping has
+    no list for) is among the failed with the error "cancelled"."""
+    return "cancelled" if o.status is Status.CANCELLED else o.error
 
 
 class Publisher:

@@ -122,19 +122,10 @@ class Scheduler:
         ready: list[WorkOp] = []
         while self._held and self._held[0][0] <= now:
             ready.append(heapq.heappop(self._held)[2])
-        if not ready:
-            return
-        try:
-            await self.streams.add_each(rs.work_entries(self.streams.names, ready, self.chunk))
-        except rs.CONNECTION_EXCEPTIONS as exc:
-            log.warning(
-                "schedule.enqueue_failed",
-                error=str(exc),
-                operations=len(ready),
-                next="the sweeper re-enqueues them from PostgreSQL",
-            )
-            return
-        metrics.scheduled.inc(len(ready))
+        if ready and await self.streams.enqueue(
+            ready, self.chunk, log=log, event="schedule.enqueue_failed"
+        ):
+            metrics.scheduled.inc(len(ready))
 
     async def _give_back(self) -> None:
         """Stopping: what was taken and not yet put on a stream waits for its time again."""

@@ -178,6 +178,22 @@ class Streams:
         """Atomically add ``entries`` to ``then`` and ack (and delete) ``ids``."""
         await self.ack_adding(group, {stream: ids}, [(then, fields) for fields in entries])
 
+    async def enqueue(self, items: Sequence[WorkOp], chunk: int, *, log: Any, event: str) -> bool:
+        """Put ``items`` on their priority bands' work streams. When Redis cannot take them,
+        log ``event`` and return False: they are stored and pending, so the sweeper
+        re-enqueues them from PostgreSQL."""
+        try:
+            await self.add_each(work_entries(self.names, items, chunk))
+        except CONNECTION_EXCEPTIONS as exc:
+            log.warning(
+                event,
+                error=str(exc),
+                operations=len(items),
+                next="stored; the sweeper re-enqueues them from PostgreSQL",
+            )
+            return False
+        return True
+
     async def add_each(self, entries: Sequence[tuple[str, dict[Any, Any]]]) -> None:
         """Add each entry to its stream, in one round trip."""
         if not entries:

@@ -315,7 +315,7 @@ def _http_problem(exc: HTTPException, max_body_bytes: int) -> Response[Problem]:
     detail = _lower(exc.detail)
     if status == 413:
         detail = f"larger than the {max_body_bytes} bytes allowed"
-    if status == 400 and "json" in detail.lower():
+    if status == 400:  # the body could not be read (not JSON, cut short, empty): refused
         status = 422
         return _problem_response(
             Problem(

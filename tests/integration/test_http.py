@@ -83,11 +83,12 @@ async def test_refusals_are_problem_documents_naming_the_field(
 
 
 async def test_malformed_json_and_unknown_ids(client: httpx.AsyncClient) -> None:
-    malformed = await client.post(
-        "/api/operations", content=b"{oops", headers={"content-type": "application/json"}
-    )
-    assert malformed.status_code == 422
-    assert malformed.json()["errors"][0]["field"] == "body"
+    for path, body in (("/api/operations", b"{oops"), ("/api/operations/batch", b" ")):
+        malformed = await client.post(
+            path, content=body, headers={"content-type": "application/json"}
+        )
+        assert malformed.status_code == 422, (path, body)
+        assert malformed.json()["errors"][0]["field"] == "body"
     missing = await client.get(f"/api/operations/{uuid.uuid4()}")
     assert missing.status_code == 404
     assert missing.headers["content-type"].startswith("application/problem+json")

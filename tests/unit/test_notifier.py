@@ -440,3 +440,32 @@ async def test_a_connection_lost_while_publishing_ends_the_session_for_a_reconne
         with pytest.raises((ExceptionGroup, ConnectionError)):
             await notifier._session(broker)  # type: ignore[arg-type]
     assert await streams.length(names.outcomes) == 1, "left to be read again"
+
+
+def test_a_cancelled_operation_is_announced_under_its_own_routing_key_in_both_modes() -> None:
+    cancelled = [Outcome("x", "ORDER", Status.CANCELLED, None, 0, None, None, "u-x")]
+    [one] = decoded(publications(cancelled, {}, "operation", "events"))
+    assert one[:2] == ("events", "ORDER.CANCELLED")
+    assert one[2] == {
+        "pattern": "batch_operation_finished",
+        "data": {
+            "id": "x",
+            "operationType": "ORDER",
+            "status": "CANCELLED",
+            "error": None,
+            "attempts": 0,
+            "batchId": None,
+            "meta": None,
+            "userOperationId": "u-x",
+        },
+    }
+    [grouped] = decoded(publications(cancelled, {}, "aggregate", "events"))
+    assert grouped[:2] == ("events", "ORDER.CANCELLED")
+    assert grouped[2] == {
+        "pattern": "batch_operations_finished",
+        "data": {
+            "operationType": "ORDER",
+            "success": [],
+            "failed": [{"id": "x", "error": "cancelled", "meta": None, "userOperationId": "u-x"}],
+        },
+    }
