@@ -254,7 +254,16 @@ def create_app(
     )
     swagger = LocalSwagger(path="/docs", assets=ASSETS)
     return Litestar(
-        [create_operation, create_operations, get_operation, metrics, healthz, readyz, assets],
+        [
+            create_operation,
+            create_operations,
+            get_operation,
+            cancel_operation,
+            metrics,
+            healthz,
+            readyz,
+            assets,
+        ],
         openapi_config=OpenAPIConfig(
             title="streamsvc",
             version="1",
