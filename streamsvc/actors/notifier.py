@@ -113,7 +113,7 @@ def publications(
     for o in outcomes:
         by_type[o.operation_type].append(o)
     for op_type, group in by_type.items():
-        for status in (Status.SUCCESS, Status.FAIL):
+        for status in (Status.SUCCESS, Status.FAIL, Status.CANCELLED):
             subset = [o for o in group if o.status is status]
             for part in _parts(subset, budget):
                 event = Event(AGGREGATE_PATTERN, _grouped(op_type, part))
