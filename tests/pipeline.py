@@ -76,11 +76,13 @@ async def statuses(conn: object) -> dict[str, int]:
 
 @asynccontextmanager
 async def serving(settings: Settings) -> AsyncIterator[Service]:
-    """Everything but the signal watcher: committers, RPC, HTTP, flushers, notifier."""
+    """Everything but the signal watcher and the sweeper: committers, RPC, HTTP, flushers,
+    notifier, scheduler."""
     async with open_service(settings) as service, anyio.create_task_group() as tg:
         tg.start_soon(service.ingress.run)
         tg.start_soon(service.rpc.run)
         tg.start_soon(service.notifier.run)
+        tg.start_soon(service.scheduler.run)
         http_done = anyio.Event()
 
         async def serve_http() -> None:

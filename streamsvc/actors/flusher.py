@@ -53,7 +53,9 @@ class Flusher:
         self.keep_claimed_s = keep_claimed_s  # well under the sweeper's claim-idle time
         self.stopping = False
         self.turns = BandTurns()
-        self._ops_per_entry = 1.0
+        # Operations per entry seen so far, which sizes each turn's take to about ``limit``
+        # operations; until entries are seen, assume full ones (a take of one entry).
+        self._ops_per_entry = float(limit)
 
     # -- loop --------------------------------------------------------------------------
     async def run(self, *, burst: bool = False) -> None:

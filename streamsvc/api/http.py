@@ -204,8 +204,10 @@ def create_app(
         "again answers the same. One that finished (SUCCESS or FAIL) answers 409; another "
         "key's, or an unknown id, 404.",
         responses={
-            404: ResponseSpec(Problem, description="No such operation"),
-            409: ResponseSpec(Problem, description="Finished already: cannot be cancelled"),
+            404: ResponseSpec(Problem, description="No such operation", media_type=PROBLEM),
+            409: ResponseSpec(
+                Problem, description="Finished already: cannot be cancelled", media_type=PROBLEM
+            ),
         },
     )
     async def cancel_operation(
@@ -252,7 +254,16 @@ def create_app(
     )
     swagger = LocalSwagger(path="/docs", assets=ASSETS)
     return Litestar(
-        [create_operation, create_operations, get_operation, metrics, healthz, readyz, assets],
+        [
+            create_operation,
+            create_operations,
+            get_operation,
+            cancel_operation,
+            metrics,
+            healthz,
+            readyz,
+            assets,
+        ],
         openapi_config=OpenAPIConfig(
             title="streamsvc",
             version="1",

@@ -12,9 +12,9 @@ import pytest
 from streamsvc.actors.flusher import Flusher
 from streamsvc.adapters import streams as rs
 from streamsvc.errors import PermanentError, TransientError
-from streamsvc.model import Operation, Outcome, Status, outcomes_decoder
+from streamsvc.model import Operation, Outcome, Status, WorkOp, outcomes_decoder
 from streamsvc.policy import BandTurns, RetryPolicy
-from streamsvc.store import NewOperation
+from streamsvc.store import Applied, NewOperation
 from streamsvc.store.memory import MemoryStore
 
 pytestmark = pytest.mark.anyio
@@ -150,3 +150,19 @@ async def test_an_operation_put_on_a_stream_before_its_time_waits_for_it_again()
     await rig.flusher.run(burst=True)
     assert rig.store.applied == [] and row.wake_at == later
     assert await rig.outcomes() == []
+
+
+async def test_a_first_turn_takes_about_limit_operations_so_later_priorities_overtake() -> None:
+    rig = Rig(limit=10)
+    await rig.submit([new(n) for n in range(100)], chunk=10)  # a stored backlog, 10 entries
+    apply = rig.store.apply
+
+    async def arriving_meanwhile(items: Sequence[WorkOp]) -> Applied:
+        if not rig.store.applied:  # while the first batch is applied, priority 9 comes
+            await rig.submit([new(1000, priority=9)])
+        return await apply(items)
+
+    rig.store.apply = arriving_meanwhile  # type: ignore[method-assign]
+    await rig.flusher.run(burst=True)
+    assert len(rig.store.applied) == 101
+    assert rig.store.applied.index("op-1000") <= 20, "it waited for the whole backlog"
