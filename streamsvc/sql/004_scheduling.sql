@@ -23,8 +23,9 @@ CREATE SEQUENCE "BatchOperations_key_seq" OWNED BY "BatchOperations".key_seq;
 CREATE INDEX "BatchOperations_wake_idx" ON "BatchOperations" (wake_at)
     WHERE wake_at IS NOT NULL;
 
--- The pending operations of a key, in their order.
-CREATE INDEX "BatchOperations_key_idx" ON "BatchOperations" (ordering_key, key_seq)
+-- The pending operations of a key (its caller's, see below), in their order.
+CREATE INDEX "BatchOperations_key_idx"
+    ON "BatchOperations" (submitted_by, ordering_key, key_seq)
     WHERE ordering_key IS NOT NULL AND status IN ('UNPROCESSED', 'PROCESSING');
 
 -- The sweeper looks for pending rows that should be on a stream and were not touched for
@@ -40,32 +41,46 @@ CREATE TABLE streamsvc_schedule_ticks (
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 
--- The head of each of `keys` (its earliest pending operation), when parked, is taken out:
--- held for its runAt when that is ahead, else returned (id, body) to be put on a work
--- stream. Every
--- transaction that stores or finishes operations with a key calls this after, so a key's
--- head is never parked and the rest of its pending operations always are. The key locks,
--- taken in one order, make storing and finishing one key's operations take turns: a
--- transaction that parks an operation behind a head commits before the head's finisher
--- looks for the next one, or after it (and then sees no pending head, and stores its own
--- first operation as the head).
-CREATE FUNCTION streamsvc_release_keys(keys text[])
+-- An orderingKey belongs to the caller that sent it: one caller's key never holds back
+-- another's operations, whatever string they chose. A key's identity is therefore
+-- (submitted_by, ordering_key); its lock, the advisory lock below.
+
+-- The head of each key of the operations `ids` (its earliest pending operation), when
+-- parked, is taken out: held for its runAt when that is ahead, else returned (id, body) to
+-- be put on a work stream. Every transaction that stores or finishes operations with a
+-- key calls this after, so a key's head is never parked and the rest of its pending
+-- operations always are. The key locks, taken in one order, make storing and finishing one
+-- key's operations take turns: a transaction that parks an operation behind a head commits
+-- before the head's finisher looks for the next one, or after it (and then sees no pending
+-- head, and stores its own first operation as the head).
+CREATE FUNCTION streamsvc_release_keys(ids uuid[])
 RETURNS TABLE (id text, body text)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
-    k text;
+    k record;
 BEGIN
-    FOR k IN SELECT DISTINCT u.k FROM unnest(keys) AS u(k) WHERE u.k IS NOT NULL ORDER BY 1
+    FOR k IN
+        SELECT DISTINCT b.submitted_by, b.ordering_key FROM "BatchOperations" AS b
+        WHERE b.id = ANY(ids) AND b.ordering_key IS NOT NULL
+        ORDER BY 1, 2
     LOOP
-        PERFORM pg_advisory_xact_lock(1398035021, hashtext(k));
+        PERFORM pg_advisory_xact_lock(1398035021, hashtext(k.submitted_by || ':' || k.ordering_key));
     END LOOP;
     RETURN QUERY
-    WITH heads AS (
-        SELECT DISTINCT ON (b.ordering_key) b.id, b.parked
-        FROM "BatchOperations" AS b
-        WHERE b.ordering_key = ANY(keys) AND b.status IN ('UNPROCESSED', 'PROCESSING')
-        ORDER BY b.ordering_key, b.key_seq
+    WITH keys AS (
+        SELECT DISTINCT b.submitted_by, b.ordering_key FROM "BatchOperations" AS b
+        WHERE b.id = ANY(ids) AND b.ordering_key IS NOT NULL
+    ), heads AS (
+        SELECT h.id, h.parked
+        FROM keys AS k
+        CROSS JOIN LATERAL (
+            SELECT b.id, b.parked FROM "BatchOperations" AS b
+            WHERE b.submitted_by = k.submitted_by AND b.ordering_key = k.ordering_key
+              AND b.status IN ('UNPROCESSED', 'PROCESSING')
+            ORDER BY b.key_seq
+            LIMIT 1
+        ) AS h
     ), released AS (
         UPDATE "BatchOperations" AS b
         SET parked = false, updated_at = now(),
@@ -82,7 +97,7 @@ $$;
 -- Store operations (as many as a group commit holds): new ids come back as (id, true,
 -- ready), ready when the operation goes on a work stream now (neither held for its runAt
 -- nor parked behind its key's earlier operations). An id seen before is left as it is. A
--- key's first operation is stored parked, then released as every key's head is (rows
+-- key's operations are stored parked, then its head released as every key's is (rows
 -- (id, false, true, body)).
 CREATE FUNCTION streamsvc_intake(
     ids uuid[], types text[], bodies text[], priorities smallint[], run_ats timestamptz[],
@@ -91,13 +106,15 @@ RETURNS TABLE (id text, created boolean, ready boolean, body text)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
-    k text;
-    keyed boolean := false;
+    k record;
+    keyed uuid[];
 BEGIN
-    FOR k IN SELECT DISTINCT u.k FROM unnest(keys) AS u(k) WHERE u.k IS NOT NULL ORDER BY 1
+    keyed := ARRAY(SELECT u.id FROM unnest(ids, keys) AS u(id, k) WHERE u.k IS NOT NULL);
+    FOR k IN
+        SELECT DISTINCT u.s, u.k FROM unnest(submitters, keys) AS u(s, k)
+        WHERE u.k IS NOT NULL ORDER BY 1, 2
     LOOP
-        PERFORM pg_advisory_xact_lock(1398035021, hashtext(k));
-        keyed := true;
+        PERFORM pg_advisory_xact_lock(1398035021, hashtext(k.s || ':' || k.k));
     END LOOP;
     RETURN QUERY
     INSERT INTO "BatchOperations" AS b (
@@ -113,8 +130,8 @@ BEGIN
     ORDER BY u.n
     ON CONFLICT ON CONSTRAINT "BatchOperations_pkey" DO NOTHING
     RETURNING b.id::text, true, NOT b.parked AND b.wake_at IS NULL, NULL::text;
-    IF keyed THEN
-        RETURN QUERY SELECT r.id, false, true, r.body FROM streamsvc_release_keys(keys) AS r;
+    IF cardinality(keyed) > 0 THEN
+        RETURN QUERY SELECT r.id, false, true, r.body FROM streamsvc_release_keys(keyed) AS r;
     END IF;
 END
 $$;

@@ -55,9 +55,9 @@ SELECT pg_temp.streamsvc_mark_failed($1::uuid[], $2::text[])
 SELECT op_id, attempts FROM pg_temp.streamsvc_claim($1::uuid[], $2::uuid)
 
 -- name: release_keys
--- The heads of these orderingKeys that were parked, taken out; those due now come back
--- to be put on a work stream (sql/004_scheduling.sql).
-SELECT id, body FROM streamsvc_release_keys($1::text[])
+-- The heads of the keys of these operations, when parked, taken out; those due now come
+-- back to be put on a work stream (sql/004_scheduling.sql).
+SELECT id, body FROM streamsvc_release_keys($1::uuid[])
 
 -- name: clean_session
 -- After a batch that ran callers' statements: what they may have left on the session for
@@ -101,8 +101,8 @@ UPDATE "BatchOperations"
 SET status = 'FAIL', error = $2, processed_at = clock_timestamp(), updated_at = now()
 WHERE id = ANY($1::uuid[]) AND status IN ('UNPROCESSED', 'PROCESSING')
   AND NOT parked AND wake_at IS NULL
-RETURNING id::text AS id, operation_type, attempts, body -> 'meta' AS meta, ordering_key,
-          (body ->> 'userOperationId') AS user_operation_id
+RETURNING id::text AS id, operation_type, attempts, body -> 'meta' AS meta,
+          ordering_key IS NOT NULL AS keyed, (body ->> 'userOperationId') AS user_operation_id
 
 -- name: stale
 -- Pending rows that should be on a stream and were untouched since before $1: touched
@@ -151,12 +151,12 @@ ORDER BY id = $1::uuid DESC, submitted_by = $3::text DESC, created_at
 LIMIT 1
 
 -- name: stuck_keys
--- Keys whose earliest pending operation is parked: its turn came and nobody released it
--- (a crash between a cancel and the release after it). At most $1.
-SELECT ordering_key FROM (
-    SELECT DISTINCT ON (ordering_key) ordering_key, parked FROM "BatchOperations"
+-- Heads of keys (a caller's orderingKey) that are parked: their turn came and nobody
+-- released them (a crash between a cancel and the release after it). At most $1.
+SELECT id::text AS id FROM (
+    SELECT DISTINCT ON (submitted_by, ordering_key) id, parked FROM "BatchOperations"
     WHERE ordering_key IS NOT NULL AND status IN ('UNPROCESSED', 'PROCESSING')
-    ORDER BY ordering_key, key_seq
+    ORDER BY submitted_by, ordering_key, key_seq
 ) AS heads
 WHERE parked
 LIMIT $1
@@ -167,8 +167,8 @@ UPDATE "BatchOperations"
 SET status = 'CANCELLED', processed_at = clock_timestamp(), updated_at = now(),
     wake_at = NULL, parked = false
 WHERE id = $1::uuid AND status IN ('UNPROCESSED', 'PROCESSING')
-RETURNING id::text AS id, operation_type, attempts, body -> 'meta' AS meta, ordering_key,
-          (body ->> 'userOperationId') AS user_operation_id
+RETURNING id::text AS id, operation_type, attempts, body -> 'meta' AS meta,
+          ordering_key IS NOT NULL AS keyed, (body ->> 'userOperationId') AS user_operation_id
 
 -- name: status_counts
 SELECT status, count(*) AS count FROM "BatchOperations" GROUP BY status

@@ -71,8 +71,8 @@ async def apply(pool: asyncpg.Pool, catalog: Catalog, items: Sequence[WorkOp]) -
         try:
             async with conn.transaction():
                 pending, attempts = await batch.apply_all(conn, unique, prepared)
-                keys = [i.op.ordering_key for i in pending]
-                batch.result.released = await release(conn, keys)
+                keyed = [i.id for i in pending if i.op.ordering_key is not None]
+                batch.result.released = await release(conn, keyed)
         finally:
             if callers_sql:
                 await _clean_session(conn)
@@ -243,13 +243,13 @@ async def _not_claimed(conn: asyncpg.Connection, items: Sequence[WorkOp]) -> lis
     ]
 
 
-async def release(conn: asyncpg.Connection, keys: Sequence[str | None]) -> list[WorkOp]:
-    """The next operation of each of ``keys`` whose turn came (its earlier one finished),
-    taken out of the parked ones; those due now are returned, to put on a work stream."""
-    wanted = [k for k in keys if k is not None]
-    if not wanted:
+async def release(conn: asyncpg.Connection, ids: Sequence[str]) -> list[WorkOp]:
+    """For the key of each of the operations ``ids`` (which carry one), the next operation
+    whose turn came (its earlier one finished), taken out of the parked ones; those due now
+    are returned, to put on a work stream."""
+    if not ids:
         return []
-    rows = await conn.fetch(_RELEASE_KEYS, wanted)
+    rows = await conn.fetch(_RELEASE_KEYS, list(ids))
     return [WorkOp(row["id"], body_decoder.decode(row["body"])) for row in rows]
 
 

@@ -59,6 +59,12 @@ class Row:
         return self.status in PENDING
 
     @property
+    def key(self) -> tuple[str, str] | None:
+        """The orderingKey, as its caller's: (submitted_by, ordering_key)."""
+        key = self.op.op.ordering_key
+        return None if key is None else (self.submitted_by, key)
+
+    @property
     def queued(self) -> bool:
         """Pending and not held back: it belongs on a work stream."""
         return self.pending and not self.parked and self.wake_at is None
@@ -99,7 +105,7 @@ class MemoryStore:
     async def intake(self, rows: Sequence[NewOperation]) -> Intake:
         result = Intake(created=set(), refused={}, ready=[])
         now = self.now()
-        keys: list[str | None] = []
+        keyed: list[Row] = []
         for new in rows:
             if new.id in self.rows:
                 continue
@@ -108,14 +114,14 @@ class MemoryStore:
             if new.op.ordering_key is not None:
                 self._seq += 1
                 row.parked, row.key_seq = True, self._seq
-                keys.append(new.op.ordering_key)
+                keyed.append(row)
             elif new.run_at is not None and new.run_at > now:
                 row.wake_at = new.run_at
             self.rows[new.id] = row
             result.created.add(new.id)
             if row.queued:
                 result.ready.append(row.op)
-        result.ready.extend(self._release(keys))
+        result.ready.extend(self._release(keyed))
         return result
 
     async def states(self, ids: Sequence[str]) -> dict[str, State]:
@@ -172,7 +178,7 @@ class MemoryStore:
             if error is None:
                 self.applied.append(row.id)
             result.outcomes.append(row.outcome())
-        result.released = self._release([r.op.op.ordering_key for r in claimed])
+        result.released = self._release(claimed)
         return result
 
     async def count_attempt(self, ids: Sequence[str], error: str) -> None:
@@ -188,7 +194,7 @@ class MemoryStore:
         outcomes = [row.outcome() for row in ended]
         for outcome in outcomes:
             outcome.batch_id = None
-        return Ended(outcomes, self._release([r.op.op.ordering_key for r in ended]))
+        return Ended(outcomes, self._release(ended))
 
     # -- sweeping and scheduling ----------------------------------------------------------
     async def touch_pending(self, ids: Sequence[str]) -> None:
@@ -224,13 +230,12 @@ class MemoryStore:
                 row.wake_at = row.run_at
 
     async def release_stuck(self, limit: int) -> list[WorkOp]:
-        heads: dict[str, Row] = {}
+        heads: dict[tuple[str, str], Row] = {}
         for row in sorted(self.rows.values(), key=lambda r: r.key_seq or 0):
-            key = row.op.op.ordering_key
+            key = row.key
             if key is not None and row.pending and key not in heads:
                 heads[key] = row
-        stuck = [key for key, row in heads.items() if row.parked][:limit]
-        return self._release(stuck)
+        return self._release([row for row in heads.values() if row.parked][:limit])
 
     # -- callers' requests ---------------------------------------------------------------
     async def cancel(self, op_id: str, *, owner: str | None, looker: str | None) -> Cancelled:
@@ -245,7 +250,7 @@ class MemoryStore:
         row.processed_at = row.updated_at = self.now()
         outcome = row.outcome()
         outcome.batch_id = None
-        released = self._release([row.op.op.ordering_key])
+        released = self._release([row])
         return Cancelled("cancelled", row.state(), outcome, released)
 
     async def summary(self, *, failures: int, window_s: int) -> Summary:
@@ -288,12 +293,13 @@ class MemoryStore:
         found.sort(key=lambda r: (r.id != op_id, r.submitted_by != looker, r.created_at))
         return found[0] if found else None
 
-    def _release(self, keys: Sequence[str | None]) -> list[WorkOp]:
-        """streamsvc_release_keys: each key's head, when parked, taken out."""
+    def _release(self, finished: Sequence[Row]) -> list[WorkOp]:
+        """streamsvc_release_keys: the head of each key of ``finished``, when parked,
+        taken out."""
         released: list[WorkOp] = []
         now = self.now()
-        for key in sorted({k for k in keys if k is not None}):
-            pending = [r for r in self.rows.values() if r.pending and r.op.op.ordering_key == key]
+        for key in sorted({row.key for row in finished if row.key is not None}):
+            pending = [r for r in self.rows.values() if r.pending and r.key == key]
             if not pending:
                 continue
             head = min(pending, key=lambda r: r.key_seq or 0)

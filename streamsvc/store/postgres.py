@@ -141,7 +141,7 @@ class PgStore:
     async def fail_pending(self, ids: Sequence[str], error: str) -> Ended:
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(QUERIES["fail_pending"], list(ids), error)
-            released = await batch.release(conn, [r["ordering_key"] for r in rows])
+            released = await batch.release(conn, [r["id"] for r in rows if r["keyed"]])
         outcomes = [_ended(row, Status.FAIL, error) for row in rows]
         return Ended(outcomes=outcomes, released=released)
 
@@ -182,7 +182,7 @@ class PgStore:
                 if state.status is Status.CANCELLED:
                     return Cancelled("cancelled", state)
                 return Cancelled("finished", state)
-            released = await batch.release(conn, [row["ordering_key"]])
+            released = await batch.release(conn, [row["id"]] if row["keyed"] else [])
         outcome = _ended(row, Status.CANCELLED, None)
         state = State(
             row["id"], row["operation_type"], Status.CANCELLED, None, row["attempts"], None
@@ -191,8 +191,8 @@ class PgStore:
 
     async def release_stuck(self, limit: int) -> list[WorkOp]:
         async with self.pool.acquire() as conn:
-            keys = [row[0] for row in await conn.fetch(QUERIES["stuck_keys"], limit)]
-            return await batch.release(conn, keys)
+            heads = [row[0] for row in await conn.fetch(QUERIES["stuck_keys"], limit)]
+            return await batch.release(conn, heads)
 
     async def summary(self, *, failures: int, window_s: int) -> Summary:
         async with self.pool.acquire() as conn:

@@ -16,7 +16,7 @@ from streamsvc.model import Receipt
 from streamsvc.settings import Settings
 from streamsvc.store.postgres import PgStore
 from streamsvc.supervisor import Service
-from streamsvc.validate import ANONYMOUS
+from streamsvc.validate import ANONYMOUS, Caller
 from tests.conftest import make_settings
 from tests.pipeline import drain, eventually, ops, order, running, serving, until_applied
 
@@ -161,6 +161,22 @@ async def test_a_fail_does_not_stop_its_key(service: Service, conn: asyncpg.Conn
     statuses = [(await row(conn, op_id))["status"] for op_id in ids]
     assert statuses == ["SUCCESS", "FAIL", "SUCCESS"]
     assert [r[0] for r in await conn.fetch("SELECT id FROM orders ORDER BY id")] == [1, 3]
+
+
+async def test_a_key_is_its_callers_so_another_caller_cannot_hold_it_back(
+    service: Service, conn: asyncpg.Connection
+) -> None:
+    """A hostile caller sending orderingKey "k" held for a day does not hold back another
+    caller's "k": each caller's keys are its own."""
+    hostile, victim = Caller(name="hostile"), Caller(name="victim")
+    blocker = order(1, orderingKey="k", delayMs=86_400_000)
+    (held,) = await service.ingress.submit(ops([blocker]), caller=hostile, source="api")
+    (mine,) = await service.ingress.submit(
+        ops([order(2, orderingKey="k")]), caller=victim, source="api"
+    )
+    assert isinstance(held, Receipt) and isinstance(mine, Receipt)
+    await until_applied(conn, by="id", value=mine.id)
+    assert (await row(conn, held.id))["status"] == "UNPROCESSED"
 
 
 async def test_one_keys_operations_apply_in_the_order_of_their_bulk_submission(

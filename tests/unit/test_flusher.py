@@ -166,3 +166,14 @@ async def test_a_first_turn_takes_about_limit_operations_so_later_priorities_ove
     await rig.flusher.run(burst=True)
     assert len(rig.store.applied) == 101
     assert rig.store.applied.index("op-1000") <= 20, "it waited for the whole backlog"
+
+
+async def test_one_callers_key_never_holds_back_another_callers_same_key() -> None:
+    rig = Rig()
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+    hostile = NewOperation("held", op(1, orderingKey="k"), "api", "hostile", later)
+    stored = await rig.store.intake([hostile, new(2, orderingKey="k")])
+    assert [w.id for w in stored.ready] == ["op-2"]
+    await rig.streams.add_each(rs.work_entries(rig.streams.names, stored.ready, 10))
+    await rig.flusher.run(burst=True)
+    assert rig.store.applied == ["op-2"]
