@@ -1,0 +1,25 @@
+"""streamsvc's tests. unit/: no servers (fakeredis, the memory store); integration/: the
+local PostgreSQL, Redis and RabbitMQ; e2e/: `streamsvc run` as a subprocess.
+
+Where each part of the package is tested (beyond the file named after it):
+
+    actors/ingress.py     integration/test_pipeline.py, test_batches.py, test_per_caller.py,
+                          unit/test_ingress_check.py, test_stored_id.py
+    actors/flusher.py     unit/test_flusher.py, integration/test_batches.py,
+                          test_recovery.py, e2e/test_crashes.py
+    actors/sweeper.py     unit/test_sweeper.py, integration/test_recovery.py
+    actors/scheduler.py   unit/test_scheduler.py, integration/test_scheduling.py,
+                          e2e/test_schedules.py
+    actors/notifier.py    unit/test_notifier.py, integration/test_hostile_input.py
+    api/http.py           integration/test_http.py, test_openapi_fuzz.py, test_cancel.py
+    api/rpc.py, nestjs.py unit/test_rpc.py, integration/test_rpc.py, test_rpc_faults.py,
+                          e2e/test_nestjs_interop.py
+    api/inbox.py          integration/test_pipeline.py, test_hostile_input.py
+    store/                integration/test_scheduling.py, test_cancel.py, test_apply_rows.py
+                          (the SQL), unit tests of the actors (the memory store)
+    adapters/caller_role  integration/test_caller_role.py
+    sqlguard, sqlscope    unit/test_sqlguard.py, integration/test_sql_scope.py
+    schedules.py          unit/test_schedules.py
+    keys.py, ratelimit.py integration/test_keys.py, test_rate_limit.py, test_security.py
+    benchmarks/           unit/test_bench_*.py, e2e/test_bench.py, test_baselines.py
+"""
