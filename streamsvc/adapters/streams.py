@@ -260,6 +260,21 @@ class Streams:
             raise
         return [(row["message_id"], int(row["times_delivered"])) for row in rows]
 
+    async def pending_below(
+        self, stream: str, group: str, end: bytes, *, count: int, min_idle_ms: int | None = None
+    ) -> list[tuple[bytes, str]]:
+        """(entry id, consumer) of the oldest ``count`` unacked entries older than ``end``
+        (and unacked for at least ``min_idle_ms``, when given), oldest first."""
+        try:
+            rows = await self.redis.xpending_range(
+                stream, group, min="-", max=b"(" + end, count=count, idle=min_idle_ms
+            )
+        except redis.exceptions.ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                return []
+            raise
+        return [(row["message_id"], _text(row["consumer"])) for row in rows]
+
     async def claim(
         self, stream: str, group: str, consumer: str, *, min_idle_ms: int, ids: list[bytes]
     ) -> list[Entry]:
@@ -314,6 +329,10 @@ class Streams:
                 await self.redis.xgroup_delconsumer(stream, group, c["name"])
                 dropped += 1
         return dropped
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _fields(flat: list[bytes]) -> dict[bytes, bytes]:
