@@ -53,7 +53,11 @@ class Flusher:
         self.keep_claimed_s = keep_claimed_s  # well under the sweeper's claim-idle time
         self.stopping = False
         self.turns = BandTurns()
-        self._ops_per_entry = 1.0
+        # Operations per entry, as seen so far: a take asks for about ``limit`` operations'
+        # worth of entries. Until entries are seen, as many as an entry may hold: a fresh
+        # flusher's first take is one entry, not ``limit`` entries of up to ``limit`` each
+        # (which, on a backlog, held all of it while the other flushers had nothing).
+        self._ops_per_entry = float(limit)
 
     # -- loop --------------------------------------------------------------------------
     async def run(self, *, burst: bool = False) -> None:

@@ -111,6 +111,27 @@ async def test_higher_priority_entries_are_taken_first() -> None:
     assert sorted(rig.store.applied) == sorted(f"op-{n}" for n in range(10))
 
 
+async def test_a_fresh_flusher_takes_one_entry_of_a_backlog_not_all_of_it() -> None:
+    """Entries hold up to ``limit`` operations each: a flusher that has seen none yet takes
+    one, leaving the rest of a backlog to the other flushers (and to higher bands' turns)."""
+    rig = Rig(limit=10)
+    await rig.submit([new(n) for n in range(50)], chunk=10)  # five full entries
+    take = rig.streams.take
+    taken: list[int] = []
+
+    async def counting(
+        streams: Sequence[str], group: str, consumer: str, *, count: int
+    ) -> list[rs.Taken]:
+        got = await take(streams, group, consumer, count=count)
+        taken.append(len(got))
+        return got
+
+    rig.streams.take = counting  # type: ignore[method-assign]
+    await rig.flusher.run(burst=True)
+    assert taken[:5] == [1, 1, 1, 1, 1]
+    assert sorted(rig.store.applied) == sorted(f"op-{n}" for n in range(50))
+
+
 def test_every_band_leads_in_proportion_to_its_weight_so_none_starves() -> None:
     turns = BandTurns()
     leads = [turns.next()[0] for _ in range(55)]
