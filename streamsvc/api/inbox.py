@@ -173,6 +173,8 @@ class InboxConsumer:
         read.sort(key=lambda r: _order(r.entry_id))
         while read:
             ready = await self._older_first(consumer, read)
+            if not ready:  # stopping: the rest stay unacked, for whoever takes them over
+                return
             await self._store(read[:ready])
             read = read[ready:]
 
@@ -180,7 +182,7 @@ class InboxConsumer:
         """How many of ``held`` (oldest first) may be stored now: those older than every
         entry another consumer holds unacked. While another holds one older than all of
         them, wait for it to be stored; one left idle for ``claim_idle_ms`` (its reader
-        died) is taken over and stored first."""
+        died) is taken over and stored first. None (0) once the process is stopping."""
         inbox = self.streams.names.inbox
         next_claim = 0.0
         while True:
@@ -193,7 +195,7 @@ class InboxConsumer:
             if theirs is None:
                 return len(held)
             ready = sum(_order(r.entry_id) < theirs for r in held)
-            if ready:
+            if ready or self.stopping:
                 return ready
             if time.monotonic() >= next_claim:
                 next_claim = time.monotonic() + self.claim_idle_ms / 2000
