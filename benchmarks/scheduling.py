@@ -139,33 +139,31 @@ def probes(n: int, priority: int, *, base: int = PROBE_BASE) -> list[Op]:
     ]
 
 
-# Each probe's submit (stored) to applied (claimed by its batch) time, in ms, and how many
-# of the backlog's operations were applied after it.
-PROBE_LATENCY = """
-WITH probes AS (
-    SELECT processed_at,
-           extract(epoch FROM processed_at - created_at) * 1000 AS ms
-    FROM "BatchOperations" WHERE operation_type = $1
-)
-SELECT p.ms::float8 AS ms,
-       (SELECT count(*) FROM "BatchOperations" AS b
-        WHERE b.operation_type <> $1 AND b.processed_at > p.processed_at) AS behind
-FROM probes AS p
+# Every operation's claim time, and for the probes their stored -> applied time in ms.
+APPLIED = """
+SELECT operation_type = $1 AS probe, processed_at,
+       extract(epoch FROM processed_at - created_at)::float8 * 1000 AS ms
+FROM "BatchOperations" ORDER BY processed_at
 """
 
 
 @dataclass(frozen=True)
 class ProbeFigures:
-    latency_ms: dict[str, float]  # p50, p95, p99 of submit -> applied
+    latency_ms: dict[str, float]  # p50, p95, p99 of stored -> applied (created_at -> processed_at)
     behind: list[int]  # of each probe, the backlog's operations applied after it
     backlog: int  # the backlog's operations
 
 
 async def probe_figures(conn: asyncpg.Connection, backlog: int) -> ProbeFigures:
-    rows = await conn.fetch(PROBE_LATENCY, PROBE_TYPE)
-    return ProbeFigures(
-        latency.percentiles([r["ms"] for r in rows]), [r["behind"] for r in rows], backlog
-    )
+    rows = await conn.fetch(APPLIED, PROBE_TYPE)
+    ms, behind, after = [], [], backlog
+    for row in rows:  # by claim time: each probe has the backlog still to come behind it
+        if row["probe"]:
+            ms.append(row["ms"])
+            behind.append(after)
+        else:
+            after -= 1
+    return ProbeFigures(latency.percentiles(ms), behind, backlog)
 
 
 # -- runAt -------------------------------------------------------------------------------------
