@@ -8,6 +8,13 @@ then checked in its table; the service's RSS is sampled meanwhile. Latency is me
 afterwards on a fresh stage, open loop at half that ingress's throughput. Baselines and
 ceilings come from benchmarks.baselines and benchmarks.rpc_ceiling; the old service's
 design cap is arithmetic. A table is printed; JSON and a PNG chart go to benchmarks/results/.
+
+Three scenarios measure what priority, runAt and orderingKey do (benchmarks.scheduling):
+priority (probes at priority 9, then at 0, behind a stored backlog at 0: their stored ->
+applied latency), delayed (delayMs operations on several processes: how late each is
+applied after its runAt; none may be early) and hot-keys (the inbox's throughput when 10%
+of the workload are updates under 100 hot orderingKeys, beside the same operations without
+keys).
 """
 
 from __future__ import annotations
@@ -23,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import asyncpg
 from rich.console import Console
 
-from benchmarks import baselines, latency, report, rpc_ceiling, scenarios, workload
+from benchmarks import baselines, latency, report, rpc_ceiling, scenarios, scheduling, workload
 from benchmarks.stage import (
     cpu_times,
     finished,
@@ -46,9 +54,12 @@ BASELINES: dict[str, Callable[[workload.Workload], Awaitable[dict[str, Any]]]] =
 }
 PER_OPERATION = ("naive", "pgqueuer")  # a few hundred to a few thousand ops/s: --n-baseline
 OLD_CAP, BROKER = "old-cap", "broker"  # --only names of "old design cap", "broker ceiling"
-SCENARIOS = (*scenarios.INGRESSES, *BASELINES, OLD_CAP, BROKER)
+PRIORITY, DELAYED, HOT_KEYS = FEATURES = ("priority", "delayed", "hot-keys")
+SCENARIOS = (*scenarios.INGRESSES, *FEATURES, *BASELINES, OLD_CAP, BROKER)
 IN_FLIGHT = 64  # rpc-single's requests outstanding, and the broker ceiling's
 SPLIT_ROLES = ("ingress", "flusher", "notifier", "sweeper")
+DELAY_MS = (1000, 4000)  # the delayed scenario's delayMs, drawn between these
+HOT_SHARE = 0.1  # of the hot-keys workload, the share under orderingKeys
 
 Result = dict[str, Any]
 
@@ -65,6 +76,11 @@ class Options:
     flushers: int
     limit: int
     roles: list[str]
+    n_backlog: int = 30_000  # priority: operations at priority 0 ahead of the probes
+    n_probes: int = 100  # priority: probes at each priority
+    n_delayed: int = 2000  # delayed: operations
+    processes: int = 3  # delayed: `streamsvc run` processes, every role each
+    hot_keys: int = 100  # hot-keys: orderingKeys
 
     def count(self, name: str) -> int:
         if name == "rpc-single":
@@ -72,13 +88,28 @@ class Options:
         return self.n_baseline if name in PER_OPERATION else self.n
 
 
-async def throughput(name: str, n: int, opts: Options, progress: report.Progress) -> Result:
-    """Ingress ``name`` closed loop with ``n`` operations, from first submission until none
-    is pending; every effect and status checked afterwards."""
-    w = workload.build(n)
+Check = Callable[[asyncpg.Connection], Awaitable[None]]
+
+
+async def throughput(
+    name: str,
+    n: int,
+    opts: Options,
+    progress: report.Progress,
+    *,
+    w: workload.Workload | None = None,
+    label: str | None = None,
+    check: Check | None = None,
+) -> Result:
+    """Ingress ``name`` closed loop with ``n`` operations (``w``, by default the mixed
+    workload), from first submission until none is pending; every effect and status
+    checked afterwards (and ``check`` run). ``label``: the scenario's name in the
+    result."""
+    w = w or workload.build(n)
+    label = label or name
     rss: list[list[float]] = []
     async with stage(w, opts.flushers, opts.limit, opts.roles) as st:
-        update = progress.task(f"{name}: {n:,} operations", n)
+        update = progress.task(f"{label}: {n:,} operations", n)
         async with scenarios.connect(name, **st.ingress()) as ingress:
             started = time.perf_counter()
             async with anyio.create_task_group() as tg:
@@ -93,11 +124,13 @@ async def throughput(name: str, n: int, opts: Options, progress: report.Progress
         update(n)
         await workload.verify(st.conn, w)
         await workload.verify_statuses(st.conn, w)
+        if check is not None:
+            await check(st.conn)
         batches = await st.conn.fetchval(
             "SELECT count(DISTINCT batch_id) FROM \"BatchOperations\" WHERE status = 'SUCCESS'"
         )
     return {
-        "scenario": name,
+        "scenario": label,
         "kind": "streamsvc",
         "operations": n,
         "seconds": round(elapsed, 3),
@@ -123,6 +156,94 @@ async def ingress(name: str, opts: Options, progress: report.Progress) -> Result
             progress=progress.task,
         )
     return result
+
+
+async def priority(opts: Options, progress: report.Progress) -> list[Result]:
+    """Probes at priority 9, then the same at priority 0, each behind its own stored
+    backlog at 0 (benchmarks.scheduling.probe_run): stored -> applied latency."""
+    runs = [
+        await scheduling.probe_run(
+            band,
+            backlog=opts.n_backlog,
+            probes_n=opts.n_probes,
+            flushers=opts.flushers,
+            limit=opts.limit,
+            progress=progress.task,
+        )
+        for band in (9, 0)
+    ]
+    low = runs[1].figures.latency_ms
+    results = []
+    for run in runs:
+        f = run.figures
+        ratio = {p: round(f.latency_ms[p] / low[p], 3) for p in ("p50", "p99")}
+        note = f"{run.left:,} of {f.backlog:,} at 0 left; drained at {run.drain_ops_per_s:,.0f}/s"
+        if run.band != 0:
+            note += f"; p50 x{ratio['p50']}, p99 x{ratio['p99']} of priority 0's"
+        results.append(
+            {
+                "scenario": f"priority {run.band} probes",
+                "kind": "streamsvc",
+                "operations": len(f.behind),
+                "latency_ms": f.latency_ms,
+                "x_priority_0": ratio,
+                "backlog": f.backlog,
+                "backlog_left": run.left,
+                "drain_ops_per_s": round(run.drain_ops_per_s),
+                "ahead_of_median": sum(b > f.backlog / 2 for b in f.behind),
+                "note": note,
+            }
+        )
+    return results
+
+
+async def delayed(opts: Options, progress: report.Progress) -> Result:
+    run = await scheduling.delayed_run(
+        opts.n_delayed,
+        low_ms=DELAY_MS[0],
+        high_ms=DELAY_MS[1],
+        processes=opts.processes,
+        flushers=opts.flushers,
+        limit=opts.limit,
+        progress=progress.task,
+    )
+    late = run.lateness
+    return {
+        "scenario": "delayed",
+        "kind": "streamsvc",
+        "operations": run.operations,
+        "latency_ms": late.percentiles,
+        "lateness_max_ms": round(max(late.ms), 1),
+        "early": late.early,
+        "processes": run.processes,
+        "note": f"lateness (applied - runAt), delayMs {DELAY_MS[0]:,}-{DELAY_MS[1]:,}, "
+        f"{run.processes} processes; none early; max {max(late.ms):,.0f} ms",
+    }
+
+
+async def hot_keys(opts: Options, progress: report.Progress) -> list[Result]:
+    """The mixed workload through the inbox with HOT_SHARE of it updates of hot rows:
+    without keys, then under one orderingKey per row (each row's updates then checked in
+    order, and each row on its last value)."""
+    results = []
+    for ordered in (False, True):
+        w = workload.with_hot_keys(opts.n, keys=opts.hot_keys, share=HOT_SHARE, ordered=ordered)
+
+        async def in_order(conn: asyncpg.Connection, w: workload.Workload = w) -> None:
+            problems = await scheduling.key_order_problems(conn, w.hot, operation_type="HOT_SET")
+            assert not problems, "\n".join(problems)
+
+        label = HOT_KEYS if ordered else f"{HOT_KEYS}, no keys"
+        check = in_order if ordered else None
+        results.append(
+            await throughput("inbox", opts.n, opts, progress, w=w, label=label, check=check)
+        )
+    keyed, plain = results[1], results[0]
+    per_key = round(opts.n * HOT_SHARE / opts.hot_keys)
+    share = f"{HOT_SHARE:.0%} under {opts.hot_keys} orderingKeys ({per_key} each)"
+    plain["note"] = "the same operations without orderingKey"
+    keyed["note"] = f"{share}: x{keyed['ops_per_s'] / plain['ops_per_s']:.2f} of no keys"
+    return results
 
 
 async def baseline(name: str, n: int, progress: report.Progress) -> Result:
@@ -160,15 +281,21 @@ async def broker_ceiling(requests: int, progress: report.Progress) -> Result:
     }
 
 
-async def run_scenario(name: str, opts: Options, progress: report.Progress) -> Result:
+async def run_scenario(name: str, opts: Options, progress: report.Progress) -> list[Result]:
     if name in scenarios.INGRESSES:
-        return await ingress(name, opts, progress)
+        return [await ingress(name, opts, progress)]
+    if name == PRIORITY:
+        return await priority(opts, progress)
+    if name == DELAYED:
+        return [await delayed(opts, progress)]
+    if name == HOT_KEYS:
+        return await hot_keys(opts, progress)
     if name in BASELINES:
-        return await baseline(name, opts.count(name), progress)
+        return [await baseline(name, opts.count(name), progress)]
     if name == OLD_CAP:
-        return old_design_cap()
+        return [old_design_cap()]
     if name == BROKER:
-        return await broker_ceiling(opts.n_ceiling, progress)
+        return [await broker_ceiling(opts.n_ceiling, progress)]
     raise ValueError(f"unknown scenario {name!r}; expected one of {', '.join(SCENARIOS)}")
 
 
@@ -177,18 +304,23 @@ async def bench(opts: Options, progress: report.Progress) -> list[Result]:
     results = []
     for name in [s for s in SCENARIOS if s in opts.names]:
         before = cpu_times()
-        result = await run_scenario(name, opts, progress)
-        result["steal_pct"] = steal_percent(before, cpu_times())
-        progress.note(summary(result))
-        results.append(result)
+        found = await run_scenario(name, opts, progress)
+        steal = steal_percent(before, cpu_times())
+        for result in found:
+            result["steal_pct"] = steal
+            progress.note(summary(result))
+        results.extend(found)
     return results
 
 
 def summary(r: Result) -> str:
-    line = f"{r['scenario']}: {r['ops_per_s']:,} ops/s"
+    parts = [f"{r['ops_per_s']:,} ops/s"] if "ops_per_s" in r else []
     if lat := r.get("latency_ms"):
-        line += f"; at {lat['rate']:,} ops/s p50 {lat['p50']} p95 {lat['p95']} p99 {lat['p99']} ms"
-    return line
+        at = f"at {lat['rate']:,} ops/s " if "rate" in lat else ""
+        parts.append(f"{at}p50 {lat['p50']} p95 {lat['p95']} p99 {lat['p99']} ms")
+    if note := r.get("note"):
+        parts.append(note)
+    return f"{r['scenario']}: " + "; ".join(parts)
 
 
 def machine(opts: Options) -> dict[str, Any]:
@@ -212,6 +344,15 @@ def parse(argv: list[str] | None = None) -> tuple[Options, Path | None]:
     parser.add_argument(
         "--rate", type=float, help="ops/s the latency runs offer (default: half the throughput)"
     )
+    parser.add_argument(
+        "--n-backlog", type=int, default=30_000, help="priority: operations ahead of the probes"
+    )
+    parser.add_argument("--n-probes", type=int, default=100, help="priority: probes per run")
+    parser.add_argument("--n-delayed", type=int, default=2000, help="delayed: operations")
+    parser.add_argument(
+        "--processes", type=int, default=3, help="delayed: service processes, every role each"
+    )
+    parser.add_argument("--hot-keys", type=int, default=100, help="hot-keys: orderingKeys")
     parser.add_argument("--flushers", type=int, default=2, help="STREAMSVC_FLUSHERS")
     parser.add_argument("--limit", type=int, default=1000, help="BATCH_PROCESS_OPERATION_LIMIT")
     parser.add_argument("--only", choices=SCENARIOS, action="append", help="run just these")
@@ -235,6 +376,11 @@ def parse(argv: list[str] | None = None) -> tuple[Options, Path | None]:
         flushers=args.flushers,
         limit=args.limit,
         roles=args.roles.split(","),
+        n_backlog=args.n_backlog,
+        n_probes=args.n_probes,
+        n_delayed=args.n_delayed,
+        processes=args.processes,
+        hot_keys=args.hot_keys,
     )
     return opts, None if args.no_save else args.out
 

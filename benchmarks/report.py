@@ -1,8 +1,10 @@
 """How a bench run is shown: a live progress bar, then a table, a JSON file and a PNG chart.
 
 A result is a JSON-able dict: "scenario", "kind" (streamsvc | baseline | ceiling |
-arithmetic), "ops_per_s", and when measured "operations", "seconds", "mean_batch",
-"latency_ms" ({"rate", "p50", "p95", "p99"}, and "stages" and "cpu" where measured),
+arithmetic), "ops_per_s" (not for rows that measure only a latency), and when measured
+"operations", "seconds", "mean_batch",
+"latency_ms" ({"rate", "p50", "p95", "p99"}, and "stages" and "cpu" where measured; without
+"rate" for latencies that are not at an offered rate: priority probes, delayed lateness),
 "rss_mb" ([[seconds, MB], ...]), "steal_pct" (CPU time the hypervisor gave to other guests
 during the scenario, in percent: the machine's noise) and "note".
 Every throughput is also given as a ratio to the naive baseline and to the ceiling.
@@ -48,13 +50,14 @@ Result = dict[str, Any]
 
 def ratios(results: list[Result]) -> list[Result]:
     """Each result with "x_naive" and "x_ceiling" added (its ops/s over that scenario's,
-    to 2 places), each only when its reference scenario is present; returns new dicts."""
+    to 2 places), each only when it has a throughput and its reference scenario is
+    present; returns new dicts."""
     reference = {r["scenario"]: r["ops_per_s"] for r in results if r.get("ops_per_s")}
     out = []
     for result in results:
         result = dict(result)
         for key, scenario in RATIOS.items():
-            if scenario in reference:
+            if scenario in reference and result.get("ops_per_s"):
                 result[key] = round(result["ops_per_s"] / reference[scenario], 2)
         out.append(result)
     return out
@@ -229,14 +232,19 @@ def _latency_panel(ax: Axes, results: list[Result]) -> None:
         ax.bar_label(bars, fmt="{:.1f}", padding=2, fontsize=7)
     ax.set_xticks(
         range(len(results)),
-        [f"{r['scenario']}\n@ {r['latency_ms'].get('rate', 0):,.0f} ops/s" for r in results],
+        [_latency_label(r) for r in results],
         fontsize=8,
     )
     ax.set_ylabel("ms")
-    ax.set_title("latency at an offered rate", loc="left", fontsize=10)
+    ax.set_title("latency (at an offered rate, where one is shown)", loc="left", fontsize=10)
     ax.margins(y=0.15)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
+
+
+def _latency_label(r: Result) -> str:
+    rate = r["latency_ms"].get("rate")
+    return r["scenario"] if rate is None else f"{r['scenario']}\n@ {rate:,.0f} ops/s"
 
 
 def _rss_panel(ax: Axes, results: list[Result]) -> None:

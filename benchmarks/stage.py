@@ -39,6 +39,17 @@ class Stage:
     conn: asyncpg.Connection
     redis: Any
     services: list[tuple[str, ServiceProcess]]  # (role, process)
+    env: dict[str, str]  # what every service process of the stage runs with
+
+    async def start(self, role: str) -> ServiceProcess:
+        """One more `streamsvc run --role <role>` on this stage (stopped with the rest)."""
+        service = ServiceProcess(
+            {**self.env, "STREAMSVC_HTTP_PORT": str(free_port())},
+            Path(tempfile.mkdtemp(prefix="streamsvc-bench-")),
+        )
+        self.services.append((role, service))
+        await service.start("--role", role)
+        return service
 
     @property
     def inbox(self) -> str:
@@ -72,7 +83,8 @@ class Stage:
 async def stage(
     w: workload.Workload, flushers: int, limit: int, roles: list[str]
 ) -> AsyncIterator[Stage]:
-    """``w``'s database, and one `streamsvc run --role <role>` per role, running on it."""
+    """``w``'s database, and one `streamsvc run --role <role>` per role, running on it
+    (more may be started with ``Stage.start``)."""
     prefix = f"streamsvc-bench-{uuid.uuid4().hex[:8]}"
     env = {
         "DB_HOST": str(PG["host"]),
@@ -89,15 +101,11 @@ async def stage(
     async with baselines.fresh_database(w, migrate=True) as (name, conn):
         redis = rs.connect(REDIS_URL)
         services: list[tuple[str, ServiceProcess]] = []
+        st = Stage(name, prefix, conn, redis, services, {**env, "DB_NAME": name})
         try:
             for role in roles:  # `all`, or a split such as ingress + flusher
-                service = ServiceProcess(
-                    {**env, "DB_NAME": name, "STREAMSVC_HTTP_PORT": str(free_port())},
-                    Path(tempfile.mkdtemp(prefix="streamsvc-bench-")),
-                )
-                services.append((role, service))
-                await service.start("--role", role)
-            yield Stage(name, prefix, conn, redis, services)
+                await st.start(role)
+            yield st
         finally:
             for _, service in services:
                 await service.terminate()

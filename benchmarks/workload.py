@@ -49,6 +49,8 @@ class Workload:
     poisoned: list[int] = field(default_factory=list)
     increments: int = 0
     seeded: int = 0
+    hot: dict[str, int] = field(default_factory=dict)  # hot row -> its count of updates
+    ordered: bool = False  # whether the hot rows' updates carry their orderingKey
 
 
 def build(n: int, *, seed: int = 7) -> Workload:
@@ -130,6 +132,35 @@ def build(n: int, *, seed: int = 7) -> Workload:
     return w
 
 
+def with_hot_keys(
+    n: int, *, keys: int, share: float = 0.1, ordered: bool, seed: int = 7
+) -> Workload:
+    """``build``'s workload of ``n`` operations, ``share`` of them updates of ``keys`` hot
+    counters rows (``UPDATE counters SET value = <its count so far> WHERE name = 'h<k>'``,
+    keys taking turns), spread evenly through it; under the orderingKey of their row when
+    ``ordered``. In order, every hot row ends on its count of updates."""
+    keyed = round(n * share)
+    w = build(n - keyed, seed=seed)
+    rows = [f"h{k}" for k in range(keys)]
+    updates = [
+        {
+            "operationType": "HOT_SET",
+            "table": "counters",
+            "action": "update",
+            "values": {"value": i // keys + 1},
+            "key": {"name": rows[i % keys]},
+            **({"orderingKey": rows[i % keys]} if ordered else {}),
+        }
+        for i in range(keyed)
+    ]
+    at = {int((j + 0.5) * n / keyed) for j in range(keyed)} if keyed else set()
+    rest, hot = iter(w.ops), iter(updates)
+    w.ops = [next(hot) if i in at else next(rest) for i in range(n)]
+    w.hot = {row: keyed // keys + (k < keyed % keys) for k, row in enumerate(rows)}
+    w.ordered = ordered
+    return w
+
+
 def _op(kind: str, table: str, action: str, **body: Any) -> dict[str, Any]:
     return {"operationType": kind, "table": table, "action": action, **body}
 
@@ -140,7 +171,8 @@ async def seed(conn: asyncpg.Connection, w: Workload) -> None:
         [(i,) for i in range(SEEDED_BASE, SEEDED_BASE + w.seeded)],
     )
     await conn.executemany(
-        "INSERT INTO counters (name, value) VALUES ($1, 0)", [(f"k{i}",) for i in range(COUNTERS)]
+        "INSERT INTO counters (name, value) VALUES ($1, 0)",
+        [(f"k{i}",) for i in range(COUNTERS)] + [(row,) for row in w.hot],
     )
 
 
@@ -158,6 +190,13 @@ async def verify(conn: asyncpg.Connection, w: Workload) -> None:
     assert {r[0]: r[1] for r in upserted} == w.upserted
     bumped = await conn.fetchval("SELECT sum(value) FROM counters WHERE name LIKE 'k%'")
     assert bumped == w.increments
+    if w.hot:  # in order, each ends on its last update; else on one of them
+        hot = await conn.fetch("SELECT name, value FROM counters WHERE name = ANY($1)", list(w.hot))
+        got = {r[0]: r[1] for r in hot}
+        if w.ordered:
+            assert got == w.hot, {k: (v, w.hot[k]) for k, v in got.items() if v != w.hot[k]}
+        else:
+            assert set(got) == set(w.hot) and all(1 <= v <= w.hot[k] for k, v in got.items())
 
 
 def expected_statuses(w: Workload) -> dict[str, int]:

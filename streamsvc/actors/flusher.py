@@ -53,9 +53,16 @@ class Flusher:
         self.keep_claimed_s = keep_claimed_s  # well under the sweeper's claim-idle time
         self.stopping = False
         self.turns = BandTurns()
-        # Operations per entry seen so far, which sizes each turn's take to about ``limit``
-        # operations; until entries are seen, assume full ones (a take of one entry).
+        # Operations per entry, as seen so far, of all streams (for a blocking read) and of
+        # each (for a take): a take asks for about ``limit`` operations' worth of entries.
+        # Until entries are seen, as many as an entry may hold: a fresh flusher's first take
+        # is one entry, not ``limit`` entries of up to ``limit`` each (which, on a backlog,
+        # held all of it while the other flushers had nothing). Kept by stream, so that the
+        # small entries of one band (a trickle at priority 9) do not make a take fill up
+        # with many full ones of another: a take is about one transaction, and a higher
+        # band's operation waits only for the transactions in flight.
         self._ops_per_entry = float(limit)
+        self._per_entry: dict[str, float] = {}
 
     # -- loop --------------------------------------------------------------------------
     async def run(self, *, burst: bool = False) -> None:
@@ -69,8 +76,15 @@ class Flusher:
         while not self.stopping:
             count = max(1, min(self.limit, int(self.limit / self._ops_per_entry)))
             order = [names.work_of(p) for p in self.turns.next()]
+            per_entry = [self._per_entry.get(stream, float(self.limit)) for stream in order]
             try:
-                taken = await self.streams.take(order, rs.FLUSHER_GROUP, self.name, count=count)
+                taken = await self.streams.take(
+                    order,
+                    rs.FLUSHER_GROUP,
+                    self.name,
+                    operations=self.limit,
+                    per_entry=per_entry,
+                )
                 if not taken:
                     if burst:
                         return
@@ -94,9 +108,12 @@ class Flusher:
     async def handle(self, taken: list[rs.Taken]) -> None:
         """Apply every operation of the ``taken`` entries (in transactions of at most
         ``limit``), then report the outcomes and ack the entries in one Redis transaction."""
-        items = await self._decode(taken)
+        items, per_stream = await self._decode(taken)
         ops_count = len(items)
         self._ops_per_entry = 0.8 * self._ops_per_entry + 0.2 * max(1, ops_count / len(taken))
+        for stream, (entries, ops) in per_stream.items():
+            seen = self._per_entry.get(stream, float(self.limit))
+            self._per_entry[stream] = 0.8 * seen + 0.2 * max(1, ops / entries)
         metrics.in_flight.inc(ops_count)
         try:
             async with anyio.create_task_group() as keeping:
@@ -139,13 +156,19 @@ class Flusher:
                     next=f"trying again in {self.keep_claimed_s} s",
                 )
 
-    async def _decode(self, taken: list[rs.Taken]) -> list[WorkOp]:
-        """The operations of the ``taken`` entries; an entry that is not ours is
-        dead-lettered."""
+    async def _decode(
+        self, taken: list[rs.Taken]
+    ) -> tuple[list[WorkOp], dict[str, tuple[int, int]]]:
+        """The operations of the ``taken`` entries, and (entries, operations) of each
+        stream; an entry that is not ours is dead-lettered."""
         items: list[WorkOp] = []
-        for _, (entry_id, fields) in taken:
+        per_stream: dict[str, tuple[int, int]] = {}
+        for stream, (entry_id, fields) in taken:
             try:
-                items.extend(work_decoder.decode(fields[b"ops"]))
+                ops = work_decoder.decode(fields[b"ops"])
+                items.extend(ops)
+                entries, count = per_stream.get(stream, (0, 0))
+                per_stream[stream] = (entries + 1, count + len(ops))
             except Exception as exc:
                 reason = f"undecodable work entry: {exc}"
                 log.error(
@@ -156,7 +179,7 @@ class Flusher:
                 )
                 dead: dict[Any, Any] = {**fields, b"reason": reason.encode()}
                 await self.streams.add(self.streams.names.dead, [dead])
-        return items
+        return items, per_stream
 
     async def _report(self, taken: list[rs.Taken], result: Applied) -> None:
         """Ack the ``taken`` entries, and add the outcomes and the released operations, in

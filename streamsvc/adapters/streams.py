@@ -221,13 +221,22 @@ class Streams:
             await pipe.execute()
 
     async def take(
-        self, streams: Sequence[str], group: str, consumer: str, *, count: int
+        self,
+        streams: Sequence[str],
+        group: str,
+        consumer: str,
+        *,
+        operations: int,
+        per_entry: Sequence[float],
     ) -> list[Taken]:
-        """Up to ``count`` new entries for ``consumer``, from ``streams`` in that order (the
-        next stream only when one has too few), in one round trip; a group Redis lost is
-        made again, and the streams read once more."""
+        """New entries for ``consumer`` worth about ``operations`` operations, from
+        ``streams`` in that order (the next stream only when one has too few), each stream's
+        entries counted at its ``per_entry`` (operations per entry, as seen so far), in one
+        round trip; at least one entry when any is there. A group Redis lost is made again,
+        and the streams read once more."""
+        args: list[str | float] = [group, consumer, operations, *per_entry]
         for _ in range(2):
-            reply = await self._take(keys=list(streams), args=[group, consumer, count])
+            reply = await self._take(keys=list(streams), args=args)
             lost = [stream.decode() for stream, entries in reply if entries == b"NOGROUP"]
             for name in lost:
                 await self.ensure_group(name, group)
@@ -275,6 +284,21 @@ class Streams:
                 return []
             raise
         return [(row["message_id"], int(row["times_delivered"])) for row in rows]
+
+    async def pending_below(
+        self, stream: str, group: str, end: bytes, *, count: int, min_idle_ms: int | None = None
+    ) -> list[tuple[bytes, str]]:
+        """(entry id, consumer) of the oldest ``count`` unacked entries older than ``end``
+        (and unacked for at least ``min_idle_ms``, when given), oldest first."""
+        try:
+            rows = await self.redis.xpending_range(
+                stream, group, min="-", max=b"(" + end, count=count, idle=min_idle_ms
+            )
+        except redis.exceptions.ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                return []
+            raise
+        return [(row["message_id"], _text(row["consumer"])) for row in rows]
 
     async def claim(
         self, stream: str, group: str, consumer: str, *, min_idle_ms: int, ids: list[bytes]
@@ -332,29 +356,43 @@ class Streams:
         return dropped
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _fields(flat: list[bytes]) -> dict[bytes, bytes]:
     """An entry's fields from a script's flat [name, value, ...] reply."""
     return dict(zip(flat[0::2], flat[1::2], strict=True))
 
 
-# Read new entries for one consumer from the streams in KEYS, in order, until ARGV[3] are
-# taken: XREADGROUP without BLOCK inside a script, so the streams are tried in one round
-# trip and nothing is taken from a later stream while an earlier one had enough. A stream
-# whose group is gone answers NOGROUP in place of its entries.
+# Read new entries for one consumer from the streams in KEYS, in order, until about
+# ARGV[3] operations are taken, the entries of KEYS[i] counted at ARGV[3 + i] operations
+# each: XREADGROUP without BLOCK inside a script, so the streams are tried in one round
+# trip and nothing is taken from a later stream while an earlier one had enough. The
+# first entry is taken whatever it holds. A stream whose group is gone answers NOGROUP in
+# place of its entries.
 _TAKE = """
 local left = tonumber(ARGV[3])
+local taken = 0
 local reply = {}
-for _, key in ipairs(KEYS) do
+for i, key in ipairs(KEYS) do
     if left <= 0 then break end
-    local ok, read = pcall(redis.call, 'XREADGROUP', 'GROUP', ARGV[1], ARGV[2],
-                           'COUNT', left, 'STREAMS', key, '>')
-    if not ok then
-        table.insert(reply, {key, 'NOGROUP'})
-    elseif read and read[1] then
-        -- Redis answers {{stream, entries}}; fakeredis, which unit tests run, {stream, entries}
-        local entries = type(read[1]) == 'table' and read[1][2] or read[2]
-        left = left - #entries
-        table.insert(reply, {key, entries})
+    local per = tonumber(ARGV[3 + i])
+    local count = math.floor(left / per + 0.5)
+    if count < 1 and taken == 0 then count = 1 end
+    if count >= 1 then
+        local ok, read = pcall(redis.call, 'XREADGROUP', 'GROUP', ARGV[1], ARGV[2],
+                               'COUNT', count, 'STREAMS', key, '>')
+        if not ok then
+            table.insert(reply, {key, 'NOGROUP'})
+        elseif read and read[1] then
+            -- Redis answers {{stream, entries}}; fakeredis, which unit tests run,
+            -- {stream, entries}
+            local entries = type(read[1]) == 'table' and read[1][2] or read[2]
+            left = left - #entries * per
+            taken = taken + #entries
+            table.insert(reply, {key, entries})
+        end
     end
 end
 return reply

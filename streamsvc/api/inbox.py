@@ -5,12 +5,17 @@ validated one by one, stored with one group commit, and acked only after that. A
 operation without a userOperationId gets an id derived from its entry id, so an entry
 delivered twice (after a crash before the ack) is still stored once. Entries that cannot
 be accepted go to the rejects stream with the reason (never with a key), and are acked.
+
+Operations with an orderingKey are stored in the order of their entries, whichever reader
+or process reads them: a reader holding any waits until every older entry other readers
+hold is stored (acked) before it stores its own (``_older_first``).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 
 import anyio
 import msgspec
@@ -37,6 +42,17 @@ log = structlog.get_logger("streamsvc.inbox")
 
 _NAMESPACE = uuid.UUID("6c1f0c52-3c1e-4c55-9a55-5f0d3e0c9b11")
 SOURCE = "inbox"
+_ORDER_POLL_S = 0.005  # how often a reader holding keyed operations looks at older entries
+
+
+@dataclass(slots=True)
+class _Read:
+    """One inbox entry, decoded: its operation and caller, or why it is rejected."""
+
+    entry_id: bytes
+    op: Operation | None = None
+    caller: Caller | None = None
+    rejection: Rejection | None = None
 
 
 class InboxConsumer:
@@ -93,7 +109,7 @@ class InboxConsumer:
                     own_pending=own_pending,
                 )
                 if entries:
-                    await self.ingest(entries)
+                    await self.ingest(entries, consumer)
                 elif own_pending:
                     own_pending = False
                 elif burst:
@@ -111,46 +127,108 @@ class InboxConsumer:
                     "reading unacked entries again",
                 )
 
-    async def _take_over_idle(self, consumer: str) -> None:
-        """Entries a dead inbox consumer read and never acked become ours."""
+    async def _take_over_idle(self, consumer: str, *, before: bytes | None = None) -> None:
+        """Entries a dead inbox consumer read and never acked become ours (only those older
+        than the entry ``before``, when given)."""
         names = self.streams.names
-        entries = await self.streams.autoclaim(
-            names.inbox,
-            rs.INGRESS_GROUP,
-            consumer,
-            min_idle_ms=self.claim_idle_ms,
-            count=self.count,
-        )
+        if before is None:
+            entries = await self.streams.autoclaim(
+                names.inbox,
+                rs.INGRESS_GROUP,
+                consumer,
+                min_idle_ms=self.claim_idle_ms,
+                count=self.count,
+            )
+        else:
+            idle = await self.streams.pending_below(
+                names.inbox,
+                rs.INGRESS_GROUP,
+                before,
+                count=self.count,
+                min_idle_ms=self.claim_idle_ms,
+            )
+            entries = await self.streams.claim(
+                names.inbox,
+                rs.INGRESS_GROUP,
+                consumer,
+                min_idle_ms=self.claim_idle_ms,
+                ids=[entry_id for entry_id, owner in idle if owner != consumer],
+            )
         if entries:
             log.info("inbox.took_over_idle", entries=len(entries))
-            await self.ingest(entries)
+            await self.ingest(entries, consumer)
 
-    async def ingest(self, entries: list[rs.Entry]) -> None:
+    async def ingest(self, entries: list[rs.Entry], consumer: str | None = None) -> None:
         """Store every acceptable operation of ``entries``; reject the rest; ack all.
 
         Whatever one entry holds, it is stored or rejected on its own: nothing in it makes
         the reader read the others again. Only a store that is away does (a transient
-        error), and then for every entry, unacked."""
+        error), and then for every entry, unacked. When any operation carries an
+        orderingKey, the entries are stored oldest first, each once every older entry that
+        another consumer than ``consumer`` (the reader holding these) holds is stored."""
+        read = [self._decode(entry_id, fields) for entry_id, fields in entries]
+        if consumer is None or all(r.op is None or r.op.ordering_key is None for r in read):
+            await self._store(read)
+            return
+        read.sort(key=lambda r: _order(r.entry_id))
+        while read:
+            ready = await self._older_first(consumer, read)
+            if not ready:  # stopping: the rest stay unacked, for whoever takes them over
+                return
+            await self._store(read[:ready])
+            read = read[ready:]
+
+    async def _older_first(self, consumer: str, held: list[_Read]) -> int:
+        """How many of ``held`` (oldest first) may be stored now: those older than every
+        entry another consumer holds unacked. While another holds one older than all of
+        them, wait for it to be stored; one left idle for ``claim_idle_ms`` (its reader
+        died) is taken over and stored first. None (0) once the process is stopping."""
+        inbox = self.streams.names.inbox
+        next_claim = 0.0
+        while True:
+            # Below the last held entry, at most len(held) - 1 are ours: among the oldest
+            # len(held) pending ones is the oldest of another consumer, if there is one.
+            older = await self.streams.pending_below(
+                inbox, rs.INGRESS_GROUP, held[-1].entry_id, count=len(held)
+            )
+            theirs = next((_order(eid) for eid, owner in older if owner != consumer), None)
+            if theirs is None:
+                return len(held)
+            ready = sum(_order(r.entry_id) < theirs for r in held)
+            if ready or self.stopping:
+                return ready
+            if time.monotonic() >= next_claim:
+                next_claim = time.monotonic() + self.claim_idle_ms / 2000
+                await self._take_over_idle(consumer, before=held[0].entry_id)
+            await anyio.sleep(_ORDER_POLL_S)
+
+    def _decode(self, entry_id: bytes, fields: dict[bytes, bytes]) -> _Read:
+        op: Operation | None = None
+        try:
+            op = self._operation(fields)
+            caller = self.auth.caller_for(fields.get(b"key") or op.api_key)
+        except InvalidOperation as exc:
+            return _Read(entry_id, op, rejection=Rejection(exc.field, exc.reason))
+        except Exception as exc:
+            log.exception("inbox.entry_failed", entry=entry_id.decode(), next="rejected")
+            reason = f"could not be read: {type(exc).__name__}"
+            return _Read(entry_id, op, rejection=Rejection("op", reason))
+        return _Read(entry_id, op, caller)
+
+    async def _store(self, read: list[_Read]) -> None:
+        """Store the accepted operations of ``read``, reject the rest, ack every entry."""
         names = self.streams.names
         rejects: list[dict[str, bytes]] = []
         by_caller: dict[Caller, tuple[list[Operation], list[str | None], list[bytes]]] = {}
-        for entry_id, fields in entries:
-            op: Operation | None = None
-            try:
-                op = self._operation(fields)
-                caller = self.auth.caller_for(fields.get(b"key") or op.api_key)
-            except InvalidOperation as exc:
-                rejects.append(_reject(entry_id, op, Rejection(exc.field, exc.reason)))
+        for r in read:
+            if r.rejection is not None:
+                rejects.append(_reject(r.entry_id, r.op, r.rejection))
                 continue
-            except Exception as exc:
-                log.exception("inbox.entry_failed", entry=entry_id.decode(), next="rejected")
-                reason = f"could not be read: {type(exc).__name__}"
-                rejects.append(_reject(entry_id, op, Rejection("op", reason)))
-                continue
-            ops, ids, entry_ids = by_caller.setdefault(caller, ([], [], []))
-            ops.append(op)
-            ids.append(derived_id(_NAMESPACE, f"{names.inbox}:{entry_id.decode()}"))
-            entry_ids.append(entry_id)
+            assert r.op is not None and r.caller is not None  # what _decode accepted
+            ops, ids, entry_ids = by_caller.setdefault(r.caller, ([], [], []))
+            ops.append(r.op)
+            ids.append(derived_id(_NAMESPACE, f"{names.inbox}:{r.entry_id.decode()}"))
+            entry_ids.append(r.entry_id)
         for caller, (ops, ids, entry_ids) in by_caller.items():
             admitted, refusal = await self.auth.admit_some(caller, len(ops))
             if refusal is not None:  # over the key's rate: the later entries are refused
@@ -177,7 +255,7 @@ class InboxConsumer:
             rejects.sort(key=lambda r: _order(r["entry"]))
             await self.streams.add(names.rejects, rejects)
             log.info("inbox.rejected", entries=len(rejects))
-        await self.streams.ack(names.inbox, rs.INGRESS_GROUP, [eid for eid, _ in entries])
+        await self.streams.ack(names.inbox, rs.INGRESS_GROUP, [r.entry_id for r in read])
 
     async def _submit_alone(
         self, op: Operation, caller: Caller, op_id: str | None, index: int

@@ -11,18 +11,21 @@
 -- still ahead. A row another flusher
 -- is finishing is waited for, then skipped as no longer pending. `id = ANY(ids)` finds the
 -- rows by primary key (joined to an unnest alone, a batch of 1,000 is planned as a hash
--- join over a scan of the whole table). That wait is a lock wait, as the table locks'
+-- join over a scan of the whole table), and only by it: "pending" is written as not
+-- finished, which the pending rows' partial index does not cover, and sequential scans
+-- are off here. Otherwise the planner may scan every pending row for each claim (all of
+-- a backlog), or the whole table. That wait is a lock wait, as the table locks'
 -- (streamsvc_lock_tables): should the statement timeout (or a cancel) end it, it comes out
 -- as 55P03, lock_not_available.
 CREATE FUNCTION pg_temp.streamsvc_claim(ids uuid[], batch uuid)
 RETURNS TABLE (op_id text, attempts integer)
-LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+LANGUAGE plpgsql SET search_path FROM CURRENT SET enable_seqscan = off AS $$
 BEGIN
     RETURN QUERY
     UPDATE "BatchOperations" AS b
     SET status = 'SUCCESS', error = NULL, attempts = b.attempts + 1, batch_id = batch,
         processed_at = clock_timestamp(), updated_at = now()
-    WHERE b.id = ANY(ids) AND b.status IN ('UNPROCESSED', 'PROCESSING')
+    WHERE b.id = ANY(ids) AND b.status NOT IN ('SUCCESS', 'FAIL', 'CANCELLED')
       AND NOT b.parked AND b.wake_at IS NULL
       AND (b.run_at IS NULL OR b.run_at <= clock_timestamp())
     RETURNING b.id::text, b.attempts;

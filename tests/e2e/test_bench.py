@@ -1,8 +1,10 @@
 """`just bench` works: a tiny run of every scenario, end to end, saved as JSON and PNG.
 
 Its figures mean nothing at this size, so nothing here asserts on speed. The run is split
-(each of streamsvc's ingresses; the baselines and ceilings) to stay well inside the
-per-test timeout.
+(each of streamsvc's ingresses; the baselines and ceilings; each scheduling scenario) to
+stay well inside the per-test timeout. The scheduling scenarios check what they measure
+themselves (every effect once, delayed ones never early, each key's updates in order);
+here they run small, marked slow.
 """
 
 from __future__ import annotations
@@ -16,11 +18,16 @@ import pytest
 from rich.console import Console
 
 from benchmarks import report, rpc_ceiling, scenarios
-from benchmarks.__main__ import SCENARIOS, bench, machine, parse
+from benchmarks.__main__ import FEATURES, SCENARIOS, bench, machine, parse
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
 TINY = ["--n", "300", "--n-single", "150", "--n-baseline", "300", "--n-ceiling", "256"]
+# The scheduling scenarios, small: a backlog of 30 batches of 100, 10 keys of 10 updates.
+SMALL = [
+    *("--n", "1000", "--n-backlog", "3000", "--n-probes", "20"),
+    *("--n-delayed", "200", "--hot-keys", "10", "--limit", "100"),
+]
 REFERENCES = {
     "naive": "baseline",
     "pgqueuer": "baseline",
@@ -42,7 +49,7 @@ async def run_saved(names: list[str], directory: Path, *extra: str) -> list[dict
     data, picture = report.save(results, machine(opts), directory)
     assert picture.exists() and picture.stat().st_size > 0
     saved = json.loads(data.read_text())
-    assert saved["machine"]["n"] == 300
+    assert saved["machine"]["n"] == opts.n
     return list(saved["results"])
 
 
@@ -69,7 +76,7 @@ async def test_every_ingress_runs_with_latency_and_memory(ingress: str, tmp_path
 
 
 async def test_baselines_and_ceilings_run(tmp_path: Path) -> None:
-    names = [name for name in SCENARIOS if name not in scenarios.INGRESSES]
+    names = [name for name in SCENARIOS if name not in (*scenarios.INGRESSES, *FEATURES)]
     assert set(names) == set(REFERENCES)
     results = await run_saved(names, tmp_path)
     assert [r["scenario"] for r in results] == [SCENARIO_NAMES.get(n, n) for n in names]
@@ -85,3 +92,33 @@ async def test_baselines_and_ceilings_run(tmp_path: Path) -> None:
 async def test_python_broker_ceiling_without_node() -> None:
     """Where node or tests/nestjs/node_modules is missing, the ceiling is aio-pika's."""
     assert await rpc_ceiling.python_ceiling(128, in_flight=16) > 0
+
+
+@pytest.mark.slow
+async def test_priority_probes_are_applied_ahead_of_the_backlogs_median(tmp_path: Path) -> None:
+    high, low = await run_saved(["priority"], tmp_path, *SMALL)
+    assert [high["scenario"], low["scenario"]] == ["priority 9 probes", "priority 0 probes"]
+    for r in (high, low):
+        assert r["operations"] == 20 and r["backlog"] == 3000, r
+        assert 0 < r["latency_ms"]["p50"] <= r["latency_ms"]["p99"], r
+        assert "x_naive" not in r and "ops_per_s" not in r
+    assert high["ahead_of_median"] == 20, high  # each before half of the backlog
+    assert set(high["x_priority_0"]) == {"p50", "p99"}
+
+
+@pytest.mark.slow
+async def test_delayed_operations_are_applied_once_and_never_early(tmp_path: Path) -> None:
+    (r,) = await run_saved(["delayed"], tmp_path, *SMALL)
+    assert r["scenario"] == "delayed" and r["operations"] == 200 and r["processes"] == 3
+    assert r["early"] == 0  # the scenario also checks every insert landed once
+    assert 0 <= r["latency_ms"]["p50"] <= r["latency_ms"]["p99"] <= r["lateness_max_ms"], r
+
+
+@pytest.mark.slow
+async def test_hot_keys_run_with_and_without_keys_each_key_in_order(tmp_path: Path) -> None:
+    plain, keyed = await run_saved(["hot-keys"], tmp_path, *SMALL)
+    # the keyed run checked each key's updates stored and applied in order, each row last
+    assert [plain["scenario"], keyed["scenario"]] == ["hot-keys, no keys", "hot-keys"]
+    assert plain["operations"] == keyed["operations"] == 1000
+    assert plain["ops_per_s"] > 0 and keyed["ops_per_s"] > 0
+    assert keyed["note"].startswith("10% under 10 orderingKeys (10 each): x"), keyed

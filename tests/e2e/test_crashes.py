@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from benchmarks import workload
+from benchmarks import scheduling, workload
 from benchmarks.harness import ServiceProcess, count_status, produce
 from streamsvc.adapters import streams as rs
 from tests.conftest import settings_env
@@ -68,6 +70,63 @@ async def test_sigkill_mid_flush_then_restart_applies_everything_exactly_once(
         await service.start()
     await finishes_exactly_once(conn, w)
     assert await service.terminate() == 0
+
+
+async def test_sigkill_with_scheduled_prioritized_and_ordered_operations(
+    service: ServiceProcess, conn: asyncpg.Connection, redis: aioredis.Redis, prefix: str
+) -> None:
+    """The kills land while delayed operations are held or taken by the scheduler,
+    priorities 0-9 are queued and keys' updates are parked behind each other: after the
+    restarts everything is applied once, no delayed one before its runAt, and each key's
+    updates in the order they were sent."""
+    rng = random.Random(13)
+    w = workload.build(20_000, seed=3)
+    for op in w.ops:
+        if rng.random() < 0.3:
+            op["priority"] = rng.randint(1, 9)
+    rows = [f"row-{n}" for n in range(20)]
+    keyed = scheduling.keyed_updates(rows, 50)
+    late = scheduling.delayed(1_000, low_ms=500, high_ms=6_000)
+    ops = _shuffled_keeping_order(w.ops, keyed, late, rng=rng)
+    await workload.seed(conn, w)
+    await scheduling.seed_rows(conn, rows)
+    await service.start()
+    await produce(redis, rs.Names(prefix).inbox, ops, pipeline=100)
+    for progress in (2_000, 8_000):
+        await eventually(at_least(conn, "SUCCESS", progress), within=60)
+        service.kill()
+        held, parked = await conn.fetchrow(HELD_AND_PARKED)
+        assert held and parked, "the kill must land while some wait for runAt and their key"
+        await service.start()
+    expected = workload.expected_statuses(w)
+    expected["SUCCESS"] += len(keyed) + len(late)
+    await eventually(at_least(conn, "SUCCESS", expected["SUCCESS"]), within=90)
+    await workload.verify(conn, w)
+    assert await statuses(conn) == expected
+    base = scheduling.DELAYED_BASE
+    assert await scheduling.orders_between(conn, base, base + len(late)) == len(late)
+    lateness = await scheduling.lateness(conn)
+    assert lateness.early == 0 and len(lateness.ms) == len(late)
+    problems = await scheduling.key_order_problems(conn, dict.fromkeys(rows, 50))
+    assert not problems, "\n".join(problems)
+    assert await service.terminate() == 0
+
+
+# Pending operations still ahead of their runAt, and keyed ones parked behind another.
+HELD_AND_PARKED = """
+SELECT count(*) FILTER (WHERE run_at > now()), count(*) FILTER (WHERE parked)
+FROM "BatchOperations" WHERE status IN ('UNPROCESSED', 'PROCESSING')
+"""
+
+
+def _shuffled_keeping_order(
+    *lists: list[dict[str, Any]], rng: random.Random
+) -> list[dict[str, Any]]:
+    """Every operation of ``lists``, interleaved at random, each list's in its order."""
+    picks = [n for n, ops in enumerate(lists) for _ in ops]
+    rng.shuffle(picks)
+    rests = [iter(ops) for ops in lists]
+    return [next(rests[n]) for n in picks]
 
 
 async def test_sigterm_under_load_drains_and_exits_zero(

@@ -13,6 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 from structlog.typing import EventDict
 
+from streamsvc.adapters import postgres
 from streamsvc.adapters import streams as rs
 from streamsvc.model import Receipt, Rejection, Status
 from streamsvc.settings import Settings
@@ -468,3 +469,35 @@ async def test_a_column_dropped_before_the_flush_fails_only_its_operations(
     assert len({r[3] for r in rows}) == 1, "one batch"
     assert await conn.fetchval("SELECT note FROM orders WHERE id = 1") == "x"
     assert await conn.fetchval("SELECT count(*) FROM orders") == 2
+
+
+async def test_a_claim_finds_its_rows_by_primary_key_however_many_are_pending(
+    conn: asyncpg.Connection,
+) -> None:
+    """A backlog of pending rows must not make each claim scan all of them (the pending
+    rows' partial index) or the whole table: the plan PostgreSQL runs, as auto_explain
+    reports it, looks the batch's rows up by primary key."""
+    ids = [uuid.uuid4() for _ in range(5000)]
+    await conn.executemany(
+        """INSERT INTO "BatchOperations" (id, operation_type, body, source, submitted_by)
+           VALUES ($1, 'T', '{}', 'api', 'caller')""",
+        [(i,) for i in ids],
+    )
+    await postgres.create_flush_functions(conn)
+    plans: list[str] = []
+    conn.add_log_listener(lambda _, message: plans.append(str(message)))
+    await conn.execute(
+        """LOAD 'auto_explain';
+           SET auto_explain.log_min_duration = 0;
+           SET auto_explain.log_nested_statements = on;
+           SET auto_explain.log_level = notice"""
+    )
+    async with conn.transaction():
+        claimed = await conn.fetch(
+            "SELECT * FROM pg_temp.streamsvc_claim($1::uuid[], $2::uuid)", ids[:100], uuid.uuid4()
+        )
+    await conn.execute("RESET auto_explain.log_min_duration")
+    assert len(claimed) == 100
+    (plan,) = [p for p in plans if 'UPDATE "BatchOperations"' in p]
+    assert "BatchOperations_pkey" in plan, plan
+    assert "pending_idx" not in plan and "Seq Scan" not in plan, plan

@@ -123,6 +123,48 @@ async def test_inbox_readers_share_the_entries_and_store_each_once(
     assert await conn.fetchval("SELECT count(DISTINCT id) FROM orders") == 60
 
 
+async def test_keyed_entries_wait_for_older_ones_a_dead_reader_held(
+    database: str, prefix: str, conn: asyncpg.Connection
+) -> None:
+    """A reader that died holding a key's first operations (read, never stored): the
+    later ones, read by a live reader, are stored only after those, once taken over."""
+    settings = make_settings(database, prefix, STREAMSVC_CLAIM_IDLE_MS="1500")
+    await conn.execute("INSERT INTO counters (name, value) VALUES ('row', 0)")
+
+    def update(n: int) -> str:
+        return json.dumps(
+            {
+                "operationType": "SET",
+                "table": "counters",
+                "action": "update",
+                "values": {"value": n},
+                "key": {"name": "row"},
+                "orderingKey": "row",
+            }
+        )
+
+    async with running(settings) as service:
+        names, redis = service.streams.names, service.streams.redis
+        await service.streams.ensure_group(names.inbox, rs.INGRESS_GROUP)
+        for n in range(1, 4):
+            await redis.xadd(names.inbox, {"op": update(n)})
+        dead = await service.streams.read(
+            names.inbox, rs.INGRESS_GROUP, "dead", count=10, block_ms=None
+        )
+        assert len(dead) == 3
+        for n in range(4, 7):
+            await redis.xadd(names.inbox, {"op": update(n)})
+        await service.inbox.run(burst=True)
+        await drain(service)
+        assert await redis.xlen(names.inbox) == 0
+    stored = await conn.fetch(
+        """SELECT (body -> 'values' ->> 'value')::int FROM "BatchOperations"
+           ORDER BY key_seq"""
+    )
+    assert [r[0] for r in stored] == [1, 2, 3, 4, 5, 6]
+    assert await conn.fetchval("SELECT value FROM counters WHERE name = 'row'") == 6
+
+
 def service_id(service: Service, entry_id: bytes) -> str:
     import uuid
 

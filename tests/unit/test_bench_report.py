@@ -88,6 +88,27 @@ def test_latency_table_shows_each_leg_and_the_cpu_by_process_busiest_first() -> 
     assert "naive" not in text
 
 
+LATENCY_ONLY = {
+    "scenario": "delayed",
+    "kind": "streamsvc",
+    "operations": 2000,
+    "latency_ms": {"p50": 4.5, "p95": 20.0, "p99": 61.0},
+}
+
+
+def test_a_row_with_only_a_latency_gets_no_ratios_and_shows_it_without_a_rate(
+    tmp_path: Path,
+) -> None:
+    results = [*RESULTS, LATENCY_ONLY]
+    assert "x_naive" not in report.ratios(results)[-1]
+    console = Console(record=True, width=250)
+    console.print(report.table(results))
+    row = next(line for line in console.export_text().splitlines() if "delayed" in line)
+    assert "4.5/20.0/61.0 " in row and "@" not in row
+    report.chart(results, tmp_path / "chart.png", title="t")
+    assert (tmp_path / "chart.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_save_writes_json_that_round_trips_and_a_png(tmp_path: Path) -> None:
     machine = {"cpus": 8, "roles": ["all"]}
     data, picture = report.save(RESULTS, machine, tmp_path / "results", stamp="20240101T000000")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
+from typing import Any
 
 import fakeredis
 import msgspec
@@ -12,7 +13,7 @@ import pytest
 from streamsvc.actors.flusher import Flusher
 from streamsvc.adapters import streams as rs
 from streamsvc.errors import PermanentError, TransientError
-from streamsvc.model import Operation, Outcome, Status, WorkOp, outcomes_decoder
+from streamsvc.model import Operation, Outcome, Status, WorkOp, outcomes_decoder, work_decoder
 from streamsvc.policy import BandTurns, RetryPolicy
 from streamsvc.store import Applied, NewOperation
 from streamsvc.store.memory import MemoryStore
@@ -109,6 +110,49 @@ async def test_higher_priority_entries_are_taken_first() -> None:
     await rig.flusher.run(burst=True)
     assert rig.store.applied[:5] == [f"op-{n}" for n in range(5, 10)]
     assert sorted(rig.store.applied) == sorted(f"op-{n}" for n in range(10))
+
+
+async def test_a_fresh_flusher_takes_one_entry_of_a_backlog_not_all_of_it() -> None:
+    """Entries hold up to ``limit`` operations each: a flusher that has seen none yet takes
+    one, leaving the rest of a backlog to the other flushers (and to higher bands' turns)."""
+    rig = Rig(limit=10)
+    await rig.submit([new(n) for n in range(50)], chunk=10)  # five full entries
+    take = rig.streams.take
+    taken: list[int] = []
+
+    async def counting(
+        streams: Sequence[str], group: str, consumer: str, **how: Any
+    ) -> list[rs.Taken]:
+        got = await take(streams, group, consumer, **how)
+        taken.append(len(got))
+        return got
+
+    rig.streams.take = counting  # type: ignore[method-assign]
+    await rig.flusher.run(burst=True)
+    assert taken[:5] == [1, 1, 1, 1, 1]
+    assert sorted(rig.store.applied) == sorted(f"op-{n}" for n in range(50))
+
+
+async def test_a_trickle_of_small_entries_above_does_not_fill_takes_with_full_ones() -> None:
+    """One-operation entries at priority 9 beside full entries at 0: a take stays about
+    one transaction, so an operation at 9 waits only for the transactions in flight."""
+    rig = Rig(limit=10)
+    await rig.submit([new(n) for n in range(100)], chunk=10)  # ten full entries at 0
+    await rig.submit([new(n, priority=9) for n in range(100, 140)], chunk=1)
+    take = rig.streams.take
+    sizes: list[int] = []
+
+    async def counting(
+        streams: Sequence[str], group: str, consumer: str, **how: Any
+    ) -> list[rs.Taken]:
+        got = await take(streams, group, consumer, **how)
+        sizes.append(sum(len(work_decoder.decode(f[b"ops"])) for _, (_, f) in got))
+        return got
+
+    rig.streams.take = counting  # type: ignore[method-assign]
+    await rig.flusher.run(burst=True)
+    assert len(rig.store.applied) == 140
+    assert max(sizes) <= 2 * 10, sizes
 
 
 def test_every_band_leads_in_proportion_to_its_weight_so_none_starves() -> None:
