@@ -1,6 +1,12 @@
 -- Every statement the service runs on "BatchOperations" and its own tables, by name.
 -- streamsvc.store.queries reads this file: a query is the text between its `-- name:`
 -- line and the next one; the comment lines under the name say what it does.
+--
+-- Statements that find rows by id write "pending" as `status NOT IN (the final ones)`
+-- where they also ask for rows neither parked nor held: written as `status IN (...)`, the
+-- condition would match the pending rows' partial index, and the planner may scan all of
+-- them (a whole backlog) instead of looking the ids up by primary key (sql/batch.sql,
+-- streamsvc_claim, says the same).
 
 -- name: intake
 -- Store a group commit's operations (sql/004_scheduling.sql, streamsvc_intake).
@@ -73,7 +79,7 @@ RESET ALL; SELECT pg_advisory_unlock_all(), pg_temp.streamsvc_forget_statement()
 -- back to waiting for it.
 WITH rearmed AS (
     UPDATE "BatchOperations" SET wake_at = run_at, updated_at = now()
-    WHERE id = ANY($1::uuid[]) AND status IN ('UNPROCESSED', 'PROCESSING')
+    WHERE id = ANY($1::uuid[]) AND status NOT IN ('SUCCESS', 'FAIL', 'CANCELLED')
       AND NOT parked AND wake_at IS NULL AND run_at > clock_timestamp()
     RETURNING id
 )
@@ -99,7 +105,7 @@ WHERE id = ANY($1::uuid[]) AND status IN ('UNPROCESSED', 'PROCESSING')
 -- back (parked, or waiting for their runAt), which no batch held.
 UPDATE "BatchOperations"
 SET status = 'FAIL', error = $2, processed_at = clock_timestamp(), updated_at = now()
-WHERE id = ANY($1::uuid[]) AND status IN ('UNPROCESSED', 'PROCESSING')
+WHERE id = ANY($1::uuid[]) AND status NOT IN ('SUCCESS', 'FAIL', 'CANCELLED')
   AND NOT parked AND wake_at IS NULL
 RETURNING id::text AS id, operation_type, attempts, body -> 'meta' AS meta,
           ordering_key IS NOT NULL AS keyed, (body ->> 'userOperationId') AS user_operation_id
@@ -138,7 +144,7 @@ RETURNING b.id::text AS id, b.body::text AS body,
 -- Operations a scheduler took and will not put on a stream (it is stopping): held for
 -- their runAt again.
 UPDATE "BatchOperations" SET wake_at = run_at
-WHERE id = ANY($1::uuid[]) AND status IN ('UNPROCESSED', 'PROCESSING')
+WHERE id = ANY($1::uuid[]) AND status NOT IN ('SUCCESS', 'FAIL', 'CANCELLED')
   AND wake_at IS NULL AND NOT parked AND run_at IS NOT NULL
 
 -- name: find
