@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import fakeredis
@@ -50,6 +50,21 @@ class Rig:
     async def outcomes(self) -> list[Outcome]:
         entries = await self.streams.redis.xrange(self.streams.names.outcomes)
         return [o for _, fields in entries for o in outcomes_decoder.decode(fields[b"o"])]
+
+    def count_takes(self, measure: Callable[[list[rs.Taken]], int]) -> list[int]:
+        """``measure`` of each take the flusher makes, in order, from now on."""
+        take = self.streams.take
+        seen: list[int] = []
+
+        async def counting(
+            streams: Sequence[str], group: str, consumer: str, **how: Any
+        ) -> list[rs.Taken]:
+            got = await take(streams, group, consumer, **how)
+            seen.append(measure(got))
+            return got
+
+        self.streams.take = counting  # type: ignore[method-assign]
+        return seen
 
     async def waiting(self) -> int:
         names = self.streams.names
@@ -117,17 +132,7 @@ async def test_a_fresh_flusher_takes_one_entry_of_a_backlog_not_all_of_it() -> N
     one, leaving the rest of a backlog to the other flushers (and to higher bands' turns)."""
     rig = Rig(limit=10)
     await rig.submit([new(n) for n in range(50)], chunk=10)  # five full entries
-    take = rig.streams.take
-    taken: list[int] = []
-
-    async def counting(
-        streams: Sequence[str], group: str, consumer: str, **how: Any
-    ) -> list[rs.Taken]:
-        got = await take(streams, group, consumer, **how)
-        taken.append(len(got))
-        return got
-
-    rig.streams.take = counting  # type: ignore[method-assign]
+    taken = rig.count_takes(len)
     await rig.flusher.run(burst=True)
     assert taken[:5] == [1, 1, 1, 1, 1]
     assert sorted(rig.store.applied) == sorted(f"op-{n}" for n in range(50))
@@ -139,17 +144,9 @@ async def test_a_trickle_of_small_entries_above_does_not_fill_takes_with_full_on
     rig = Rig(limit=10)
     await rig.submit([new(n) for n in range(100)], chunk=10)  # ten full entries at 0
     await rig.submit([new(n, priority=9) for n in range(100, 140)], chunk=1)
-    take = rig.streams.take
-    sizes: list[int] = []
-
-    async def counting(
-        streams: Sequence[str], group: str, consumer: str, **how: Any
-    ) -> list[rs.Taken]:
-        got = await take(streams, group, consumer, **how)
-        sizes.append(sum(len(work_decoder.decode(f[b"ops"])) for _, (_, f) in got))
-        return got
-
-    rig.streams.take = counting  # type: ignore[method-assign]
+    sizes = rig.count_takes(
+        lambda got: sum(len(work_decoder.decode(f[b"ops"])) for _, (_, f) in got)
+    )
     await rig.flusher.run(burst=True)
     assert len(rig.store.applied) == 140
     assert max(sizes) <= 2 * 10, sizes
