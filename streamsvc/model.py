@@ -145,6 +145,29 @@ class OperationView(msgspec.Struct, rename="camel"):
     operation: Operation
 
 
+MAX_PAGE = 1000
+Limit = Annotated[int, msgspec.Meta(ge=1, le=MAX_PAGE)]
+
+
+class ListQuery(msgspec.Struct, rename="camel", forbid_unknown_fields=True, omit_defaults=True):
+    """Which operations a list shows, newest first: filters, a page size, and where the
+    previous page ended (its ``nextCursor``)."""
+
+    status: Status | None = None
+    operation_type: str | None = None
+    since: dt.datetime | None = None  # created at or after
+    until: dt.datetime | None = None  # created before
+    limit: Limit = 100
+    cursor: str | None = None
+
+
+class OperationPage(msgspec.Struct, rename="camel"):
+    """One page of a list; ``next_cursor`` asks for the next one (None: this is the last)."""
+
+    items: list[OperationView]
+    next_cursor: str | None
+
+
 operation_decoder = msgspec.json.Decoder(Operation)
 operations_decoder = msgspec.json.Decoder(list[Operation])
 work_encoder = msgspec.msgpack.Encoder()

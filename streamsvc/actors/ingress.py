@@ -35,7 +35,9 @@ from streamsvc.adapters.postgres import translate
 from streamsvc.catalog import Catalog
 from streamsvc.errors import InvalidOperation
 from streamsvc.model import (
+    ListQuery,
     Operation,
+    OperationPage,
     OperationView,
     Receipt,
     Rejection,
@@ -150,6 +152,14 @@ class Ingress:
             return None
         owner, looker = _scope(caller)
         return await self.store.get(op_id, owner=owner, looker=looker)
+
+    async def list_operations(
+        self, query: ListQuery, *, caller: Caller | None = None
+    ) -> OperationPage:
+        """A page of the operations ``query`` selects, newest first: ``caller``'s own unless
+        it is an admin (None: the service itself, which sees all)."""
+        owner, _ = _scope(caller)
+        return await self.store.list_operations(query, owner=owner)
 
     async def cancel(self, op_id: str, *, caller: Caller | None = None) -> Cancelled:
         """Cancel the operation ``get`` would find for ``caller``, unless it has finished;

@@ -8,8 +8,9 @@ the reason, the same words the other paths use.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import prometheus_client
@@ -17,7 +18,7 @@ import uvicorn
 from litestar import Litestar, Request, Response, delete, get, post
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig, ResponseSpec
-from litestar.params import FromPath, JSONBody
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.static_files import create_static_files_router
 
 from streamsvc.actors.ingress import Ingress, Result
@@ -25,10 +26,14 @@ from streamsvc.api.swagger import ASSETS_DIR, LocalSwagger
 from streamsvc.errors import InvalidOperation
 from streamsvc.keys import Authenticator
 from streamsvc.model import (
+    MAX_PAGE,
+    ListQuery,
     Operation,
+    OperationPage,
     OperationView,
     Receipt,
     Rejection,
+    Status,
     check_nesting,
     rejection,
 )
@@ -195,6 +200,29 @@ def create_app(
             )
         return view
 
+    @get(
+        "/api/operations",
+        summary="List operations, newest first",
+        description="Filters: status, operationType, since (created at or after), until "
+        "(created before); limit (1-1000, default 100). A key sees only its own operations "
+        "(an admin key: all). nextCursor, passed back as cursor, gives the next page; null "
+        "on the last.",
+    )
+    async def list_operations(
+        request: Request[Any, Any, Any],
+        status: FromQuery[Status | None] = None,
+        operation_type: Annotated[str | None, QueryParameter(name="operationType")] = None,
+        since: FromQuery[dt.datetime | None] = None,
+        until: FromQuery[dt.datetime | None] = None,
+        limit: Annotated[int, QueryParameter(ge=1, le=MAX_PAGE)] = 100,
+        cursor: FromQuery[str | None] = None,
+    ) -> OperationPage:
+        query = ListQuery(status, operation_type, since, until, limit, cursor)
+        try:
+            return await ingress.list_operations(query, caller=caller_of(request))
+        except InvalidOperation as exc:
+            raise _refused([Rejection(exc.field, exc.reason)]) from None
+
     @delete(
         "/api/operations/{operation_id:str}",
         status_code=200,
@@ -258,6 +286,7 @@ def create_app(
             create_operation,
             create_operations,
             get_operation,
+            list_operations,
             cancel_operation,
             metrics,
             healthz,

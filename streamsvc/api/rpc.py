@@ -39,6 +39,7 @@ from streamsvc.errors import InvalidOperation, TransientError
 from streamsvc.keys import Authenticator
 from streamsvc.model import (
     MAX_DEPTH,
+    ListQuery,
     Receipt,
     Rejection,
     decode_error,
@@ -99,6 +100,8 @@ class RpcServer:
             "getOperation": self.get_operation,
             "cancel_operation": self.cancel_operation,
             "cancelOperation": self.cancel_operation,
+            "list_operations": self.list_operations,
+            "listOperations": self.list_operations,
         }
 
     async def run(self) -> None:
@@ -290,6 +293,21 @@ class RpcServer:
             )
         return nestjs.IResponse(status=True, message="Operation cancelled", data=view)
 
+    async def list_operations(
+        self, data: bytes, caller: Caller, request_id: str | None
+    ) -> nestjs.IResponse:
+        """``{status?, operationType?, since?, until?, limit?, cursor?}`` (or nothing): a
+        page ``{items, nextCursor}``, newest first, of the caller's own operations (an
+        admin's: everyone's)."""
+        query = ListQuery() if bytes(data) in (b"null", b"") else _decode(_list_decoder, data)
+        try:
+            page = await self.ingress.list_operations(query, caller=caller)
+        except InvalidOperation as exc:
+            raise _Refusal(nestjs.refused(Rejection(exc.field, exc.reason))) from None
+        except Exception as exc:
+            raise Unavailable(str(translate(exc))) from exc
+        return nestjs.IResponse(status=True, message=f"{len(page.items)} operations", data=page)
+
     def _operation_id(self, data: bytes) -> str:
         ref = _decode(nestjs.ref_decoder, data)
         op_id = ref if isinstance(ref, str) else ref.id or ref.user_operation_id
@@ -368,6 +386,15 @@ class _Refusal(Exception):
     def __init__(self, response: nestjs.IResponse) -> None:
         super().__init__(response.error)
         self.response = response
+
+
+class _ListRequest(ListQuery, kw_only=True):
+    """A list's filters as RPC carries them: the caller's key may travel in the data."""
+
+    api_key: str | None = None
+
+
+_list_decoder = msgspec.json.Decoder(_ListRequest)
 
 
 def _decode(decoder: msgspec.json.Decoder[T], data: bytes) -> T:

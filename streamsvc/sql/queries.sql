@@ -31,6 +31,23 @@ WHERE (id = $1::uuid OR user_operation_id = $1::uuid)
 ORDER BY id = $1::uuid DESC, submitted_by = $3::text DESC, created_at
 LIMIT 1
 
+-- name: list_operations
+-- A page of operations, newest first, after the cursor ($6 created_at, $7 id) when given:
+-- submitted by $1 (NULL: anyone's), with status $2, operationType $3, created in
+-- [$4, $5); at most $8. Keyset pagination: a page costs the same however deep it is.
+SELECT id::text AS id, operation_type, status, error, attempts, priority, source,
+       batch_id::text AS batch_id, run_at, ordering_key, created_at, updated_at, processed_at,
+       body::text AS body
+FROM "BatchOperations"
+WHERE ($1::text IS NULL OR submitted_by = $1::text)
+  AND ($2::text IS NULL OR status = $2::text)
+  AND ($3::text IS NULL OR operation_type = $3::text)
+  AND ($4::timestamptz IS NULL OR created_at >= $4::timestamptz)
+  AND ($5::timestamptz IS NULL OR created_at < $5::timestamptz)
+  AND ($6::timestamptz IS NULL OR (created_at, id) < ($6::timestamptz, $7::uuid))
+ORDER BY created_at DESC, id DESC
+LIMIT $8
+
 -- name: apply_batch
 -- A batch's statements, their refused rows searched out inside PostgreSQL, in one round
 -- trip (sql/apply_rows.sql, sql/batch.sql): the table locks first (an empty list when

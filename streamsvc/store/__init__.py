@@ -12,7 +12,7 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import Protocol
 
-from streamsvc.model import OperationView, WorkOp
+from streamsvc.model import ListQuery, OperationPage, OperationView, WorkOp
 from streamsvc.store.records import (
     Applied,
     Cancelled,
@@ -50,6 +50,10 @@ class Store(Protocol):
     ) -> OperationView | None:
         """The operation whose id or userOperationId is ``op_id``, submitted by ``owner``
         (None: by anyone), the ``looker``'s own first."""
+
+    async def list_operations(self, query: ListQuery, *, owner: str | None) -> OperationPage:
+        """A page of the operations ``query`` selects, submitted by ``owner`` (None: by
+        anyone), newest first."""
 
     async def apply(self, items: Sequence[WorkOp]) -> Applied:
         """Apply ``items`` in ONE transaction: those still pending and due are claimed,

@@ -14,7 +14,15 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from streamsvc.model import OperationView, Outcome, Status, WorkOp, user_id
+from streamsvc.model import (
+    ListQuery,
+    OperationPage,
+    OperationView,
+    Outcome,
+    Status,
+    WorkOp,
+    user_id,
+)
 from streamsvc.store.records import (
     Applied,
     Cancelled,
@@ -25,6 +33,8 @@ from streamsvc.store.records import (
     NewOperation,
     State,
     Summary,
+    decode_cursor,
+    encode_cursor,
 )
 
 PENDING = (Status.UNPROCESSED, Status.PROCESSING)
@@ -72,6 +82,25 @@ class Row:
     def state(self) -> State:
         op_type = self.op.op.operation_type
         return State(self.id, op_type, self.status, self.error, self.attempts, self.batch_id)
+
+    def view(self) -> OperationView:
+        op = self.op.op
+        return OperationView(
+            id=self.id,
+            operation_type=op.operation_type,
+            status=self.status,
+            error=self.error,
+            attempts=self.attempts,
+            priority=op.priority,
+            source=self.source,
+            batch_id=self.batch_id,
+            run_at=self.run_at,
+            ordering_key=op.ordering_key,
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+            processed_at=self.processed_at,
+            operation=op,
+        )
 
     def outcome(self) -> Outcome:
         return Outcome(
@@ -131,25 +160,27 @@ class MemoryStore:
         self, op_id: str, *, owner: str | None, looker: str | None
     ) -> OperationView | None:
         row = self._find(op_id, owner, looker)
-        if row is None:
-            return None
-        op = row.op.op
-        return OperationView(
-            id=row.id,
-            operation_type=op.operation_type,
-            status=row.status,
-            error=row.error,
-            attempts=row.attempts,
-            priority=op.priority,
-            source=row.source,
-            batch_id=row.batch_id,
-            run_at=row.run_at,
-            ordering_key=op.ordering_key,
-            created_at=row.created_at,
-            updated_at=row.updated_at,
-            processed_at=row.processed_at,
-            operation=op,
+        return None if row is None else row.view()
+
+    async def list_operations(self, query: ListQuery, *, owner: str | None) -> OperationPage:
+        after = decode_cursor(query.cursor) if query.cursor else None
+        rows = sorted(
+            (
+                r
+                for r in self.rows.values()
+                if (owner is None or r.submitted_by == owner)
+                and (query.status is None or r.status is query.status)
+                and (query.operation_type in (None, r.op.op.operation_type))
+                and (query.since is None or r.created_at >= query.since)
+                and (query.until is None or r.created_at < query.until)
+                and (after is None or _sort_key(r) < (after[0], uuid.UUID(after[1])))
+            ),
+            key=_sort_key,
+            reverse=True,
         )
+        items = [r.view() for r in rows[: query.limit]]
+        last = items[-1] if len(rows) > query.limit else None
+        return OperationPage(items, encode_cursor(last.created_at, last.id) if last else None)
 
     # -- flushing ----------------------------------------------------------------------
     async def apply(self, items: Sequence[WorkOp]) -> Applied:
@@ -311,3 +342,8 @@ class MemoryStore:
             else:
                 released.append(head.op)
         return released
+
+
+def _sort_key(row: Row) -> tuple[dt.datetime, uuid.UUID]:
+    """PostgreSQL's order for a list: creation time, then the id (as uuid compares)."""
+    return row.created_at, uuid.UUID(row.id)

@@ -13,7 +13,16 @@ import structlog
 
 from streamsvc.adapters.postgres import translate
 from streamsvc.catalog import Catalog
-from streamsvc.model import Operation, OperationView, Outcome, Status, WorkOp, json_encoder
+from streamsvc.model import (
+    ListQuery,
+    Operation,
+    OperationPage,
+    OperationView,
+    Outcome,
+    Status,
+    WorkOp,
+    json_encoder,
+)
 from streamsvc.store import batch
 from streamsvc.store.queries import QUERIES
 from streamsvc.store.records import (
@@ -26,6 +35,8 @@ from streamsvc.store.records import (
     NewOperation,
     State,
     Summary,
+    decode_cursor,
+    encode_cursor,
 )
 
 log = structlog.get_logger("streamsvc.store")
@@ -123,12 +134,25 @@ class PgStore:
     ) -> OperationView | None:
         async with self.pool.acquire() as conn:
             row = await conn.fetchrow(QUERIES["get_operation"], op_id, owner, looker)
-        if row is None:
-            return None
-        fields = dict(row)
-        body = fields.pop("body")
-        fields["status"] = Status(fields["status"])
-        return OperationView(**fields, operation=_body.decode(body))
+        return None if row is None else _view(row)
+
+    async def list_operations(self, query: ListQuery, *, owner: str | None) -> OperationPage:
+        after, after_id = decode_cursor(query.cursor) if query.cursor else (None, None)
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                QUERIES["list_operations"],
+                owner,
+                query.status,
+                query.operation_type,
+                query.since,
+                query.until,
+                after,
+                after_id,
+                query.limit + 1,  # one more says whether a next page exists
+            )
+        items = [_view(row) for row in rows[: query.limit]]
+        last = items[-1] if len(rows) > query.limit else None
+        return OperationPage(items, encode_cursor(last.created_at, last.id) if last else None)
 
     # -- flushing ----------------------------------------------------------------------
     async def apply(self, items: Sequence[WorkOp]) -> Applied:
@@ -214,6 +238,13 @@ class PgStore:
     async def record_tick(self, name: str, tick: dt.datetime) -> None:
         async with self.pool.acquire() as conn:
             await conn.execute(QUERIES["record_tick"], name, tick)
+
+
+def _view(row: asyncpg.Record) -> OperationView:
+    fields = dict(row)
+    body = fields.pop("body")
+    fields["status"] = Status(fields["status"])
+    return OperationView(**fields, operation=_body.decode(body))
 
 
 def _state(row: asyncpg.Record) -> State:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
+import uuid
 from typing import Literal
 
 import msgspec
 
+from streamsvc.errors import InvalidOperation
 from streamsvc.model import Operation, Outcome, Status, WorkOp
 
 
@@ -99,3 +103,21 @@ class Cancelled(msgspec.Struct):
     state: State | None = None
     outcome: Outcome | None = None
     released: list[WorkOp] = msgspec.field(default_factory=list)
+
+
+def encode_cursor(created_at: dt.datetime, op_id: str) -> str:
+    """Where a page ended, opaque to callers: the last item's creation time and id."""
+    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{op_id}".encode()).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
+    """``encode_cursor``'s parts; InvalidOperation naming ``cursor`` for anything else."""
+    try:
+        stamp, op_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
+        created_at = dt.datetime.fromisoformat(stamp)
+        uuid.UUID(op_id)
+    except (ValueError, binascii.Error, UnicodeError) as exc:
+        raise InvalidOperation("cursor", "not a cursor this service gave") from exc
+    if created_at.tzinfo is None:
+        raise InvalidOperation("cursor", "not a cursor this service gave")
+    return created_at, op_id

@@ -167,3 +167,49 @@ async def test_outcome_events_carry_the_callers_user_operation_id(world: World) 
             if any(s["id"] == op_id for s in success):
                 break
     assert {"id": op_id, "userOperationId": user_id, "meta": None} in success
+
+
+async def test_a_list_shows_a_key_its_own_operations_newest_first_page_by_page(
+    world: World,
+) -> None:
+    mine = [(await world.post("a", order(n))).json()["id"] for n in range(1, 8)]
+    theirs = (await world.post("b", order(100))).json()["id"]
+    for op_id in (*mine, theirs):
+        await world.applied(op_id)
+    key = {"x-api-key": world.keys["a"]}
+    seen: list[str] = []
+    cursor: str | None = None
+    while True:
+        params = {"limit": "3", **({"cursor": cursor} if cursor else {})}
+        page = (await world.http.get("/api/operations", params=params, headers=key)).json()
+        seen += [item["id"] for item in page["items"]]
+        cursor = page["nextCursor"]
+        if cursor is None:
+            break
+    assert seen == mine[::-1], "each of a's once, newest first, none of b's"
+    admin = {"x-api-key": world.keys["admin"]}
+    everyone = await world.http.get("/api/operations", params={"limit": "50"}, headers=admin)
+    assert {item["id"] for item in everyone.json()["items"]} == {*mine, theirs}
+    filtered = await world.http.get(
+        "/api/operations",
+        params={"status": "FAIL", "operationType": "ORDER_CREATED"},
+        headers=admin,
+    )
+    assert filtered.json() == {"items": [], "nextCursor": None}
+    over_rpc = await world.send("b", "listOperations", {"status": "SUCCESS"})
+    assert [item["id"] for item in over_rpc["data"]["items"]] == [theirs]
+
+
+async def test_a_list_refuses_a_forged_cursor_or_limit_naming_the_field(world: World) -> None:
+    key = {"x-api-key": world.keys["a"]}
+    for params, field in (
+        ({"cursor": "bm90IGEgY3Vyc29y"}, "cursor"),
+        ({"limit": "0"}, "limit"),
+        ({"status": "DONE"}, "status"),
+    ):
+        refused = await world.http.get("/api/operations", params=params, headers=key)
+        assert refused.status_code == 422, (params, refused.text)
+        assert field in refused.text
+    over_rpc = await world.send("a", "list_operations", {"cursor": "x"})
+    assert over_rpc["status"] is False and over_rpc["errorCode"] == "VALIDATION_ERROR"
+    assert over_rpc["error"].startswith("cursor")
