@@ -1,4 +1,5 @@
-"""``streamsvc``: run the service (or one role of it), migrate its tables, manage API keys."""
+"""``streamsvc``: run the service (or one role of it), migrate its tables, manage API keys,
+show where the work stands and list operations."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 import asyncpg
+import msgspec
 from rich.console import Console
 from rich.live import Live
+from rich.table import Table
 
 from streamsvc import logs, settings, status
 from streamsvc.adapters import caller_role, postgres
@@ -17,6 +20,7 @@ from streamsvc.adapters import streams as rs
 from streamsvc.catalog import Catalog
 from streamsvc.errors import ConfigError, InvalidOperation, NotMigratedError
 from streamsvc.keys import KeyStore
+from streamsvc.model import MAX_PAGE, ListQuery, Status, decode_error
 from streamsvc.settings import Settings
 from streamsvc.store.postgres import PgStore
 from streamsvc.supervisor import ROLES, run
@@ -40,6 +44,15 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="stream depths, consumers, throughput, failures")
     status.add_argument("--watch", action="store_true", help="refresh until interrupted")
     status.add_argument("--every", type=float, default=2.0, help="seconds between refreshes")
+    ops = sub.add_parser("ops", help="look at operations").add_subparsers(dest="ops", required=True)
+    listing = ops.add_parser("list", help="operations, newest first (every caller's)")
+    listing.add_argument("--status", choices=[s.value for s in Status])
+    listing.add_argument("--type", dest="operation_type", help="an operationType")
+    listing.add_argument("--since", help="created at or after (ISO 8601)")
+    listing.add_argument("--until", help="created before (ISO 8601)")
+    listing.add_argument("--limit", type=int, default=20, help=f"at most this many (1-{MAX_PAGE})")
+    listing.add_argument("--cursor", help="where the previous page ended (its next cursor)")
+    listing.add_argument("--json", action="store_true", help="print the page as JSON")
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys", required=True)
     create = keys.add_parser("create", help="create a key and print it (shown only once)")
     create.add_argument("--name", required=True)
@@ -155,6 +168,42 @@ async def _status(config: Settings, args: argparse.Namespace) -> None:
         await pool.close()
 
 
+async def _ops_list(config: Settings, args: argparse.Namespace) -> None:
+    wanted = {
+        "status": args.status,
+        "operationType": args.operation_type,
+        "since": args.since,
+        "until": args.until,
+        "limit": args.limit,
+        "cursor": args.cursor,
+    }
+    try:
+        query = msgspec.convert({k: v for k, v in wanted.items() if v is not None}, ListQuery)
+    except msgspec.ValidationError as exc:
+        refused = decode_error(exc)
+        raise InvalidOperation(refused.field, refused.reason) from None
+    pool = await asyncpg.create_pool(**postgres.dsn_kwargs(config), min_size=1, max_size=1)
+    assert pool is not None
+    try:
+        async with pool.acquire() as conn:
+            await postgres.check_migrated(conn)
+        page = await PgStore(pool, Catalog(config.allow_list)).list_operations(query, owner=None)
+    finally:
+        await pool.close()
+    if args.json:
+        print(msgspec.json.encode(page).decode())
+        return
+    table = Table("created", "id", "operationType", "status", "attempts", "error")
+    for view in page.items:
+        error = (view.error or "").splitlines()[0][:120] if view.error else ""
+        stamp = view.created_at.strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(stamp, view.id, view.operation_type, view.status, str(view.attempts), error)
+    console = Console()
+    console.print(table)
+    if page.next_cursor:
+        console.print(f"more: --cursor {page.next_cursor}")
+
+
 def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -181,6 +230,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             async def job() -> None:
                 await _status(config, args)
+        elif args.command == "ops":
+
+            async def job() -> None:
+                await _ops_list(config, args)
         else:
 
             async def job() -> None:

@@ -230,6 +230,37 @@ async def test_status_shows_streams_counts_and_recent_failures(
     assert re.search(r"SUCCESS\s*│\s*1\s*│", out) and re.search(r"FAIL\s*│\s*1\s*│", out)
 
 
+async def test_ops_list_pages_newest_first_filters_and_refuses_bad_input_by_field(
+    database: str, prefix: str, tmp_path: Path
+) -> None:
+    import json
+
+    from streamsvc.validate import ANONYMOUS
+    from tests.conftest import make_settings
+    from tests.pipeline import drain, ops, order, running
+
+    settings = make_settings(database, prefix)
+    async with running(settings) as service:
+        for n in range(1, 4):  # one submission each: three creation times
+            await service.ingress.submit(ops([order(n)]), caller=ANONYMOUS, source="api")
+        await service.ingress.submit(ops([order(1)]), caller=ANONYMOUS, source="api")
+        await drain(service)
+    env = {**settings_env(database, prefix), "COLUMNS": "240"}
+    first = await streamsvc(env, tmp_path, "ops", "list", "--limit", "2", "--json")
+    assert first.returncode == 0, first.stderr
+    page = json.loads(first.stdout)
+    assert len(page["items"]) == 2 and page["nextCursor"]
+    rest = await streamsvc(env, tmp_path, "ops", "list", "--json", "--cursor", page["nextCursor"])
+    items = page["items"] + json.loads(rest.stdout)["items"]
+    created = [item["createdAt"] for item in items]
+    assert len(items) == 4 and created == sorted(created, reverse=True)
+    failed = await streamsvc(env, tmp_path, "ops", "list", "--status", "FAIL")
+    assert failed.returncode == 0 and "duplicate key" in failed.stdout, failed.stdout
+    for args, field in ((("--limit", "0"), "limit"), (("--since", "yesterday"), "since")):
+        refused = await streamsvc(env, tmp_path, "ops", "list", *args)
+        assert refused.returncode == 2 and f"streamsvc: {field}:" in refused.stderr, args
+
+
 async def test_a_revoked_key_is_refused_within_seconds_by_a_running_service(
     database: str, prefix: str, tmp_path: Path
 ) -> None:
