@@ -18,6 +18,7 @@ import uvicorn
 from litestar import Litestar, Request, Response, delete, get, post
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig, ResponseSpec
+from litestar.openapi.spec import Components, Reference, SecurityScheme
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.static_files import create_static_files_router
 
@@ -108,6 +109,17 @@ def _refused(rejections: list[Rejection], status: int = 422) -> ProblemError:
     )
 
 
+# How a key travels (caller_of, below): either scheme will do. Declared so that Swagger UI's
+# Authorize button sends it with the requests a reader tries.
+SECURITY_SCHEMES: dict[str, SecurityScheme | Reference] = {
+    "bearer": SecurityScheme(
+        type="http", scheme="bearer", description="Authorization: Bearer <key>"
+    ),
+    "apiKey": SecurityScheme(
+        type="apiKey", name="X-API-Key", security_scheme_in="header", description="the API key"
+    ),
+}
+
 RATE_LIMITED = {
     429: ResponseSpec(
         Problem,
@@ -146,6 +158,7 @@ def create_app(
 
     @post(
         "/api/operations",
+        tags=["operations"],
         before_request=nesting_checked(levels_above=0),
         status_code=201,
         summary="Submit one operation",
@@ -166,6 +179,7 @@ def create_app(
 
     @post(
         "/api/operations/batch",
+        tags=["operations"],
         before_request=nesting_checked(levels_above=1),
         status_code=200,
         summary="Submit a list of operations",
@@ -183,6 +197,7 @@ def create_app(
 
     @get(
         "/api/operations/{operation_id:str}",
+        tags=["operations"],
         summary="Look an operation up by id",
         description="By the stored id or the caller's userOperationId. A key sees only the "
         "operations it submitted (an admin key: all); any other answers 404.",
@@ -202,6 +217,7 @@ def create_app(
 
     @get(
         "/api/operations",
+        tags=["operations"],
         summary="List operations, newest first",
         description="Filters: status, operationType, since (created at or after), until "
         "(created before); limit (1-1000, default 100). A key sees only its own operations "
@@ -225,6 +241,7 @@ def create_app(
 
     @delete(
         "/api/operations/{operation_id:str}",
+        tags=["operations"],
         status_code=200,
         summary="Cancel an operation not yet applied",
         description="By the stored id or the caller's userOperationId. The operation ends "
@@ -298,6 +315,8 @@ def create_app(
             version="1",
             path="/api",
             render_plugins=[swagger],
+            components=Components(security_schemes=SECURITY_SCHEMES),
+            security=[{name: []} for name in SECURITY_SCHEMES],
             description="Batch Service: operations stored, applied in batches, exactly once.",
         ),
         exception_handlers={

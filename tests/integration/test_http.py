@@ -117,6 +117,16 @@ async def test_openapi_docs_and_probes(client: httpx.AsyncClient) -> None:
     assert {"/api/operations", "/api/operations/batch", "/api/operations/{operation_id}"} <= set(
         spec["paths"]
     )
+    schemes = spec["components"]["securitySchemes"]
+    assert schemes["bearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "Authorization: Bearer <key>",
+    }
+    assert schemes["apiKey"]["in"] == "header" and schemes["apiKey"]["name"] == "X-API-Key"
+    assert spec["security"] == [{"bearer": []}, {"apiKey": []}]
+    routes = [op for path in spec["paths"].values() for op in path.values()]
+    assert routes and all(op["tags"] == ["operations"] for op in routes)
     schemas = spec["components"]["schemas"]
     operation = next(v for k, v in schemas.items() if k.endswith("Operation"))
     assert {"operationType", "userOperationId", "table", "sql"} <= set(operation["properties"])
