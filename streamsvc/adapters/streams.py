@@ -29,6 +29,10 @@ CONNECTION_EXCEPTIONS: tuple[type[BaseException], ...] = (
     OSError,
 )
 
+# Redis away, or refusing writes (out of memory, say): work stored in PostgreSQL waits for
+# the sweeper rather than failing whoever enqueued it.
+_NOT_TAKEN: tuple[type[BaseException], ...] = (*CONNECTION_EXCEPTIONS, redis.exceptions.RedisError)
+
 Entry = tuple[bytes, dict[bytes, bytes]]
 Taken = tuple[str, Entry]  # an entry and the stream it was taken from
 
@@ -179,12 +183,12 @@ class Streams:
         await self.ack_adding(group, {stream: ids}, [(then, fields) for fields in entries])
 
     async def enqueue(self, items: Sequence[WorkOp], chunk: int, *, log: Any, event: str) -> bool:
-        """Put ``items`` on their priority bands' work streams. When Redis cannot take them,
-        log ``event`` and return False: they are stored and pending, so the sweeper
-        re-enqueues them from PostgreSQL."""
+        """Put ``items`` on their priority bands' work streams. When Redis cannot take them
+        (away, or refusing writes), log ``event`` and return False: they are stored and
+        pending, so the sweeper re-enqueues them from PostgreSQL."""
         try:
             await self.add_each(work_entries(self.names, items, chunk))
-        except CONNECTION_EXCEPTIONS as exc:
+        except _NOT_TAKEN as exc:
             log.warning(
                 event,
                 error=str(exc),

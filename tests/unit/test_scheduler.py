@@ -15,6 +15,7 @@ import anyio
 import fakeredis
 import msgspec
 import pytest
+import redis.exceptions
 
 from streamsvc.actors.scheduler import Scheduler
 from streamsvc.actors.sweeper import Sweeper
@@ -139,6 +140,31 @@ async def test_a_held_operation_goes_on_its_priority_band_only_when_due() -> Non
     assert waited >= 0.3, f"put on its stream {0.3 - waited:.3f} s early"
     for priority in range(7):
         assert await rig.on_stream(priority) == []
+
+
+async def test_a_redis_refusing_writes_costs_the_scheduler_nothing_but_a_late_operation() -> None:
+    """Redis refusing the XADD (out of memory, say) is logged; the scheduler goes on, and the
+    operation, pending and on no stream, is the sweeper's to re-enqueue."""
+    rig = Rig()
+    await rig.store.intake([held(1, T0), held(2, T0 + dt.timedelta(seconds=0.2))])
+    rig.clock.now = T0 + dt.timedelta(seconds=1)
+    add_each = rig.streams.add_each
+    refusals = 0
+
+    async def refusing_once(entries: Any) -> None:
+        nonlocal refusals
+        if refusals == 0:
+            refusals += 1
+            raise redis.exceptions.ResponseError("OOM command not allowed")
+        await add_each(entries)
+
+    rig.streams.add_each = refusing_once  # type: ignore[method-assign]
+    async with scheduling(rig.scheduler()):
+        await rig.looked(3)
+    assert refusals == 1
+    row = rig.store.rows["op-1"]
+    assert row.pending and row.wake_at is None, "taken, on no stream: the sweeper's now"
+    assert await rig.store.stale(T0 + dt.timedelta(seconds=2), 10) != []
 
 
 async def test_an_operation_due_now_goes_on_its_stream_at_the_next_look() -> None:
