@@ -225,7 +225,7 @@ async def test_status_shows_streams_counts_and_recent_failures(
     out = result.stdout
     for heading in ("Streams", "Consumers", "Operations", "Recent failures"):
         assert heading in out
-    assert "outcomes" in out and "flusher-0" in out
+    assert "outcomes" in out and re.search(r"flusher-\d", out), "no flusher among the consumers"
     assert "BROKEN" in out and "violates check constraint" in out
     assert re.search(r"SUCCESS\s*│\s*1\s*│", out) and re.search(r"FAIL\s*│\s*1\s*│", out)
 
