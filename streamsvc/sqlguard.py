@@ -65,7 +65,7 @@ import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import pglast
 from pglast import ast, enums
@@ -159,37 +159,55 @@ class _Refused(NamedTuple):
     reason: str
 
 
-REMEMBERED = 4096  # texts whose verdict is kept, the least recently used dropped
-_verdicts: OrderedDict[tuple[str, AllowList, Scope], Analysis | _Refused] = OrderedDict()
+REMEMBERED = 4096  # accepted texts whose verdict is kept, the least recently used dropped
+REMEMBERED_REFUSALS = 1024  # refused ones, kept apart: refusals never push accepted ones out
+_Key = tuple[str, AllowList, Scope]
+V = TypeVar("V")
+_accepted: OrderedDict[_Key, Analysis] = OrderedDict()
+_refused: OrderedDict[_Key, _Refused] = OrderedDict()
 _verdicts_lock = threading.Lock()
 
 
 def remembered(sql: str, allowed: AllowList, scope: Scope = None) -> bool:
     """Whether ``sql`` was checked before, so that checking it again costs microseconds;
     an unseen text may take up to about 0.3 s of CPU (see the module docstring), which
-    an event loop should not wait for on its own thread. Refusals are remembered too: a
-    caller sending the same expensive text again costs nothing more."""
-    return (sql, allowed, scope) in _verdicts
+    an event loop should not wait for on its own thread. Refusals are remembered too (in
+    a cache of their own, so that a caller sending many bad texts cannot make the
+    accepted ones be checked again): the same expensive text again costs nothing more."""
+    key = (sql, allowed, scope)
+    return key in _accepted or key in _refused
 
 
 def _analysed(sql: str, allowed: AllowList, scope: Scope) -> Analysis:
     key = (sql, allowed, scope)
     with _verdicts_lock:
-        verdict = _verdicts.get(key)
-        if verdict is not None:
-            _verdicts.move_to_end(key)
+        verdict: Analysis | _Refused | None = _recalled(_accepted, key) or _recalled(_refused, key)
     if verdict is None:
         try:
             verdict = _parser_thread().submit(_analyse, sql, allowed, scope).result()
         except InvalidOperation as exc:
             verdict = _Refused(exc.field, exc.reason)
         with _verdicts_lock:
-            _verdicts[key] = verdict
-            if len(_verdicts) > REMEMBERED:
-                _verdicts.popitem(last=False)
+            if isinstance(verdict, _Refused):
+                _keep(_refused, key, verdict, REMEMBERED_REFUSALS)
+            else:
+                _keep(_accepted, key, verdict, REMEMBERED)
     if isinstance(verdict, _Refused):
         raise InvalidOperation(verdict.field, verdict.reason)
     return verdict
+
+
+def _recalled(cache: OrderedDict[_Key, V], key: _Key) -> V | None:
+    found = cache.get(key)
+    if found is not None:
+        cache.move_to_end(key)
+    return found
+
+
+def _keep(cache: OrderedDict[_Key, V], key: _Key, verdict: V, bound: int) -> None:
+    cache[key] = verdict
+    while len(cache) > bound:
+        cache.popitem(last=False)
 
 
 _parser_lock = threading.Lock()

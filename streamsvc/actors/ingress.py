@@ -163,7 +163,8 @@ class Ingress:
 
     async def cancel(self, op_id: str, *, caller: Caller | None = None) -> Cancelled:
         """Cancel the operation ``get`` would find for ``caller``, unless it has finished;
-        a cancelled operation's outcome goes to the notifier as any final status does."""
+        a cancelled operation's outcome goes to the notifier as any final status does. The
+        answer carries the operation as it stands after (None: unknown to ``caller``)."""
         try:
             uuid.UUID(op_id)
         except ValueError:
@@ -183,6 +184,8 @@ class Ingress:
                 error=str(exc),
                 next="cancelled; the sweeper puts any released operation on a stream",
             )
+        if result.verdict != "unknown":
+            result.view = await self.get(op_id, caller=caller)
         return result
 
     async def check(self, op: Operation, caller: Caller) -> None:

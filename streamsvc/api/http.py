@@ -258,10 +258,9 @@ def create_app(
     async def cancel_operation(
         operation_id: FromPath[str], request: Request[Any, Any, Any]
     ) -> OperationView:
-        caller = caller_of(request)
-        result = await ingress.cancel(operation_id, caller=caller)
-        view = await ingress.get(operation_id, caller=caller)
-        if result.verdict == "unknown" or view is None:
+        result = await ingress.cancel(operation_id, caller=caller_of(request))
+        view = result.view
+        if view is None:
             raise ProblemError(
                 Problem(
                     title="Not found", status=404, detail=f"no operation with id {operation_id!r}"

@@ -281,10 +281,10 @@ class RpcServer:
         op_id = self._operation_id(data)
         try:
             result = await self.ingress.cancel(op_id, caller=caller)
-            view = await self.ingress.get(op_id, caller=caller)
         except Exception as exc:
             raise Unavailable(str(translate(exc))) from exc
-        if result.verdict == "unknown" or view is None:
+        view = result.view
+        if view is None:
             return nestjs.not_found()
         if result.verdict == "finished":
             message = f"Operation finished as {view.status}: it cannot be cancelled"

@@ -34,7 +34,7 @@ from streamsvc.adapters.postgres import (
 )
 from streamsvc.catalog import Catalog
 from streamsvc.errors import TransientError
-from streamsvc.model import BodyKind, Operation, Outcome, Status, WorkOp, user_id
+from streamsvc.model import BodyKind, Outcome, Status, WorkOp, operation_decoder, user_id
 from streamsvc.store.queries import QUERIES
 from streamsvc.store.records import Applied, State
 
@@ -49,7 +49,6 @@ _CLEAN_SESSION = QUERIES["clean_session"]
 _SCHEMA_CHANGED = ("42703", "42P01")  # undefined column, undefined table
 _CLEAN_TIMEOUT_S = 5.0
 
-body_decoder = msgspec.json.Decoder(Operation)
 Prepared = list[tuple[sqlbuild.Group, sqlbuild.Statement | None]]
 
 
@@ -250,7 +249,12 @@ async def release(conn: asyncpg.Connection, ids: Sequence[str]) -> list[WorkOp]:
     if not ids:
         return []
     rows = await conn.fetch(_RELEASE_KEYS, list(ids))
-    return [WorkOp(row["id"], body_decoder.decode(row["body"])) for row in rows]
+    return [work_of(row) for row in rows]
+
+
+def work_of(row: asyncpg.Record) -> WorkOp:
+    """A row's id and stored body (columns ``id``, ``body``) as the work streams carry it."""
+    return WorkOp(row["id"], operation_decoder.decode(row["body"]))
 
 
 Run = tuple[bool, Prepared]

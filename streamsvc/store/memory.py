@@ -274,15 +274,15 @@ class MemoryStore:
         if row is None:
             return Cancelled("unknown")
         if row.status is Status.CANCELLED:
-            return Cancelled("cancelled", row.state())
+            return Cancelled("cancelled")
         if not row.pending:
-            return Cancelled("finished", row.state())
+            return Cancelled("finished")
         row.status, row.wake_at, row.parked = Status.CANCELLED, None, False
         row.processed_at = row.updated_at = self.now()
         outcome = row.outcome()
         outcome.batch_id = None
         released = self._release([row])
-        return Cancelled("cancelled", row.state(), outcome, released)
+        return Cancelled("cancelled", outcome=outcome, released=released)
 
     async def summary(self, *, failures: int, window_s: int) -> Summary:
         counts: dict[str, int] = {}

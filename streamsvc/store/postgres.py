@@ -15,13 +15,13 @@ from streamsvc.adapters.postgres import translate
 from streamsvc.catalog import Catalog
 from streamsvc.model import (
     ListQuery,
-    Operation,
     OperationPage,
     OperationView,
     Outcome,
     Status,
     WorkOp,
     json_encoder,
+    operation_decoder,
 )
 from streamsvc.store import batch
 from streamsvc.store.queries import QUERIES
@@ -41,7 +41,6 @@ from streamsvc.store.records import (
 
 log = structlog.get_logger("streamsvc.store")
 
-_body = msgspec.json.Decoder(Operation)
 
 # Errors about the values sent, not the server: data exceptions (a NUL in text, a time out
 # of range; asyncpg reports values it cannot encode as these too), integrity violations,
@@ -116,11 +115,12 @@ class PgStore:
             await self._insert(values[:half], result, ready)
             await self._insert(values[half:], result, ready)
             return
-        for op_id, created, is_ready, body in stored:
-            if created:
+        for row in stored:
+            op_id = row["id"]
+            if row["created"]:
                 result.created.add(op_id)
-            if is_ready:
-                ready[op_id] = WorkOp(op_id, _body.decode(body)) if body is not None else None
+            if row["ready"]:
+                ready[op_id] = batch.work_of(row) if row["body"] is not None else None
 
     async def states(self, ids: Sequence[str]) -> dict[str, State]:
         if not ids:
@@ -177,12 +177,12 @@ class PgStore:
     async def stale(self, before: dt.datetime, limit: int) -> list[WorkOp]:
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(QUERIES["stale"], before, limit)
-        return [WorkOp(row["id"], _body.decode(row["body"])) for row in rows]
+        return [batch.work_of(row) for row in rows]
 
     async def due(self, within_s: float, limit: int) -> list[Due]:
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(QUERIES["due"], within_s, limit)
-        return [Due(WorkOp(r["id"], _body.decode(r["body"])), r["wait_s"]) for r in rows]
+        return [Due(batch.work_of(r), r["wait_s"]) for r in rows]
 
     async def hold_again(self, ids: Sequence[str]) -> None:
         if ids:
@@ -204,14 +204,11 @@ class PgStore:
             if row is None:
                 state = _state((await conn.fetch(QUERIES["states"], [found["id"]]))[0])
                 if state.status is Status.CANCELLED:
-                    return Cancelled("cancelled", state)
-                return Cancelled("finished", state)
+                    return Cancelled("cancelled")
+                return Cancelled("finished")
             released = await batch.release(conn, [row["id"]] if row["keyed"] else [])
         outcome = _ended(row, Status.CANCELLED, None)
-        state = State(
-            row["id"], row["operation_type"], Status.CANCELLED, None, row["attempts"], None
-        )
-        return Cancelled("cancelled", state, outcome, released)
+        return Cancelled("cancelled", outcome=outcome, released=released)
 
     async def release_stuck(self, limit: int) -> list[WorkOp]:
         async with self.pool.acquire() as conn:
@@ -244,7 +241,7 @@ def _view(row: asyncpg.Record) -> OperationView:
     fields = dict(row)
     body = fields.pop("body")
     fields["status"] = Status(fields["status"])
-    return OperationView(**fields, operation=_body.decode(body))
+    return OperationView(**fields, operation=operation_decoder.decode(body))
 
 
 def _state(row: asyncpg.Record) -> State:

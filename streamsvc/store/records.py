@@ -11,7 +11,7 @@ from typing import Literal
 import msgspec
 
 from streamsvc.errors import InvalidOperation
-from streamsvc.model import Operation, Outcome, Status, WorkOp
+from streamsvc.model import Operation, OperationView, Outcome, Status, WorkOp
 
 
 class NewOperation(msgspec.Struct, frozen=True):
@@ -97,10 +97,11 @@ CancelVerdict = Literal["cancelled", "finished", "unknown"]
 
 class Cancelled(msgspec.Struct):
     """What a cancel request found: ``cancelled`` (now, or before), ``finished`` (applied
-    or failed: too late), or ``unknown`` (no such operation the caller may see)."""
+    or failed: too late), or ``unknown`` (no such operation the caller may see); and the
+    operation as it stands after (``Ingress.cancel`` reads it for the answer)."""
 
     verdict: CancelVerdict
-    state: State | None = None
+    view: OperationView | None = None
     outcome: Outcome | None = None
     released: list[WorkOp] = msgspec.field(default_factory=list)
 

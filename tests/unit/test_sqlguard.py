@@ -1111,3 +1111,21 @@ def test_a_verdict_is_remembered_refusal_or_not(monkeypatch: pytest.MonkeyPatch)
     assert parsed == [refused, accepted]
     assert len(set(reasons)) == 1 and "pg_authid" in reasons[0]
     assert sqlguard.remembered(refused, ALLOWED) and sqlguard.remembered(accepted, ALLOWED)
+
+
+def test_many_refused_texts_do_not_push_accepted_verdicts_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hostile caller sending a stream of distinct bad texts cannot make every other
+    caller's accepted statement be parsed again: refusals are remembered apart."""
+    monkeypatch.setattr(sqlguard, "REMEMBERED_REFUSALS", 4)
+    nonce = uuid.uuid4().int % 10**12
+    accepted = f"INSERT INTO orders (id) VALUES ({nonce})"
+    check_statement(accepted, None, ALLOWED)
+    for n in range(sqlguard.REMEMBERED + 10):
+        with pytest.raises(InvalidOperation):
+            check_statement(
+                f"INSERT INTO orders (id) SELECT {nonce + n} FROM pg_authid", None, ALLOWED
+            )
+    assert sqlguard.remembered(accepted, ALLOWED)
+    assert len(sqlguard._refused) <= 4
