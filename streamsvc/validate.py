@@ -74,9 +74,9 @@ def storable(op: Operation, now: dt.datetime | None = None) -> None:
     """Raise InvalidOperation unless PostgreSQL, Redis and AMQP all take every field of
     ``op``: no NUL in any string (object keys too), labels short enough for an AMQP
     routing key and free of control characters, times in range, nesting bounded."""
-    _label("operationType", op.operation_type, MAX_TYPE_BYTES)
+    label("operationType", op.operation_type, MAX_TYPE_BYTES)
     if op.ordering_key is not None:
-        _label("orderingKey", op.ordering_key, MAX_LABEL_BYTES)
+        label("orderingKey", op.ordering_key, MAX_LABEL_BYTES)
     if op.run_at is not None:
         run_at = op.run_at if op.run_at.tzinfo else op.run_at.replace(tzinfo=dt.UTC)
         latest = (now or dt.datetime.now(dt.UTC)) + RUN_AT_HORIZON
@@ -101,7 +101,9 @@ _CAMEL = {"api_key": "apiKey"}
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
-def _label(field: str, text: str, max_bytes: int) -> None:
+def label(field: str, text: str, max_bytes: int) -> None:
+    """Refuse a label PostgreSQL, Redis or AMQP would not take: too long, or holding a
+    control character (NUL included)."""
     if len(text.encode(errors="surrogatepass")) > max_bytes:
         raise InvalidOperation(field, f"longer than {max_bytes} bytes of UTF-8")
     if _CONTROL.search(text):

@@ -35,6 +35,7 @@ from streamsvc.adapters.postgres import translate
 from streamsvc.catalog import Catalog
 from streamsvc.errors import InvalidOperation
 from streamsvc.model import (
+    MAX_TYPE_BYTES,
     ListQuery,
     Operation,
     OperationPage,
@@ -46,7 +47,7 @@ from streamsvc.model import (
     work_encoder,
 )
 from streamsvc.store import Cancelled, NewOperation, Store
-from streamsvc.validate import ANONYMOUS, Caller, UnknownToCatalog, validate
+from streamsvc.validate import ANONYMOUS, Caller, UnknownToCatalog, label, validate
 
 log = structlog.get_logger("streamsvc.ingress")
 
@@ -158,6 +159,8 @@ class Ingress:
     ) -> OperationPage:
         """A page of the operations ``query`` selects, newest first: ``caller``'s own unless
         it is an admin (None: the service itself, which sees all)."""
+        if query.operation_type is not None:  # a filter reaches PostgreSQL as text
+            label("operationType", query.operation_type, MAX_TYPE_BYTES)
         owner, _ = _scope(caller)
         return await self.store.list_operations(query, owner=owner)
 

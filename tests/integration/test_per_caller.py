@@ -206,6 +206,8 @@ async def test_a_list_refuses_a_forged_cursor_or_limit_naming_the_field(world: W
         ({"cursor": "bm90IGEgY3Vyc29y"}, "cursor"),
         ({"limit": "0"}, "limit"),
         ({"status": "DONE"}, "status"),
+        ({"operationType": "A\x00B"}, "operationType"),  # PostgreSQL text takes no NUL
+        ({"operationType": "x" * 300}, "operationType"),
     ):
         refused = await world.http.get("/api/operations", params=params, headers=key)
         assert refused.status_code == 422, (params, refused.text)
