@@ -161,7 +161,14 @@ class RpcServer:
             answer = nestjs.Reply(nestjs.internal_error())
         if answer is not None:
             await self._reply(replies, message, answer)
-        await message.ack()
+        try:
+            await message.ack()
+        except Exception as exc:  # aiormq fails a cut connection's pending acks with bare errors
+            log.warning(
+                "rpc.ack_lost",
+                error=str(exc) or type(exc).__name__,
+                next="the broker hands the request out again; its operations are stored once",
+            )
 
     async def _answer(self, message: AbstractIncomingMessage) -> msgspec.Struct | None:
         """What to answer ``message`` with (None: nothing, it is an event). Its size and
