@@ -1,11 +1,16 @@
 """``streamsvc``: run the service (or one role of it), migrate its tables, manage API keys,
-show where the work stands and list operations."""
+show where the work stands, list and replay operations, pause and resume an operationType."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime as dt
+import getpass
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Annotated, Any, TypeVar
 
 import anyio
 import asyncpg
@@ -20,9 +25,12 @@ from streamsvc.adapters import streams as rs
 from streamsvc.catalog import Catalog
 from streamsvc.errors import ConfigError, InvalidOperation, NotMigratedError
 from streamsvc.keys import KeyStore
+from streamsvc.manage import Manager
 from streamsvc.model import MAX_PAGE, ListQuery, Status, decode_error
 from streamsvc.settings import Settings
+from streamsvc.store import Selection
 from streamsvc.store.postgres import PgStore
+from streamsvc.store.records import REPLAYABLE
 from streamsvc.supervisor import ROLES, run
 
 
@@ -53,6 +61,28 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--limit", type=int, default=20, help=f"at most this many (1-{MAX_PAGE})")
     listing.add_argument("--cursor", help="where the previous page ended (its next cursor)")
     listing.add_argument("--json", action="store_true", help="print the page as JSON")
+    replay = sub.add_parser(
+        "replay",
+        help="make operations that ended FAIL or CANCELLED (dead-lettered ones are FAIL) "
+        "pending again, under the same id",
+    )
+    replay.add_argument("ids", nargs="*", metavar="ID", help="these operations")
+    replay.add_argument("--type", dest="operation_type", help="of this operationType")
+    replay.add_argument("--since", help="ended at or after (ISO 8601 with a time zone)")
+    replay.add_argument("--until", help="ended before (ISO 8601 with a time zone)")
+    replay.add_argument(
+        "--status",
+        action="append",
+        choices=[s.value for s in REPLAYABLE],
+        help="only those that ended so (repeat for both; default: both)",
+    )
+    replay.add_argument(
+        "--all", action="store_true", help="every one that ended FAIL or CANCELLED (no filter)"
+    )
+    replay.add_argument("--dry-run", action="store_true", help="only count them")
+    for verb, what in (("pause", "stored, not applied"), ("resume", "applied again, in order")):
+        cmd = sub.add_parser(verb, help=f"{verb} an operationType: its operations are {what}")
+        cmd.add_argument("operation_type", metavar="TYPE")
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys", required=True)
     create = keys.add_parser("create", help="create a key and print it (shown only once)")
     create.add_argument("--name", required=True)
@@ -144,17 +174,37 @@ async def _keys(config: Settings, args: argparse.Namespace) -> None:
         await conn.close()
 
 
-async def _status(config: Settings, args: argparse.Namespace) -> None:
+@contextlib.asynccontextmanager
+async def _store(config: Settings) -> AsyncIterator[PgStore]:
+    """The store of a migrated database, for one command."""
     pool = await asyncpg.create_pool(**postgres.dsn_kwargs(config), min_size=1, max_size=1)
     assert pool is not None
-    client = rs.connect(config.redis_url)
-    streams = rs.Streams(client, rs.Names(config.redis_prefix))
-    store = PgStore(pool, Catalog(config.allow_list))
-    schedules = list(config.schedules.values())
-    console = Console()
     try:
         async with pool.acquire() as conn:
             await postgres.check_migrated(conn)
+        yield PgStore(pool, Catalog(config.allow_list))
+    finally:
+        await pool.close()
+
+
+@contextlib.asynccontextmanager
+async def _manager(config: Settings) -> AsyncIterator[Manager]:
+    """The store and the work streams, for one command."""
+    async with _store(config) as store:
+        client = rs.connect(config.redis_url)
+        try:
+            names = rs.Names(config.redis_prefix)
+            streams = rs.Streams(client, names, maxlen=config.stream_maxlen)
+            yield Manager(store, streams, chunk=config.batch_limit)
+        finally:
+            await client.aclose()
+
+
+async def _status(config: Settings, args: argparse.Namespace) -> None:
+    schedules = list(config.schedules.values())
+    console = Console()
+    async with _manager(config) as manage:
+        store, streams = manage.store, manage.streams
         if not args.watch:
             console.print(status.render(await status.gather(store, streams, schedules=schedules)))
             return
@@ -163,9 +213,44 @@ async def _status(config: Settings, args: argparse.Namespace) -> None:
                 snap = await status.gather(store, streams, schedules=schedules)
                 live.update(status.render(snap), refresh=True)
                 await anyio.sleep(args.every)
-    finally:
-        await client.aclose()
-        await pool.close()
+
+
+class _ReplayArgs(msgspec.Struct, forbid_unknown_fields=True):
+    since: Annotated[dt.datetime, msgspec.Meta(tz=True)] | None = None
+    until: Annotated[dt.datetime, msgspec.Meta(tz=True)] | None = None
+
+
+async def _replay(config: Settings, args: argparse.Namespace) -> None:
+    if not (args.ids or args.operation_type or args.since or args.until or args.all):
+        raise InvalidOperation(
+            "replay", "name the operations: IDs, --type, --since/--until, or --all for every one"
+        )
+    for op_id in args.ids:
+        try:
+            uuid.UUID(op_id)
+        except ValueError:
+            raise InvalidOperation("id", f"{op_id!r} is not a UUID") from None
+    bounds = _converted({"since": args.since, "until": args.until}, _ReplayArgs)
+    statuses = tuple(Status(s) for s in dict.fromkeys(args.status or [s.value for s in REPLAYABLE]))
+    selection = Selection(
+        statuses=statuses,
+        operation_type=args.operation_type,
+        since=bounds.since,
+        until=bounds.until,
+    )
+    async with _manager(config) as manage:
+        count = await manage.replay(selection, ids=args.ids, dry_run=args.dry_run)
+    print(f"{'would replay' if args.dry_run else 'replayed'} {count} operations")
+
+
+async def _pause(config: Settings, args: argparse.Namespace) -> None:
+    async with _manager(config) as manage:
+        if args.command == "pause":
+            paused = await manage.pause(args.operation_type, by=f"cli:{getpass.getuser()}")
+            print(f"paused {paused.operation_type} ({paused.held} operations held)")
+        else:
+            released = await manage.resume(args.operation_type)
+            print(f"resumed {args.operation_type}: {released} held operations released")
 
 
 async def _ops_list(config: Settings, args: argparse.Namespace) -> None:
@@ -177,19 +262,9 @@ async def _ops_list(config: Settings, args: argparse.Namespace) -> None:
         "limit": args.limit,
         "cursor": args.cursor,
     }
-    try:
-        query = msgspec.convert({k: v for k, v in wanted.items() if v is not None}, ListQuery)
-    except msgspec.ValidationError as exc:
-        refused = decode_error(exc)
-        raise InvalidOperation(refused.field, refused.reason) from None
-    pool = await asyncpg.create_pool(**postgres.dsn_kwargs(config), min_size=1, max_size=1)
-    assert pool is not None
-    try:
-        async with pool.acquire() as conn:
-            await postgres.check_migrated(conn)
-        page = await PgStore(pool, Catalog(config.allow_list)).list_operations(query, owner=None)
-    finally:
-        await pool.close()
+    query = _converted(wanted, ListQuery)
+    async with _store(config) as store:
+        page = await store.list_operations(query, owner=None)
     if args.json:
         print(msgspec.json.encode(page).decode())
         return
@@ -202,6 +277,18 @@ async def _ops_list(config: Settings, args: argparse.Namespace) -> None:
     console.print(table)
     if page.next_cursor:
         console.print(f"more: --cursor {page.next_cursor}")
+
+
+T = TypeVar("T")
+
+
+def _converted(wanted: dict[str, Any], into: type[T]) -> T:
+    """Command-line values as ``into``; InvalidOperation naming the field otherwise."""
+    try:
+        return msgspec.convert({k: v for k, v in wanted.items() if v is not None}, into)
+    except msgspec.ValidationError as exc:
+        refused = decode_error(exc)
+        raise InvalidOperation(refused.field, refused.reason) from None
 
 
 def _split(text: str) -> list[str]:
@@ -234,6 +321,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             async def job() -> None:
                 await _ops_list(config, args)
+        elif args.command == "replay":
+
+            async def job() -> None:
+                await _replay(config, args)
+        elif args.command in ("pause", "resume"):
+
+            async def job() -> None:
+                await _pause(config, args)
         else:
 
             async def job() -> None:

@@ -25,6 +25,9 @@ retried = Counter(
 dead_lettered = Counter(
     f"{PREFIX}_operations_dead_lettered_total", "Operations moved to the dead-letter stream"
 )
+replayed = Counter(
+    f"{PREFIX}_operations_replayed_total", "Finished operations made pending again by a replay"
+)
 reenqueued = Counter(
     f"{PREFIX}_operations_reenqueued_total", "Operations the sweeper put back on the work stream"
 )
@@ -55,4 +58,7 @@ stream_pending = Gauge(
 in_flight = Gauge(f"{PREFIX}_operations_in_flight", "Operations held by this process's flushers")
 last_success = Gauge(
     f"{PREFIX}_last_success_timestamp_seconds", "Unix time of the last successful batch commit"
+)
+paused_types = Gauge(
+    f"{PREFIX}_paused_operation_types", "operationTypes paused: stored, not applied until resumed"
 )

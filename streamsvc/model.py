@@ -126,8 +126,19 @@ class Rejection(msgspec.Struct):
         return f"{self.field}: {self.reason}"
 
 
+class Ending(msgspec.Struct, rename="camel"):
+    """How a replayed operation ended before it was replayed."""
+
+    status: Status
+    error: str | None
+    attempts: int
+    batch_id: str | None
+    ended_at: dt.datetime | None
+
+
 class OperationView(msgspec.Struct, rename="camel"):
-    """A stored operation, as get-by-id returns it."""
+    """A stored operation, as get-by-id returns it. ``paused``: held back, pending, while
+    its operationType is paused. ``history``: its earlier endings, when it was replayed."""
 
     id: str
     operation_type: str
@@ -143,7 +154,11 @@ class OperationView(msgspec.Struct, rename="camel"):
     updated_at: dt.datetime
     processed_at: dt.datetime | None
     operation: Operation
+    paused: bool = False
+    history: list[Ending] = msgspec.field(default_factory=list)
 
+
+history_decoder = msgspec.json.Decoder(list[Ending])
 
 MAX_PAGE = 1000
 Limit = Annotated[int, msgspec.Meta(ge=1, le=MAX_PAGE)]

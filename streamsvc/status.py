@@ -12,7 +12,7 @@ from rich.table import Table
 
 from streamsvc.adapters import streams as rs
 from streamsvc.schedules import Schedule, next_tick
-from streamsvc.store import Store
+from streamsvc.store import PausedType, Store
 
 WINDOW_S = 60
 
@@ -26,6 +26,7 @@ class Snapshot:
     failures: list[tuple[str, str, str | None, dt.datetime | None]] = field(default_factory=list)
     # name, cron, last submitted tick, next tick
     schedules: list[tuple[str, str, dt.datetime | None, dt.datetime]] = field(default_factory=list)
+    paused: list[PausedType] = field(default_factory=list)
 
 
 async def gather(
@@ -61,6 +62,7 @@ async def gather(
     snap.statuses = summary.statuses
     snap.finished_per_s = summary.finished_per_s
     snap.failures = [(f.id, f.operation_type, f.error, f.processed_at) for f in summary.failures]
+    snap.paused = await store.paused_types()
     if schedules:
         last = await store.last_ticks()
         now = dt.datetime.now(dt.UTC)
@@ -103,7 +105,12 @@ def render(snap: Snapshot) -> Group:
         recurring.add_column(column)
     for name, cron, last, upcoming in snap.schedules:
         recurring.add_row(name, cron, _stamp(last) or "never", _stamp(upcoming))
-    return Group(depths, consumers, statuses, failures, recurring)
+    paused = Table(title="Paused operationTypes (stored, not applied)", title_justify="left")
+    for column in ("operationType", "held", "paused by", "since"):
+        paused.add_column(column, justify="right" if column == "held" else "left")
+    for p in snap.paused:
+        paused.add_row(p.operation_type, str(p.held), p.paused_by, _stamp(p.paused_at))
+    return Group(depths, consumers, statuses, failures, recurring, paused)
 
 
 def _stamp(when: dt.datetime | None) -> str:

@@ -202,3 +202,11 @@ def _presence(field: str, given: dict[str, Any] | None, needed: bool, action: st
         raise InvalidOperation(field, f"required and non-empty for {action}")
     if not needed and given is not None:
         raise InvalidOperation(field, f"not used by {action}")
+
+
+def scope(caller: Caller | None) -> tuple[str | None, str | None]:
+    """(owner, looker): whose operations ``caller`` may see (None: everyone's), and whose
+    come first when several match."""
+    owner = None if caller is None or caller.admin else caller.name
+    looker = caller.name if caller is not None else None
+    return owner, looker

@@ -34,6 +34,7 @@ from streamsvc.adapters import streams as rs
 from streamsvc.adapters.postgres import translate
 from streamsvc.catalog import Catalog
 from streamsvc.errors import InvalidOperation
+from streamsvc.manage import Manager
 from streamsvc.model import (
     MAX_TYPE_BYTES,
     ListQuery,
@@ -47,7 +48,7 @@ from streamsvc.model import (
     work_encoder,
 )
 from streamsvc.store import Cancelled, NewOperation, Store
-from streamsvc.validate import ANONYMOUS, Caller, UnknownToCatalog, label, validate
+from streamsvc.validate import ANONYMOUS, Caller, UnknownToCatalog, label, scope, validate
 
 log = structlog.get_logger("streamsvc.ingress")
 
@@ -93,6 +94,7 @@ class Ingress:
         max_group: int = 20_000,
     ) -> None:
         self.store = store
+        self.manage = Manager(store, streams, chunk=chunk)  # retry, pause, resume
         self.pool = pool  # for reloading the catalog
         self.streams = streams
         self.catalog = catalog
@@ -151,7 +153,7 @@ class Ingress:
             uuid.UUID(op_id)
         except ValueError:
             return None
-        owner, looker = _scope(caller)
+        owner, looker = scope(caller)
         return await self.store.get(op_id, owner=owner, looker=looker)
 
     async def list_operations(
@@ -161,7 +163,7 @@ class Ingress:
         it is an admin (None: the service itself, which sees all)."""
         if query.operation_type is not None:  # a filter reaches PostgreSQL as text
             label("operationType", query.operation_type, MAX_TYPE_BYTES)
-        owner, _ = _scope(caller)
+        owner, _ = scope(caller)
         return await self.store.list_operations(query, owner=owner)
 
     async def cancel(self, op_id: str, *, caller: Caller | None = None) -> Cancelled:
@@ -172,7 +174,7 @@ class Ingress:
             uuid.UUID(op_id)
         except ValueError:
             return Cancelled("unknown")
-        owner, looker = _scope(caller)
+        owner, looker = scope(caller)
         result = await self.store.cancel(op_id, owner=owner, looker=looker)
         adds = rs.work_entries(self.streams.names, result.released, self.chunk)
         if result.outcome is not None:
@@ -281,14 +283,6 @@ class Ingress:
             if accepted < len(ticket.ops):
                 metrics.rejected.labels(ticket.source).inc(len(ticket.ops) - accepted)
             ticket.done.set()
-
-
-def _scope(caller: Caller | None) -> tuple[str | None, str | None]:
-    """(owner, looker): whose operations ``caller`` may see (None: everyone's), and whose
-    come first when several match."""
-    owner = None if caller is None or caller.admin else caller.name
-    looker = caller.name if caller is not None else None
-    return owner, looker
 
 
 def _run_at(op: Operation, now: dt.datetime) -> dt.datetime | None:

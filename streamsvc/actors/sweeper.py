@@ -10,7 +10,8 @@
    after its rows were written or touched, so an older row cannot be in a stream. Rows
    held back (parked behind their key, or waiting for their runAt) are not on a stream by
    design and are left alone; a key whose turn came while nobody released it (a crash
-   between a cancel and its release) is released.
+   between a cancel and its release) is released, and so are rows still held for an
+   operationType that is no longer paused (a resume stopped half way).
 Re-enqueueing something a flusher still holds is harmless: flushers apply only pending rows.
 """
 
@@ -27,6 +28,7 @@ import structlog
 from streamsvc import metrics
 from streamsvc.adapters import streams as rs
 from streamsvc.adapters.postgres import translate
+from streamsvc.manage import Manager
 from streamsvc.model import WorkOp, work_decoder, work_encoder
 from streamsvc.policy import StuckAction, halves, stuck_entry
 from streamsvc.store import Store
@@ -41,6 +43,7 @@ class SweepReport:
     dead_lettered: int = 0
     reenqueued_rows: int = 0
     released_keys: int = 0
+    released_paused: int = 0
 
 
 class Sweeper:
@@ -64,6 +67,7 @@ class Sweeper:
         self.max_deliveries = max_deliveries
         self.chunk = chunk
         self.page = page
+        self.manage = Manager(store, streams, chunk=chunk)
 
     async def run(self) -> None:
         """Sweep every interval; a failed sweep is logged and tried again next time."""
@@ -94,6 +98,8 @@ class Sweeper:
         metrics.stream_pending.labels("work").set(waiting)
         await self._stale_rows(report)
         await self._stuck_keys(report)
+        await self.manage.paused_types()  # the gauge
+        report.released_paused = await self.manage.let_go(None)
         for work in names.work_streams:
             await self.streams.drop_idle_consumers(
                 work, rs.FLUSHER_GROUP, min_idle_ms=10 * self.claim_idle_ms

@@ -39,6 +39,7 @@ from streamsvc.model import (
     rejection,
 )
 from streamsvc.ratelimit import Refusal
+from streamsvc.store import PausedType
 from streamsvc.validate import Caller
 
 SOURCE = "http"
@@ -131,6 +132,23 @@ RATE_LIMITED = {
 }
 
 
+ADMIN_ONLY = {
+    403: ResponseSpec(Problem, description="The key lacks the admin scope", media_type=PROBLEM)
+}
+
+
+class Resumed(msgspec.Struct, rename="camel"):
+    operation_type: str
+    released: int
+
+
+def _not_found(operation_id: str) -> ProblemError:
+    """Another key's operation is not found, exactly as an unknown id."""
+    return ProblemError(
+        Problem(title="Not found", status=404, detail=f"no operation with id {operation_id!r}")
+    )
+
+
 def create_app(
     ingress: Ingress,
     auth: Authenticator,
@@ -205,14 +223,9 @@ def create_app(
     async def get_operation(
         operation_id: FromPath[str], request: Request[Any, Any, Any]
     ) -> OperationView:
-        # Another key's operation is not found, exactly as an unknown id.
         view = await ingress.get(operation_id, caller=caller_of(request))
         if view is None:
-            raise ProblemError(
-                Problem(
-                    title="Not found", status=404, detail=f"no operation with id {operation_id!r}"
-                )
-            )
+            raise _not_found(operation_id)
         return view
 
     @get(
@@ -261,11 +274,7 @@ def create_app(
         result = await ingress.cancel(operation_id, caller=caller_of(request))
         view = result.view
         if view is None:
-            raise ProblemError(
-                Problem(
-                    title="Not found", status=404, detail=f"no operation with id {operation_id!r}"
-                )
-            )
+            raise _not_found(operation_id)
         if result.verdict == "finished":
             raise ProblemError(
                 Problem(
@@ -276,6 +285,105 @@ def create_app(
                 )
             )
         return view
+
+    @post(
+        "/api/operations/{operation_id:str}/retry",
+        tags=["operations"],
+        status_code=200,
+        summary="Replay an operation that ended FAIL or CANCELLED",
+        description="By the stored id or the caller's userOperationId. The operation is "
+        "pending again under the same id: its attempts keep counting, and how it ended is "
+        "kept in its history; it is applied at most once, however often it is retried. "
+        "One that succeeded or has not finished answers 409; another key's, or an unknown "
+        "id, 404. A retry counts against the key's rate.",
+        responses={
+            404: ResponseSpec(Problem, description="No such operation", media_type=PROBLEM),
+            409: ResponseSpec(
+                Problem,
+                description="Succeeded (never applied twice), or not finished",
+                media_type=PROBLEM,
+            ),
+            **RATE_LIMITED,
+        },
+    )
+    async def retry_operation(
+        operation_id: FromPath[str], request: Request[Any, Any, Any]
+    ) -> OperationView:
+        caller = caller_of(request)
+        if refusal := await auth.admit(caller, 1):
+            raise _rate_limited(refusal)
+        result = await ingress.manage.retry(operation_id, caller=caller)
+        view = result.view
+        if view is None:
+            raise _not_found(operation_id)
+        if result.verdict != "replayed":
+            why = "it succeeded and is never applied twice"
+            if result.verdict == "pending":
+                why = f"it is {view.status.value}: not finished, nothing to retry"
+            detail = f"operation {operation_id!r} cannot be retried: {why}"
+            raise ProblemError(Problem(title="Conflict", status=409, detail=detail))
+        return view
+
+    def admin_of(request: Request[Any, Any, Any]) -> Caller:
+        caller = caller_of(request)
+        if not caller.admin:
+            raise ProblemError(
+                Problem(
+                    title="Forbidden",
+                    status=403,
+                    detail="key: needs the admin scope",
+                    errors=[FieldError("key", "needs the admin scope")],
+                )
+            )
+        return caller
+
+    @post(
+        "/api/types/{operation_type:str}/pause",
+        tags=["queue"],
+        status_code=200,
+        summary="Pause an operationType (admin keys)",
+        description="Its operations are still accepted and stored; once this answers, none "
+        "is applied until it is resumed. Pausing a paused type answers the same.",
+        responses=ADMIN_ONLY,
+    )
+    async def pause_type(
+        operation_type: FromPath[str], request: Request[Any, Any, Any]
+    ) -> PausedType:
+        caller = admin_of(request)
+        try:
+            return await ingress.manage.pause(operation_type, by=caller.name)
+        except InvalidOperation as exc:
+            raise _refused([Rejection(exc.field, exc.reason)]) from None
+
+    @post(
+        "/api/types/{operation_type:str}/resume",
+        tags=["queue"],
+        status_code=200,
+        summary="Resume an operationType (admin keys)",
+        description="Its operations held while it was paused go to the flushers in the order "
+        "they were stored; released says how many.",
+        responses=ADMIN_ONLY,
+    )
+    async def resume_type(
+        operation_type: FromPath[str], request: Request[Any, Any, Any]
+    ) -> Resumed:
+        admin_of(request)
+        try:
+            released = await ingress.manage.resume(operation_type)
+        except InvalidOperation as exc:
+            raise _refused([Rejection(exc.field, exc.reason)]) from None
+        return Resumed(operation_type, released)
+
+    @get(
+        "/api/types/paused",
+        tags=["queue"],
+        summary="The paused operationTypes (admin keys)",
+        description="Who paused each, when, and how many operations it holds back.",
+        responses=ADMIN_ONLY,
+    )
+    async def paused_types(request: Request[Any, Any, Any]) -> list[PausedType]:
+        admin_of(request)
+        return await ingress.manage.paused_types()
 
     @get("/metrics", include_in_schema=False, media_type=prometheus_client.CONTENT_TYPE_LATEST)
     async def metrics() -> bytes:
@@ -304,6 +412,10 @@ def create_app(
             get_operation,
             list_operations,
             cancel_operation,
+            retry_operation,
+            pause_type,
+            resume_type,
+            paused_types,
             metrics,
             healthz,
             readyz,

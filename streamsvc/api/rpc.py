@@ -63,6 +63,13 @@ _TOO_DEEP = f"nested deeper than {MAX_DEPTH} levels"
 _NAMESPACE = uuid.UUID("0b7d3f4e-58a4-4d1b-9a3e-2f7c5d1e9a60")
 
 
+# Why a retry changed nothing: (errorCode, message).
+_NOT_RETRIED = {
+    "succeeded": ("SUCCEEDED", "Operation succeeded: it is never applied twice"),
+    "pending": ("NOT_FINISHED", "Operation has not finished: nothing to retry"),
+}
+
+
 class Unavailable(Exception):
     """The store could not take the request now; it goes back to the queue."""
 
@@ -100,6 +107,8 @@ class RpcServer:
             "getOperation": self.get_operation,
             "cancel_operation": self.cancel_operation,
             "cancelOperation": self.cancel_operation,
+            "retry_operation": self.retry_operation,
+            "retryOperation": self.retry_operation,
             "list_operations": self.list_operations,
             "listOperations": self.list_operations,
         }
@@ -299,6 +308,29 @@ class RpcServer:
                 status=False, message=message, error=message, data=view, error_code="FINISHED"
             )
         return nestjs.IResponse(status=True, message="Operation cancelled", data=view)
+
+    async def retry_operation(
+        self, data: bytes, caller: Caller, request_id: str | None
+    ) -> nestjs.IResponse:
+        """``{id}`` (or the id alone): an operation that ended FAIL or CANCELLED is pending
+        again under the same id (docs/queue.md); one that succeeded or has not finished
+        answers SUCCEEDED or NOT_FINISHED. A retry counts against the key's rate."""
+        op_id = self._operation_id(data)
+        if refusal := await self.auth.admit(caller, 1):
+            raise _Refusal(nestjs.rate_limited(refusal))
+        try:
+            result = await self.ingress.manage.retry(op_id, caller=caller)
+        except Exception as exc:
+            raise Unavailable(str(translate(exc))) from exc
+        view = result.view
+        if view is None:
+            return nestjs.not_found()
+        if result.verdict == "replayed":
+            return nestjs.IResponse(status=True, message="Operation replayed", data=view)
+        code, message = _NOT_RETRIED[result.verdict]
+        return nestjs.IResponse(
+            status=False, message=message, error=message, data=view, error_code=code
+        )
 
     async def list_operations(
         self, data: bytes, caller: Caller, request_id: str | None

@@ -8,7 +8,11 @@
 -- Claim the batch's rows still pending, marking them SUCCESS: the effects and this mark
 -- commit together (the refused are marked FAIL before the commit). Only rows that may be
 -- applied now: not parked behind their key's earlier operations, not held for a runAt
--- still ahead. A row another flusher
+-- still ahead, their operationType not paused. The paused types are read under a SHARE
+-- lock held to the commit: a pause or resume (a write to that table) waits for the
+-- batches that read it, so no batch applies a type after its pause answered, and the
+-- batch's not-claimed rows (queries.sql, not_claimed) see the types its claim saw.
+-- A row another flusher
 -- is finishing is waited for, then skipped as no longer pending. `id = ANY(ids)` finds the
 -- rows by primary key (joined to an unnest alone, a batch of 1,000 is planned as a hash
 -- join over a scan of the whole table), and only by it: "pending" is written as not
@@ -21,13 +25,16 @@ CREATE FUNCTION pg_temp.streamsvc_claim(ids uuid[], batch uuid)
 RETURNS TABLE (op_id text, attempts integer)
 LANGUAGE plpgsql SET search_path FROM CURRENT SET enable_seqscan = off AS $$
 BEGIN
+    LOCK TABLE streamsvc_paused_types IN SHARE MODE;
     RETURN QUERY
     UPDATE "BatchOperations" AS b
     SET status = 'SUCCESS', error = NULL, attempts = b.attempts + 1, batch_id = batch,
         processed_at = clock_timestamp(), updated_at = now()
     WHERE b.id = ANY(ids) AND b.status NOT IN ('SUCCESS', 'FAIL', 'CANCELLED')
-      AND NOT b.parked AND b.wake_at IS NULL
+      AND NOT b.parked AND b.wake_at IS NULL AND NOT b.paused
       AND (b.run_at IS NULL OR b.run_at <= clock_timestamp())
+      AND NOT EXISTS (SELECT FROM streamsvc_paused_types AS p
+                      WHERE p.operation_type = b.operation_type)
     RETURNING b.id::text, b.attempts;
 EXCEPTION WHEN query_canceled THEN
     RAISE EXCEPTION 'waiting for the batch''s rows: %', SQLERRM

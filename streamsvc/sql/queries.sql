@@ -24,7 +24,7 @@ FROM "BatchOperations" WHERE id = ANY($1::uuid[])
 -- an id match first, then the looker's own ($3), then the oldest.
 SELECT id::text AS id, operation_type, status, error, attempts, priority, source,
        batch_id::text AS batch_id, run_at, ordering_key, created_at, updated_at, processed_at,
-       body::text AS body
+       body::text AS body, paused, history::text AS history
 FROM "BatchOperations"
 WHERE (id = $1::uuid OR user_operation_id = $1::uuid)
   AND ($2::text IS NULL OR submitted_by = $2::text)
@@ -37,7 +37,7 @@ LIMIT 1
 -- [$4, $5); at most $8. Keyset pagination: a page costs the same however deep it is.
 SELECT id::text AS id, operation_type, status, error, attempts, priority, source,
        batch_id::text AS batch_id, run_at, ordering_key, created_at, updated_at, processed_at,
-       body::text AS body
+       body::text AS body, paused, history::text AS history
 FROM "BatchOperations"
 WHERE ($1::text IS NULL OR submitted_by = $1::text)
   AND ($2::text IS NULL OR status = $2::text)
@@ -91,14 +91,22 @@ RESET ALL; SELECT pg_advisory_unlock_all(), pg_temp.streamsvc_forget_statement()
 
 -- name: not_claimed
 -- The rows of a batch its claim left alone: finished ones, to report again; pending ones
--- are held back (parked, or not due) and are not on a stream any more. A row whose runAt
--- is still ahead (put on a stream early, as a clock ahead of the database's can) goes
--- back to waiting for it.
-WITH rearmed AS (
-    UPDATE "BatchOperations" SET wake_at = run_at, updated_at = now()
-    WHERE id = ANY($1::uuid[]) AND status NOT IN ('SUCCESS', 'FAIL', 'CANCELLED')
-      AND NOT parked AND wake_at IS NULL AND run_at > clock_timestamp()
-    RETURNING id
+-- are held back (parked, not due, or of a paused type) and are not on a stream any more.
+-- A row whose runAt is still ahead (put on a stream early, as a clock ahead of the
+-- database's can) goes back to waiting for it; one of a paused type is marked paused,
+-- until its type is resumed (the batch's claim read the paused types under a lock it
+-- still holds, so this sees the same ones).
+WITH held AS (
+    UPDATE "BatchOperations" AS b
+    SET wake_at = CASE WHEN b.run_at > t.now THEN b.run_at END,
+        paused = b.run_at IS NULL OR b.run_at <= t.now,
+        updated_at = now()
+    FROM (SELECT clock_timestamp() AS now) AS t
+    WHERE b.id = ANY($1::uuid[]) AND b.status NOT IN ('SUCCESS', 'FAIL', 'CANCELLED')
+      AND NOT b.parked AND b.wake_at IS NULL AND NOT b.paused
+      AND (b.run_at > t.now
+           OR b.operation_type IN (SELECT operation_type FROM streamsvc_paused_types))
+    RETURNING b.id
 )
 SELECT id::text AS id, operation_type, status, error, attempts, batch_id::text AS batch_id
 FROM "BatchOperations"
@@ -123,7 +131,7 @@ WHERE id = ANY($1::uuid[]) AND status IN ('UNPROCESSED', 'PROCESSING')
 UPDATE "BatchOperations"
 SET status = 'FAIL', error = $2, processed_at = clock_timestamp(), updated_at = now()
 WHERE id = ANY($1::uuid[]) AND status NOT IN ('SUCCESS', 'FAIL', 'CANCELLED')
-  AND NOT parked AND wake_at IS NULL
+  AND NOT parked AND wake_at IS NULL AND NOT paused
 RETURNING id::text AS id, operation_type, attempts, body -> 'meta' AS meta,
           ordering_key IS NOT NULL AS keyed, (body ->> 'userOperationId') AS user_operation_id
 
@@ -134,7 +142,7 @@ UPDATE "BatchOperations" SET updated_at = now()
 WHERE id IN (
     SELECT id FROM "BatchOperations"
     WHERE status IN ('UNPROCESSED', 'PROCESSING') AND wake_at IS NULL AND NOT parked
-      AND updated_at < $1
+      AND NOT paused AND updated_at < $1
     ORDER BY updated_at
     LIMIT $2
     FOR UPDATE SKIP LOCKED
@@ -188,10 +196,84 @@ LIMIT $1
 -- Cancel one operation that has not been applied.
 UPDATE "BatchOperations"
 SET status = 'CANCELLED', processed_at = clock_timestamp(), updated_at = now(),
-    wake_at = NULL, parked = false
+    wake_at = NULL, parked = false, paused = false
 WHERE id = $1::uuid AND status IN ('UNPROCESSED', 'PROCESSING')
 RETURNING id::text AS id, operation_type, attempts, body -> 'meta' AS meta,
           ordering_key IS NOT NULL AS keyed, (body ->> 'userOperationId') AS user_operation_id
+
+-- name: replay
+-- Replay the operations $1 that ended FAIL or CANCELLED (sql/005_queue_management.sql).
+SELECT id, ready, body FROM streamsvc_replay($1::uuid[])
+
+-- name: replayable
+-- Up to $6 operations that ended with a status of $1, of operationType $2 (NULL: any),
+-- ended in [$3, $4), submitted by $5 (NULL: anyone), the earliest ended first. A replay
+-- takes them page by page until none is left (the replayed are pending, so out of it).
+SELECT id::text AS id FROM "BatchOperations"
+WHERE status = ANY($1::text[])
+  AND ($2::text IS NULL OR operation_type = $2::text)
+  AND processed_at >= $3::timestamptz AND processed_at < $4::timestamptz
+  AND ($5::text IS NULL OR submitted_by = $5::text)
+ORDER BY processed_at, id
+LIMIT $6
+
+-- name: count_replayable
+-- How many operations replayable would give, for a dry run.
+SELECT count(*) FROM "BatchOperations"
+WHERE status = ANY($1::text[])
+  AND ($2::text IS NULL OR operation_type = $2::text)
+  AND processed_at >= $3::timestamptz AND processed_at < $4::timestamptz
+  AND ($5::text IS NULL OR submitted_by = $5::text)
+
+-- name: pause
+-- Pause an operationType (waits for the batches applying it: sql/batch.sql,
+-- streamsvc_claim); the time it was paused, whether now or before.
+INSERT INTO streamsvc_paused_types AS p (operation_type, paused_by) VALUES ($1, $2)
+ON CONFLICT (operation_type) DO UPDATE SET paused_at = p.paused_at
+RETURNING paused_at
+
+-- name: resume
+-- Resume an operationType; NULL when it was not paused.
+DELETE FROM streamsvc_paused_types WHERE operation_type = $1 RETURNING paused_at
+
+-- name: paused_types
+-- The paused operationTypes, and how many operations each holds back.
+SELECT p.operation_type, p.paused_by, p.paused_at,
+       (SELECT count(*) FROM "BatchOperations" AS b
+        WHERE b.paused AND b.operation_type = p.operation_type) AS held
+FROM streamsvc_paused_types AS p
+ORDER BY p.operation_type
+
+-- name: unpause
+-- Up to $2 held operations of operationType $1, now that it is resumed, in the order they
+-- were stored: no longer held, touched (as put on a stream); none while $1 is paused again.
+UPDATE "BatchOperations" AS b SET paused = false, updated_at = now()
+FROM (
+    SELECT id FROM "BatchOperations"
+    WHERE paused AND operation_type = $1
+      AND NOT EXISTS (SELECT FROM streamsvc_paused_types WHERE operation_type = $1)
+    ORDER BY key_seq
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+) AS r
+WHERE b.id = r.id
+RETURNING b.id::text AS id, b.body::text AS body, b.key_seq
+
+-- name: stray_paused
+-- Up to $1 operations held for a type that is no longer paused (a resume stopped half way):
+-- the sweeper lets them go as a resume would.
+UPDATE "BatchOperations" AS b SET paused = false, updated_at = now()
+FROM (
+    SELECT id FROM "BatchOperations" AS h
+    WHERE paused
+      AND NOT EXISTS (SELECT FROM streamsvc_paused_types AS p
+                      WHERE p.operation_type = h.operation_type)
+    ORDER BY key_seq
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+) AS r
+WHERE b.id = r.id
+RETURNING b.id::text AS id, b.body::text AS body, b.key_seq
 
 -- name: status_counts
 SELECT status, count(*) AS count FROM "BatchOperations" GROUP BY status

@@ -20,6 +20,10 @@ from streamsvc.store.records import (
     Ended,
     Intake,
     NewOperation,
+    PausedType,
+    Replayed,
+    Retried,
+    Selection,
     State,
     Summary,
 )
@@ -31,6 +35,10 @@ __all__ = [
     "Ended",
     "Intake",
     "NewOperation",
+    "PausedType",
+    "Replayed",
+    "Retried",
+    "Selection",
     "State",
     "Store",
     "Summary",
@@ -84,6 +92,34 @@ class Store(Protocol):
 
     async def cancel(self, op_id: str, *, owner: str | None, looker: str | None) -> Cancelled:
         """Cancel the operation ``get`` would find, unless it has finished."""
+
+    async def replay(self, ids: Sequence[str]) -> Replayed:
+        """Make the operations ``ids`` that ended FAIL or CANCELLED pending again (the
+        others stay as they are), keeping their id, attempts and earlier endings."""
+
+    async def retry(self, op_id: str, *, owner: str | None, looker: str | None) -> Retried:
+        """Replay the operation ``get`` would find, when it ended FAIL or CANCELLED."""
+
+    async def replayable(self, selection: Selection, limit: int) -> list[str]:
+        """The ids of up to ``limit`` operations ``selection`` takes, earliest ended first."""
+
+    async def count_replayable(self, selection: Selection) -> int:
+        """How many operations ``selection`` takes."""
+
+    async def pause(self, operation_type: str, *, by: str) -> dt.datetime:
+        """Pause ``operation_type`` (once this returns, no batch applies it); when it was
+        paused, now or before."""
+
+    async def resume(self, operation_type: str) -> bool:
+        """Resume ``operation_type``; whether it was paused. Its held operations stay held
+        until ``unpause`` lets them go."""
+
+    async def paused_types(self) -> list[PausedType]:
+        """The paused operationTypes."""
+
+    async def unpause(self, operation_type: str | None, limit: int) -> list[WorkOp]:
+        """Let go of up to ``limit`` operations held for ``operation_type`` (None: for any
+        type no longer paused), in the order they were stored, to put on a work stream."""
 
     async def summary(self, *, failures: int, window_s: int) -> Summary:
         """Counts by status, operations finished per second over ``window_s``, and the

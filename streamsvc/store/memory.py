@@ -12,9 +12,10 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from streamsvc.model import (
+    Ending,
     ListQuery,
     OperationPage,
     OperationView,
@@ -31,6 +32,10 @@ from streamsvc.store.records import (
     Failure,
     Intake,
     NewOperation,
+    PausedType,
+    Replayed,
+    Retried,
+    Selection,
     State,
     Summary,
     decode_cursor,
@@ -63,6 +68,8 @@ class Row:
     wake_at: dt.datetime | None = None
     parked: bool = False
     key_seq: int | None = None
+    paused: bool = False
+    history: list[Ending] = field(default_factory=list)
 
     @property
     def pending(self) -> bool:
@@ -77,7 +84,7 @@ class Row:
     @property
     def queued(self) -> bool:
         """Pending and not held back: it belongs on a work stream."""
-        return self.pending and not self.parked and self.wake_at is None
+        return self.pending and not self.parked and self.wake_at is None and not self.paused
 
     def state(self) -> State:
         op_type = self.op.op.operation_type
@@ -100,6 +107,8 @@ class Row:
             updated_at=self.updated_at,
             processed_at=self.processed_at,
             operation=op,
+            paused=self.paused,
+            history=list(self.history),
         )
 
     def outcome(self) -> Outcome:
@@ -128,6 +137,7 @@ class MemoryStore:
         self.refuse = refuse
         self.now = now
         self.ticks: dict[str, dt.datetime] = {}
+        self.paused: dict[str, tuple[str, dt.datetime]] = {}  # operationType: (by, at)
         self._seq = 0
 
     # -- intake ------------------------------------------------------------------------
@@ -140,9 +150,10 @@ class MemoryStore:
                 continue
             row = Row(new.id, WorkOp(new.id, new.op), new.source, new.submitted_by, now, now)
             row.run_at = new.run_at
+            self._seq += 1
+            row.key_seq = self._seq
             if new.op.ordering_key is not None:
-                self._seq += 1
-                row.parked, row.key_seq = True, self._seq
+                row.parked = True
                 keyed.append(row)
             elif new.run_at is not None and new.run_at > now:
                 row.wake_at = new.run_at
@@ -193,10 +204,12 @@ class MemoryStore:
             row = self.rows.get(item.id)
             if row is None:
                 continue
-            if row.queued and (row.run_at is None or row.run_at <= now):
+            if row.queued and row.run_at is not None and row.run_at > now:
+                row.wake_at = row.run_at  # put on a stream before its time: wait for it again
+            elif row.queued and row.op.op.operation_type in self.paused:
+                row.paused = True
+            elif row.queued:
                 claimed.append(row)
-            elif row.queued:  # put on a stream before its time: wait for it again
-                row.wake_at = row.run_at
             elif not row.pending and row.status is not Status.CANCELLED:
                 result.earlier.append(row.outcome())
         for row in claimed:
@@ -277,12 +290,85 @@ class MemoryStore:
             return Cancelled("cancelled")
         if not row.pending:
             return Cancelled("finished")
-        row.status, row.wake_at, row.parked = Status.CANCELLED, None, False
+        row.status, row.wake_at, row.parked, row.paused = Status.CANCELLED, None, False, False
         row.processed_at = row.updated_at = self.now()
         outcome = row.outcome()
         outcome.batch_id = None
         released = self._release([row])
         return Cancelled("cancelled", outcome=outcome, released=released)
+
+    # -- queue management ------------------------------------------------------------------
+    async def replay(self, ids: Sequence[str]) -> Replayed:
+        now = self.now()
+        replayed = [self.rows[i] for i in dict.fromkeys(ids) if i in self.rows]
+        replayed = [r for r in replayed if r.status in (Status.FAIL, Status.CANCELLED)]
+        result = Replayed(ids=[r.id for r in replayed])
+        for row in replayed:
+            ending = Ending(row.status, row.error, row.attempts, row.batch_id, row.processed_at)
+            row.history.append(ending)
+            row.status, row.error, row.batch_id, row.processed_at = (
+                Status.UNPROCESSED,
+                None,
+                None,
+                None,
+            )
+            row.updated_at, row.paused = now, False
+            self._seq += 1
+            row.key_seq = self._seq
+            if row.key is not None:
+                row.parked = True
+            elif row.run_at is not None and row.run_at > now:
+                row.wake_at = row.run_at
+            if row.queued:
+                result.ready.append(row.op)
+        result.ready.extend(self._release([r for r in replayed if r.key is not None]))
+        return result
+
+    async def retry(self, op_id: str, *, owner: str | None, looker: str | None) -> Retried:
+        row = self._find(op_id, owner, looker)
+        if row is None:
+            return Retried("unknown")
+        replayed = await self.replay([row.id])
+        if replayed.ids:
+            return Retried("replayed", ready=replayed.ready)
+        return Retried("succeeded" if row.status is Status.SUCCESS else "pending")
+
+    async def replayable(self, selection: Selection, limit: int) -> list[str]:
+        return [r.id for r in self._selected(selection)[:limit]]
+
+    async def count_replayable(self, selection: Selection) -> int:
+        return len(self._selected(selection))
+
+    async def pause(self, operation_type: str, *, by: str) -> dt.datetime:
+        return self.paused.setdefault(operation_type, (by, self.now()))[1]
+
+    async def resume(self, operation_type: str) -> bool:
+        return self.paused.pop(operation_type, None) is not None
+
+    async def paused_types(self) -> list[PausedType]:
+        held: dict[str, int] = {}
+        for row in self.rows.values():
+            if row.paused:
+                held[row.op.op.operation_type] = held.get(row.op.op.operation_type, 0) + 1
+        return [
+            PausedType(op_type, by, at, held.get(op_type, 0))
+            for op_type, (by, at) in sorted(self.paused.items())
+        ]
+
+    async def unpause(self, operation_type: str | None, limit: int) -> list[WorkOp]:
+        rows = sorted(
+            (
+                r
+                for r in self.rows.values()
+                if r.paused
+                and r.op.op.operation_type not in self.paused
+                and operation_type in (None, r.op.op.operation_type)
+            ),
+            key=lambda r: r.key_seq or 0,
+        )[:limit]
+        for row in rows:
+            row.paused, row.updated_at = False, self.now()
+        return [row.op for row in rows]
 
     async def summary(self, *, failures: int, window_s: int) -> Summary:
         counts: dict[str, int] = {}
@@ -313,6 +399,22 @@ class MemoryStore:
     # -- inside ------------------------------------------------------------------------
     def _pending(self, ids: Sequence[str]) -> list[Row]:
         return [self.rows[i] for i in ids if i in self.rows and self.rows[i].pending]
+
+    def _selected(self, s: Selection) -> list[Row]:
+        until = s.until or self.now()
+        return sorted(
+            (
+                r
+                for r in self.rows.values()
+                if r.status in s.statuses
+                and s.operation_type in (None, r.op.op.operation_type)
+                and r.processed_at is not None
+                and (s.since is None or r.processed_at >= s.since)
+                and r.processed_at < until
+                and s.owner in (None, r.submitted_by)
+            ),
+            key=lambda r: (r.processed_at, r.id),
+        )
 
     def _find(self, op_id: str, owner: str | None, looker: str | None) -> Row | None:
         found = [

@@ -20,6 +20,7 @@ from streamsvc.model import (
     Outcome,
     Status,
     WorkOp,
+    history_decoder,
     json_encoder,
     operation_decoder,
 )
@@ -33,6 +34,10 @@ from streamsvc.store.records import (
     Failure,
     Intake,
     NewOperation,
+    PausedType,
+    Replayed,
+    Retried,
+    Selection,
     State,
     Summary,
     decode_cursor,
@@ -210,6 +215,58 @@ class PgStore:
         outcome = _ended(row, Status.CANCELLED, None)
         return Cancelled("cancelled", outcome=outcome, released=released)
 
+    # -- queue management ------------------------------------------------------------------
+    async def replay(self, ids: Sequence[str]) -> Replayed:
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(QUERIES["replay"], list(ids))
+        return _replayed(rows)
+
+    async def retry(self, op_id: str, *, owner: str | None, looker: str | None) -> Retried:
+        async with self.pool.acquire() as conn:
+            found = await conn.fetchrow(QUERIES["find"], op_id, owner, looker)
+            if found is None:
+                return Retried("unknown")
+            async with conn.transaction():
+                replayed = _replayed(await conn.fetch(QUERIES["replay"], [found["id"]]))
+            if replayed.ids:
+                return Retried("replayed", ready=replayed.ready)
+            state = _state((await conn.fetch(QUERIES["states"], [found["id"]]))[0])
+        if state.status is Status.SUCCESS:
+            return Retried("succeeded")
+        return Retried("pending")
+
+    async def replayable(self, selection: Selection, limit: int) -> list[str]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(QUERIES["replayable"], *_selected(selection), limit)
+        return [row["id"] for row in rows]
+
+    async def count_replayable(self, selection: Selection) -> int:
+        async with self.pool.acquire() as conn:
+            count: int = await conn.fetchval(QUERIES["count_replayable"], *_selected(selection))
+        return count
+
+    async def pause(self, operation_type: str, *, by: str) -> dt.datetime:
+        async with self.pool.acquire() as conn:
+            paused_at: dt.datetime = await conn.fetchval(QUERIES["pause"], operation_type, by)
+        return paused_at
+
+    async def resume(self, operation_type: str) -> bool:
+        async with self.pool.acquire() as conn:
+            return await conn.fetchval(QUERIES["resume"], operation_type) is not None
+
+    async def paused_types(self) -> list[PausedType]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(QUERIES["paused_types"])
+        return [PausedType(**dict(row)) for row in rows]
+
+    async def unpause(self, operation_type: str | None, limit: int) -> list[WorkOp]:
+        async with self.pool.acquire() as conn:
+            if operation_type is None:
+                rows = await conn.fetch(QUERIES["stray_paused"], limit)
+            else:
+                rows = await conn.fetch(QUERIES["unpause"], operation_type, limit)
+        return [batch.work_of(row) for row in sorted(rows, key=lambda r: r["key_seq"])]
+
     async def release_stuck(self, limit: int) -> list[WorkOp]:
         async with self.pool.acquire() as conn:
             heads = [row[0] for row in await conn.fetch(QUERIES["stuck_keys"], limit)]
@@ -241,7 +298,24 @@ def _view(row: asyncpg.Record) -> OperationView:
     fields = dict(row)
     body = fields.pop("body")
     fields["status"] = Status(fields["status"])
+    fields["history"] = history_decoder.decode(fields["history"])
     return OperationView(**fields, operation=operation_decoder.decode(body))
+
+
+def _replayed(rows: Sequence[asyncpg.Record]) -> Replayed:
+    """streamsvc_replay's rows: an id twice when its key released it after storing it."""
+    replayed = Replayed(ids=list(dict.fromkeys(row["id"] for row in rows)))
+    replayed.ready = [batch.work_of(row) for row in rows if row["ready"]]
+    return replayed
+
+
+def _selected(s: Selection) -> tuple[Any, ...]:
+    """A Selection as replayable's first five arguments; no bound is the whole of time, and
+    nothing ended after now (a replayed operation that ends again is not taken twice)."""
+    now = dt.datetime.now(dt.UTC)
+    until = now if s.until is None else min(s.until, now)
+    since = s.since or dt.datetime.min.replace(tzinfo=dt.UTC)
+    return ([st.value for st in s.statuses], s.operation_type, since, until, s.owner)
 
 
 def _state(row: asyncpg.Record) -> State:

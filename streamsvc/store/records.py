@@ -13,6 +13,8 @@ import msgspec
 from streamsvc.errors import InvalidOperation
 from streamsvc.model import Operation, OperationView, Outcome, Status, WorkOp
 
+REPLAYABLE = (Status.FAIL, Status.CANCELLED)
+
 
 class NewOperation(msgspec.Struct, frozen=True):
     """One accepted operation for the next group commit."""
@@ -104,6 +106,49 @@ class Cancelled(msgspec.Struct):
     view: OperationView | None = None
     outcome: Outcome | None = None
     released: list[WorkOp] = msgspec.field(default_factory=list)
+
+
+class Replayed(msgspec.Struct):
+    """What a replay changed: ``ids`` pending again; ``ready`` to put on the work streams
+    now (the others wait for their runAt, or for their key's earlier operations)."""
+
+    ids: list[str] = msgspec.field(default_factory=list)
+    ready: list[WorkOp] = msgspec.field(default_factory=list)
+
+
+RetryVerdict = Literal["replayed", "pending", "succeeded", "unknown"]
+
+
+class Retried(msgspec.Struct):
+    """What a retry request found: ``replayed`` (it had ended FAIL or CANCELLED),
+    ``pending`` (not finished: nothing to retry), ``succeeded`` (applied once, never
+    again), or ``unknown`` (no such operation the caller may see); and the operation as it
+    stands after."""
+
+    verdict: RetryVerdict
+    view: OperationView | None = None
+    ready: list[WorkOp] = msgspec.field(default_factory=list)
+
+
+class Selection(msgspec.Struct, frozen=True, kw_only=True):
+    """Which finished operations a replay takes: ended with one of ``statuses``, of
+    ``operation_type`` (None: any), ended in [``since``, ``until``), submitted by
+    ``owner`` (None: anyone)."""
+
+    statuses: tuple[Status, ...] = REPLAYABLE
+    operation_type: str | None = None
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+    owner: str | None = None
+
+
+class PausedType(msgspec.Struct, frozen=True, rename="camel"):
+    """A paused operationType: who paused it, when, and how many operations it holds."""
+
+    operation_type: str
+    paused_by: str
+    paused_at: dt.datetime
+    held: int
 
 
 def encode_cursor(created_at: dt.datetime, op_id: str) -> str:
