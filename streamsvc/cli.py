@@ -4,6 +4,7 @@ show where the work stands and list operations."""
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -14,13 +15,13 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from streamsvc import logs, settings, status
+from streamsvc import filters, logs, settings, status
 from streamsvc.adapters import caller_role, postgres
 from streamsvc.adapters import streams as rs
 from streamsvc.catalog import Catalog
 from streamsvc.errors import ConfigError, InvalidOperation, NotMigratedError
 from streamsvc.keys import KeyStore
-from streamsvc.model import MAX_PAGE, ListQuery, Status, decode_error
+from streamsvc.model import MAX_PAGE, CountQuery, ListQuery, Status, decode_error
 from streamsvc.settings import Settings
 from streamsvc.store.postgres import PgStore
 from streamsvc.supervisor import ROLES, run
@@ -53,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--limit", type=int, default=20, help=f"at most this many (1-{MAX_PAGE})")
     listing.add_argument("--cursor", help="where the previous page ended (its next cursor)")
     listing.add_argument("--json", action="store_true", help="print the page as JSON")
+    counting = ops.add_parser(
+        "counts", help="operations created in a window, by status and operationType"
+    )
+    counting.add_argument("--since", help="created at or after (ISO 8601; default: until - 1 day)")
+    counting.add_argument("--until", help="created before (ISO 8601; default: now)")
+    counting.add_argument("--json", action="store_true", help="print the counts as JSON")
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys", required=True)
     create = keys.add_parser("create", help="create a key and print it (shown only once)")
     create.add_argument("--name", required=True)
@@ -204,6 +211,40 @@ async def _ops_list(config: Settings, args: argparse.Namespace) -> None:
         console.print(f"more: --cursor {page.next_cursor}")
 
 
+async def _ops_counts(config: Settings, args: argparse.Namespace) -> None:
+    wanted = {"since": args.since, "until": args.until}
+    try:
+        query = msgspec.convert({k: v for k, v in wanted.items() if v is not None}, CountQuery)
+    except msgspec.ValidationError as exc:
+        refused = decode_error(exc)
+        raise InvalidOperation(refused.field, refused.reason) from None
+    since, until = filters.count_window(query, dt.datetime.now(dt.UTC))
+    pool = await asyncpg.create_pool(**postgres.dsn_kwargs(config), min_size=1, max_size=1)
+    assert pool is not None
+    try:
+        async with pool.acquire() as conn:
+            await postgres.check_migrated(conn)
+        counts = await PgStore(pool, Catalog(config.allow_list)).counts(since, until, owner=None)
+    finally:
+        await pool.close()
+    if args.json:
+        print(msgspec.json.encode(counts).decode())
+        return
+    statuses = list(counts.by_status)
+    table = Table(
+        "operationType",
+        *statuses,
+        "total",
+        title=f"created {since:%Y-%m-%d %H:%M:%S} to {until:%Y-%m-%d %H:%M:%S} UTC",
+    )
+    for op_type, by_status in sorted(counts.by_type.items()):
+        row = [by_status.get(status, 0) for status in statuses]
+        table.add_row(op_type, *map(str, row), str(sum(row)))
+    total = [counts.by_status[status] for status in statuses]
+    table.add_row("all", *map(str, total), str(sum(total)), style="bold")
+    Console().print(table)
+
+
 def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -231,9 +272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             async def job() -> None:
                 await _status(config, args)
         elif args.command == "ops":
+            show = _ops_counts if args.ops == "counts" else _ops_list
 
             async def job() -> None:
-                await _ops_list(config, args)
+                await show(config, args)
         else:
 
             async def job() -> None:
