@@ -19,14 +19,14 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from streamsvc import logs, settings, status
+from streamsvc import filters, logs, settings, status
 from streamsvc.adapters import caller_role, postgres
 from streamsvc.adapters import streams as rs
 from streamsvc.catalog import Catalog
 from streamsvc.errors import ConfigError, InvalidOperation, NotMigratedError
 from streamsvc.keys import KeyStore
 from streamsvc.manage import Manager
-from streamsvc.model import MAX_PAGE, ListQuery, Status, decode_error
+from streamsvc.model import MAX_PAGE, CountQuery, ListQuery, Status, decode_error
 from streamsvc.settings import Settings
 from streamsvc.store import Selection
 from streamsvc.store.postgres import PgStore
@@ -61,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--limit", type=int, default=20, help=f"at most this many (1-{MAX_PAGE})")
     listing.add_argument("--cursor", help="where the previous page ended (its next cursor)")
     listing.add_argument("--json", action="store_true", help="print the page as JSON")
+    counting = ops.add_parser(
+        "counts", help="operations created in a window, by status and operationType"
+    )
+    counting.add_argument("--since", help="created at or after (ISO 8601; default: until - 1 day)")
+    counting.add_argument("--until", help="created before (ISO 8601; default: now)")
+    counting.add_argument("--json", action="store_true", help="print the counts as JSON")
     replay = sub.add_parser(
         "replay",
         help="make operations that ended FAIL or CANCELLED (dead-lettered ones are FAIL) "
@@ -291,6 +297,29 @@ def _converted(wanted: dict[str, Any], into: type[T]) -> T:
         raise InvalidOperation(refused.field, refused.reason) from None
 
 
+async def _ops_counts(config: Settings, args: argparse.Namespace) -> None:
+    query = _converted({"since": args.since, "until": args.until}, CountQuery)
+    since, until = filters.count_window(query, dt.datetime.now(dt.UTC))
+    async with _store(config) as store:
+        counts = await store.counts(since, until, owner=None)
+    if args.json:
+        print(msgspec.json.encode(counts).decode())
+        return
+    statuses = list(counts.by_status)
+    table = Table(
+        "operationType",
+        *statuses,
+        "total",
+        title=f"created {since:%Y-%m-%d %H:%M:%S} to {until:%Y-%m-%d %H:%M:%S} UTC",
+    )
+    for op_type, by_status in sorted(counts.by_type.items()):
+        row = [by_status.get(status, 0) for status in statuses]
+        table.add_row(op_type, *map(str, row), str(sum(row)))
+    total = [counts.by_status[status] for status in statuses]
+    table.add_row("all", *map(str, total), str(sum(total)), style="bold")
+    Console().print(table)
+
+
 def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -318,9 +347,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             async def job() -> None:
                 await _status(config, args)
         elif args.command == "ops":
+            show = _ops_counts if args.ops == "counts" else _ops_list
 
             async def job() -> None:
-                await _ops_list(config, args)
+                await show(config, args)
         elif args.command == "replay":
 
             async def job() -> None:

@@ -161,6 +161,7 @@ class OperationView(msgspec.Struct, rename="camel"):
 history_decoder = msgspec.json.Decoder(list[Ending])
 
 MAX_PAGE = 1000
+MAX_COUNT_WINDOW = dt.timedelta(days=31)
 Limit = Annotated[int, msgspec.Meta(ge=1, le=MAX_PAGE)]
 
 
@@ -181,6 +182,24 @@ class OperationPage(msgspec.Struct, rename="camel"):
 
     items: list[OperationView]
     next_cursor: str | None
+
+
+class CountQuery(msgspec.Struct, rename="camel", forbid_unknown_fields=True, omit_defaults=True):
+    """Which operations a count covers: those created in [since, until) (by default the
+    day up to now; at most MAX_COUNT_WINDOW)."""
+
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+
+
+class OperationCounts(msgspec.Struct, rename="camel"):
+    """The operations created in [since, until): how many by status (every status, zeros
+    included), and by operationType and status (the types that have any)."""
+
+    since: dt.datetime
+    until: dt.datetime
+    by_status: dict[str, int]
+    by_type: dict[str, dict[str, int]]
 
 
 operation_decoder = msgspec.json.Decoder(Operation)

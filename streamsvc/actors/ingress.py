@@ -29,16 +29,17 @@ import asyncpg
 import msgspec
 import structlog
 
-from streamsvc import metrics, sqlguard
+from streamsvc import filters, metrics, sqlguard
 from streamsvc.adapters import streams as rs
 from streamsvc.adapters.postgres import translate
 from streamsvc.catalog import Catalog
 from streamsvc.errors import InvalidOperation
 from streamsvc.manage import Manager
 from streamsvc.model import (
-    MAX_TYPE_BYTES,
+    CountQuery,
     ListQuery,
     Operation,
+    OperationCounts,
     OperationPage,
     OperationView,
     Receipt,
@@ -48,7 +49,7 @@ from streamsvc.model import (
     work_encoder,
 )
 from streamsvc.store import Cancelled, NewOperation, Store
-from streamsvc.validate import ANONYMOUS, Caller, UnknownToCatalog, label, scope, validate
+from streamsvc.validate import ANONYMOUS, Caller, UnknownToCatalog, scope, validate
 
 log = structlog.get_logger("streamsvc.ingress")
 
@@ -161,10 +162,17 @@ class Ingress:
     ) -> OperationPage:
         """A page of the operations ``query`` selects, newest first: ``caller``'s own unless
         it is an admin (None: the service itself, which sees all)."""
-        if query.operation_type is not None:  # a filter reaches PostgreSQL as text
-            label("operationType", query.operation_type, MAX_TYPE_BYTES)
         owner, _ = scope(caller)
-        return await self.store.list_operations(query, owner=owner)
+        return await self.store.list_operations(filters.list_query(query), owner=owner)
+
+    async def count_operations(
+        self, query: CountQuery, *, caller: Caller | None = None
+    ) -> OperationCounts:
+        """How many of the operations ``list_operations`` shows ``caller`` were created in
+        ``query``'s window, by status and by operationType and status."""
+        since, until = filters.count_window(query, dt.datetime.now(dt.UTC))
+        owner, _ = scope(caller)
+        return await self.store.counts(since, until, owner=owner)
 
     async def cancel(self, op_id: str, *, caller: Caller | None = None) -> Cancelled:
         """Cancel the operation ``get`` would find for ``caller``, unless it has finished;

@@ -27,9 +27,12 @@ from streamsvc.api.swagger import ASSETS_DIR, LocalSwagger
 from streamsvc.errors import InvalidOperation
 from streamsvc.keys import Authenticator
 from streamsvc.model import (
+    MAX_COUNT_WINDOW,
     MAX_PAGE,
+    CountQuery,
     ListQuery,
     Operation,
+    OperationCounts,
     OperationPage,
     OperationView,
     Receipt,
@@ -252,6 +255,27 @@ def create_app(
         except InvalidOperation as exc:
             raise _refused([Rejection(exc.field, exc.reason)]) from None
 
+    @get(
+        "/api/operations/counts",
+        tags=["queue"],
+        summary="Count operations by status and by operationType",
+        description="The operations created in [since, until): how many by status (every "
+        "status, zeros included) and by operationType and status. until defaults to now, "
+        f"since to a day before until; at most {MAX_COUNT_WINDOW.days} days. A key counts "
+        "only its own operations (an admin key: all).",
+    )
+    async def count_operations(
+        request: Request[Any, Any, Any],
+        since: FromQuery[dt.datetime | None] = None,
+        until: FromQuery[dt.datetime | None] = None,
+    ) -> OperationCounts:
+        try:
+            return await ingress.count_operations(
+                CountQuery(since, until), caller=caller_of(request)
+            )
+        except InvalidOperation as exc:
+            raise _refused([Rejection(exc.field, exc.reason)]) from None
+
     @delete(
         "/api/operations/{operation_id:str}",
         tags=["operations"],
@@ -389,11 +413,16 @@ def create_app(
     async def metrics() -> bytes:
         return prometheus_client.generate_latest()
 
-    @get("/healthz", include_in_schema=False)
+    @get("/healthz", tags=["health"], summary="The process is up")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @get("/readyz", include_in_schema=False)
+    @get(
+        "/readyz",
+        tags=["health"],
+        summary="PostgreSQL and Redis answer",
+        description="503 naming the servers that do not; why is logged, never answered.",
+    )
     async def readyz() -> Response[dict[str, Any]]:
         """503 naming the servers that are down; why is logged, never answered."""
         down = await ready()
@@ -411,6 +440,7 @@ def create_app(
             create_operations,
             get_operation,
             list_operations,
+            count_operations,
             cancel_operation,
             retry_operation,
             pause_type,

@@ -39,6 +39,7 @@ from streamsvc.errors import InvalidOperation, TransientError
 from streamsvc.keys import Authenticator
 from streamsvc.model import (
     MAX_DEPTH,
+    CountQuery,
     ListQuery,
     Receipt,
     Rejection,
@@ -111,6 +112,8 @@ class RpcServer:
             "retryOperation": self.retry_operation,
             "list_operations": self.list_operations,
             "listOperations": self.list_operations,
+            "count_operations": self.count_operations,
+            "countOperations": self.count_operations,
         }
 
     async def run(self) -> None:
@@ -347,6 +350,21 @@ class RpcServer:
             raise Unavailable(str(translate(exc))) from exc
         return nestjs.IResponse(status=True, message=f"{len(page.items)} operations", data=page)
 
+    async def count_operations(
+        self, data: bytes, caller: Caller, request_id: str | None
+    ) -> nestjs.IResponse:
+        """``{since?, until?}`` (or nothing): ``{since, until, byStatus, byType}``, the
+        caller's own operations (an admin's: everyone's) created in [since, until)."""
+        query = CountQuery() if bytes(data) in (b"null", b"") else _decode(_count_decoder, data)
+        try:
+            counts = await self.ingress.count_operations(query, caller=caller)
+        except InvalidOperation as exc:
+            raise _Refusal(nestjs.refused(Rejection(exc.field, exc.reason))) from None
+        except Exception as exc:
+            raise Unavailable(str(translate(exc))) from exc
+        total = sum(counts.by_status.values())
+        return nestjs.IResponse(status=True, message=f"{total} operations", data=counts)
+
     def _operation_id(self, data: bytes) -> str:
         ref = _decode(nestjs.ref_decoder, data)
         op_id = ref if isinstance(ref, str) else ref.id or ref.user_operation_id
@@ -434,6 +452,15 @@ class _ListRequest(ListQuery, kw_only=True):
 
 
 _list_decoder = msgspec.json.Decoder(_ListRequest)
+
+
+class _CountRequest(CountQuery, kw_only=True):
+    """A count's window as RPC carries it, with the caller's key perhaps."""
+
+    api_key: str | None = None
+
+
+_count_decoder = msgspec.json.Decoder(_CountRequest)
 
 
 def _decode(decoder: msgspec.json.Decoder[T], data: bytes) -> T:

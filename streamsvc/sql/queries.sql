@@ -31,22 +31,56 @@ WHERE (id = $1::uuid OR user_operation_id = $1::uuid)
 ORDER BY id = $1::uuid DESC, submitted_by = $3::text DESC, created_at
 LIMIT 1
 
--- name: list_operations
--- A page of operations, newest first, after the cursor ($6 created_at, $7 id) when given:
--- submitted by $1 (NULL: anyone's), with status $2, operationType $3, created in
--- [$4, $5); at most $8. Keyset pagination: a page costs the same however deep it is.
-SELECT id::text AS id, operation_type, status, error, attempts, priority, source,
-       batch_id::text AS batch_id, run_at, ordering_key, created_at, updated_at, processed_at,
-       body::text AS body, paused, history::text AS history
-FROM "BatchOperations"
-WHERE ($1::text IS NULL OR submitted_by = $1::text)
-  AND ($2::text IS NULL OR status = $2::text)
-  AND ($3::text IS NULL OR operation_type = $3::text)
-  AND ($4::timestamptz IS NULL OR created_at >= $4::timestamptz)
-  AND ($5::timestamptz IS NULL OR created_at < $5::timestamptz)
-  AND ($6::timestamptz IS NULL OR (created_at, id) < ($6::timestamptz, $7::uuid))
-ORDER BY created_at DESC, id DESC
-LIMIT $8
+-- Lists of operations are built per shape (streamsvc/store/listing.py); these count them.
+-- Each reads the window's entries of one index of sql/007_list_indexes.sql, and only the
+-- index: `status = ANY(every status)` holds for every row (the status CHECK), and puts
+-- status, the index's column before created_at, in the index condition.
+
+-- name: count_statuses
+-- Operations created in [$1, $2), by status.
+SELECT status, count(*) AS count FROM "BatchOperations"
+WHERE status = ANY('{UNPROCESSED,PROCESSING,SUCCESS,FAIL,CANCELLED}'::text[])
+  AND created_at >= $1 AND created_at < $2
+GROUP BY status
+
+-- name: count_statuses_of
+-- Operations submitted by $3 and created in [$1, $2), by status.
+SELECT status, count(*) AS count FROM "BatchOperations"
+WHERE submitted_by = $3
+  AND status = ANY('{UNPROCESSED,PROCESSING,SUCCESS,FAIL,CANCELLED}'::text[])
+  AND created_at >= $1 AND created_at < $2
+GROUP BY status
+
+-- name: count_types
+-- Operations created in [$1, $2), by operationType and status.
+SELECT operation_type, status, count(*) AS count FROM "BatchOperations"
+WHERE status = ANY('{UNPROCESSED,PROCESSING,SUCCESS,FAIL,CANCELLED}'::text[])
+  AND created_at >= $1 AND created_at < $2
+GROUP BY operation_type, status
+
+-- name: count_types_of
+-- Operations submitted by $3 and created in [$1, $2), by operationType and status.
+SELECT operation_type, status, count(*) AS count FROM "BatchOperations"
+WHERE submitted_by = $3
+  AND status = ANY('{UNPROCESSED,PROCESSING,SUCCESS,FAIL,CANCELLED}'::text[])
+  AND created_at >= $1 AND created_at < $2
+GROUP BY operation_type, status
+
+-- name: throughput
+-- Operations finished in each of the last $1 minutes (the current one last, so far),
+-- zeros included; the finished rows' index on processed_at.
+WITH finished AS (
+    SELECT date_trunc('minute', processed_at) AS start, count(*) AS finished
+    FROM "BatchOperations"
+    WHERE status IN ('SUCCESS', 'FAIL', 'CANCELLED')
+      AND processed_at >= date_trunc('minute', now()) - make_interval(mins => $1 - 1)
+    GROUP BY 1
+)
+SELECT m.start, coalesce(f.finished, 0) AS finished
+FROM generate_series(date_trunc('minute', now()) - make_interval(mins => $1 - 1),
+                     date_trunc('minute', now()), interval '1 minute') AS m(start)
+LEFT JOIN finished AS f USING (start)
+ORDER BY m.start
 
 -- name: apply_batch
 -- A batch's statements, their refused rows searched out inside PostgreSQL, in one round

@@ -12,13 +12,14 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import Protocol
 
-from streamsvc.model import ListQuery, OperationPage, OperationView, WorkOp
+from streamsvc.model import ListQuery, OperationCounts, OperationPage, OperationView, WorkOp
 from streamsvc.store.records import (
     Applied,
     Cancelled,
     Due,
     Ended,
     Intake,
+    Minute,
     NewOperation,
     PausedType,
     Replayed,
@@ -34,6 +35,7 @@ __all__ = [
     "Due",
     "Ended",
     "Intake",
+    "Minute",
     "NewOperation",
     "PausedType",
     "Replayed",
@@ -134,3 +136,13 @@ class Store(Protocol):
     async def release_stuck(self, limit: int) -> list[WorkOp]:
         """Release keys whose earliest pending operation is parked (nobody released it:
         a crash came in between); their released operations, to put on a work stream."""
+
+    async def counts(
+        self, since: dt.datetime, until: dt.datetime, *, owner: str | None
+    ) -> OperationCounts:
+        """The operations submitted by ``owner`` (None: by anyone) and created in
+        [``since``, ``until``): by status, and by operationType and status."""
+
+    async def throughput(self, minutes: int) -> list[Minute]:
+        """Operations finished in each of the last ``minutes`` minutes, oldest first, the
+        current minute (so far) last."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from streamsvc.model import (
     Ending,
     ListQuery,
+    OperationCounts,
     OperationPage,
     OperationView,
     Outcome,
@@ -24,6 +25,7 @@ from streamsvc.model import (
     WorkOp,
     user_id,
 )
+from streamsvc.store import listing
 from streamsvc.store.records import (
     Applied,
     Cancelled,
@@ -31,6 +33,7 @@ from streamsvc.store.records import (
     Ended,
     Failure,
     Intake,
+    Minute,
     NewOperation,
     PausedType,
     Replayed,
@@ -174,7 +177,8 @@ class MemoryStore:
         return None if row is None else row.view()
 
     async def list_operations(self, query: ListQuery, *, owner: str | None) -> OperationPage:
-        after = decode_cursor(query.cursor) if query.cursor else None
+        after = decode_cursor(query.cursor, owner) if query.cursor else None
+        page = listing.bounds(query, after)
         rows = sorted(
             (
                 r
@@ -182,16 +186,16 @@ class MemoryStore:
                 if (owner is None or r.submitted_by == owner)
                 and (query.status is None or r.status is query.status)
                 and (query.operation_type in (None, r.op.op.operation_type))
-                and (query.since is None or r.created_at >= query.since)
-                and (query.until is None or r.created_at < query.until)
-                and (after is None or _sort_key(r) < (after[0], uuid.UUID(after[1])))
+                and r.created_at >= page.since
+                and _sort_key(r) < (page.before, page.before_id)
             ),
             key=_sort_key,
             reverse=True,
         )
         items = [r.view() for r in rows[: query.limit]]
         last = items[-1] if len(rows) > query.limit else None
-        return OperationPage(items, encode_cursor(last.created_at, last.id) if last else None)
+        cursor = encode_cursor(last.created_at, last.id, owner) if last else None
+        return OperationPage(items, cursor)
 
     # -- flushing ----------------------------------------------------------------------
     async def apply(self, items: Sequence[WorkOp]) -> Applied:
@@ -395,6 +399,30 @@ class MemoryStore:
 
     async def record_tick(self, name: str, tick: dt.datetime) -> None:
         self.ticks[name] = max(tick, self.ticks.get(name, tick))
+
+    # -- counts ---------------------------------------------------------------------------
+    async def counts(
+        self, since: dt.datetime, until: dt.datetime, *, owner: str | None
+    ) -> OperationCounts:
+        by_status = {status.value: 0 for status in Status}
+        by_type: dict[str, dict[str, int]] = {}
+        for row in self.rows.values():
+            if (owner is None or row.submitted_by == owner) and since <= row.created_at < until:
+                by_status[row.status.value] += 1
+                statuses = by_type.setdefault(row.op.op.operation_type, {})
+                statuses[row.status.value] = statuses.get(row.status.value, 0) + 1
+        return OperationCounts(since, until, by_status, by_type)
+
+    async def throughput(self, minutes: int) -> list[Minute]:
+        now = self.now().replace(second=0, microsecond=0)
+        starts = [now - dt.timedelta(minutes=n) for n in range(minutes - 1, -1, -1)]
+        finished = dict.fromkeys(starts, 0)
+        for row in self.rows.values():
+            if row.processed_at is not None and not row.pending:
+                start = row.processed_at.replace(second=0, microsecond=0)
+                if start in finished:
+                    finished[start] += 1
+        return [Minute(start, count) for start, count in finished.items()]
 
     # -- inside ------------------------------------------------------------------------
     def _pending(self, ids: Sequence[str]) -> list[Row]:

@@ -15,6 +15,7 @@ from streamsvc.adapters.postgres import translate
 from streamsvc.catalog import Catalog
 from streamsvc.model import (
     ListQuery,
+    OperationCounts,
     OperationPage,
     OperationView,
     Outcome,
@@ -24,7 +25,7 @@ from streamsvc.model import (
     json_encoder,
     operation_decoder,
 )
-from streamsvc.store import batch
+from streamsvc.store import batch, listing
 from streamsvc.store.queries import QUERIES
 from streamsvc.store.records import (
     Applied,
@@ -33,6 +34,7 @@ from streamsvc.store.records import (
     Ended,
     Failure,
     Intake,
+    Minute,
     NewOperation,
     PausedType,
     Replayed,
@@ -142,22 +144,16 @@ class PgStore:
         return None if row is None else _view(row)
 
     async def list_operations(self, query: ListQuery, *, owner: str | None) -> OperationPage:
-        after, after_id = decode_cursor(query.cursor) if query.cursor else (None, None)
+        after = decode_cursor(query.cursor, owner) if query.cursor else None
+        given = listing.filters(query, owner)
+        statement = listing.page_statement(tuple(column for column, _ in given))
+        page = listing.bounds(query, after)
         async with self.pool.acquire() as conn:
-            rows = await conn.fetch(
-                QUERIES["list_operations"],
-                owner,
-                query.status,
-                query.operation_type,
-                query.since,
-                query.until,
-                after,
-                after_id,
-                query.limit + 1,  # one more says whether a next page exists
-            )
+            rows = await conn.fetch(statement, *listing.arguments(query, page, given))
         items = [_view(row) for row in rows[: query.limit]]
         last = items[-1] if len(rows) > query.limit else None
-        return OperationPage(items, encode_cursor(last.created_at, last.id) if last else None)
+        cursor = encode_cursor(last.created_at, last.id, owner) if last else None
+        return OperationPage(items, cursor)
 
     # -- flushing ----------------------------------------------------------------------
     async def apply(self, items: Sequence[WorkOp]) -> Applied:
@@ -292,6 +288,31 @@ class PgStore:
     async def record_tick(self, name: str, tick: dt.datetime) -> None:
         async with self.pool.acquire() as conn:
             await conn.execute(QUERIES["record_tick"], name, tick)
+
+    # -- counts ---------------------------------------------------------------------------
+    async def counts(
+        self, since: dt.datetime, until: dt.datetime, *, owner: str | None
+    ) -> OperationCounts:
+        mine = () if owner is None else (owner,)
+        suffix = "" if owner is None else "_of"
+        # One snapshot, so the two agree while operations are stored and finished.
+        async with (
+            self.pool.acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            statuses = await conn.fetch(QUERIES[f"count_statuses{suffix}"], since, until, *mine)
+            types = await conn.fetch(QUERIES[f"count_types{suffix}"], since, until, *mine)
+        by_status = {status.value: 0 for status in Status}
+        by_status.update((row["status"], row["count"]) for row in statuses)
+        by_type: dict[str, dict[str, int]] = {}
+        for row in types:
+            by_type.setdefault(row["operation_type"], {})[row["status"]] = row["count"]
+        return OperationCounts(since, until, by_status, by_type)
+
+    async def throughput(self, minutes: int) -> list[Minute]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(QUERIES["throughput"], minutes)
+        return [Minute(row["start"], row["finished"]) for row in rows]
 
 
 def _view(row: asyncpg.Record) -> OperationView:

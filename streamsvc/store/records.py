@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import hashlib
+import hmac
 import uuid
 from typing import Literal
 
@@ -151,19 +153,40 @@ class PausedType(msgspec.Struct, frozen=True, rename="camel"):
     held: int
 
 
-def encode_cursor(created_at: dt.datetime, op_id: str) -> str:
-    """Where a page ended, opaque to callers: the last item's creation time and id."""
-    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{op_id}".encode()).decode()
+def encode_cursor(created_at: dt.datetime, op_id: str, owner: str | None) -> str:
+    """Where a page ended, opaque to callers: the last item's creation time and id, and
+    whose list it is (``owner``; None: everyone's). A cursor is a position, never a grant:
+    the list's scope always comes from the caller's key."""
+    stamp = created_at.astimezone(dt.UTC).isoformat()
+    return base64.urlsafe_b64encode(f"{stamp}|{op_id}|{_scope_tag(owner)}".encode()).decode()
 
 
-def decode_cursor(cursor: str) -> tuple[dt.datetime, str]:
-    """``encode_cursor``'s parts; InvalidOperation naming ``cursor`` for anything else."""
+def decode_cursor(cursor: str, owner: str | None) -> tuple[dt.datetime, str]:
+    """``encode_cursor``'s position, for the list of ``owner``; InvalidOperation naming
+    ``cursor`` for anything else, another caller's cursor included."""
+    refused = InvalidOperation("cursor", "not a cursor this service gave")
     try:
-        stamp, op_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
+        stamp, op_id, tag = base64.urlsafe_b64decode(cursor.encode()).decode().split("|")
         created_at = dt.datetime.fromisoformat(stamp)
         uuid.UUID(op_id)
-    except (ValueError, binascii.Error, UnicodeError) as exc:
-        raise InvalidOperation("cursor", "not a cursor this service gave") from exc
-    if created_at.tzinfo is None:
-        raise InvalidOperation("cursor", "not a cursor this service gave")
+        if created_at.tzinfo is None:
+            raise refused
+        created_at = created_at.astimezone(dt.UTC)
+    except (ValueError, OverflowError, binascii.Error, UnicodeError) as exc:
+        raise refused from exc
+    if not hmac.compare_digest(tag, _scope_tag(owner)):
+        raise InvalidOperation("cursor", "given for another caller's list")
     return created_at, op_id
+
+
+def _scope_tag(owner: str | None) -> str:
+    """Whose list a cursor belongs to, without the key's name in it."""
+    scope = "*" if owner is None else f"={owner}"
+    return hashlib.sha256(scope.encode()).hexdigest()[:16]
+
+
+class Minute(msgspec.Struct, frozen=True):
+    """Operations that finished in the minute starting at ``start``."""
+
+    start: dt.datetime
+    finished: int

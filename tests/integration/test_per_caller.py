@@ -18,7 +18,7 @@ import pytest
 from streamsvc.supervisor import Service
 from tests.conftest import keyed_settings
 from tests.nest import NestClient
-from tests.pipeline import order, served_with_clients, until_applied
+from tests.pipeline import eventually, order, served_with_clients, until_applied
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -215,3 +215,93 @@ async def test_a_list_refuses_a_forged_cursor_or_limit_naming_the_field(world: W
     over_rpc = await world.send("a", "list_operations", {"cursor": "x"})
     assert over_rpc["status"] is False and over_rpc["errorCode"] == "VALIDATION_ERROR"
     assert over_rpc["error"].startswith("cursor")
+
+
+LIST_REFUSALS: list[tuple[dict[str, str], str, str]] = [
+    ({"status": "DONE"}, "status", ""),
+    ({"operationType": "A\x00B"}, "operationType", "control character"),
+    ({"operationType": "x" * 300}, "operationType", "longer than"),
+    ({"since": "yesterday"}, "since", ""),
+    ({"until": "2026-13-01T00:00:00Z"}, "until", ""),
+    ({"since": "0001-01-01T00:00:00+05:00"}, "since", "out of range"),
+    ({"since": "2026-01-02T00:00:00Z", "until": "2026-01-01T00:00:00Z"}, "until", "after since"),
+    ({"limit": "0"}, "limit", ""),
+    ({"limit": "1001"}, "limit", ""),
+    ({"limit": "ten"}, "limit", ""),
+    ({"cursor": "%%%"}, "cursor", "not a cursor"),
+    ({"cursor": "bm90IGEgY3Vyc29y"}, "cursor", "not a cursor"),
+]
+
+
+async def test_every_bad_list_filter_answers_422_naming_it_over_http_and_rpc(world: World) -> None:
+    key = {"x-api-key": world.keys["a"]}
+    for params, field, reason in LIST_REFUSALS:
+        refused = await world.http.get("/api/operations", params=params, headers=key)
+        assert refused.status_code == 422, (params, refused.text)
+        errors = refused.json()["errors"]
+        assert errors[0]["field"] == field and reason in errors[0]["reason"], (params, errors)
+        data: dict[str, Any] = dict(params)
+        if "limit" in data and data["limit"].isdigit():
+            data["limit"] = int(data["limit"])
+        over_rpc = await world.send("a", "listOperations", data)
+        assert over_rpc["errorCode"] == "VALIDATION_ERROR", (params, over_rpc)
+        assert over_rpc["error"].startswith(field) and reason in over_rpc["error"], over_rpc
+
+
+async def test_a_cursor_cannot_widen_a_keys_list(world: World) -> None:
+    for n in range(3):
+        for who in ("a", "b"):
+            await world.post(who, order(200 + n))
+    headers = {who: {"x-api-key": world.keys[who]} for who in ("a", "b", "admin")}
+    page = await world.http.get("/api/operations", params={"limit": "1"}, headers=headers["b"])
+    cursor = page.json()["nextCursor"]
+    for who in ("a", "admin"):  # b's cursor is b's: refused for a's list and for everyone's
+        refused = await world.http.get(
+            "/api/operations", params={"cursor": cursor}, headers=headers[who]
+        )
+        assert refused.status_code == 422
+        assert refused.json()["errors"] == [
+            {"field": "cursor", "reason": "given for another caller's list"}
+        ]
+    rest = await world.http.get("/api/operations", params={"cursor": cursor}, headers=headers["b"])
+    assert len(rest.json()["items"]) == 2
+
+
+async def test_counts_show_a_key_its_own_operations_and_an_admin_all(world: World) -> None:
+    for n, who in enumerate(("a", "a", "b")):
+        await world.applied((await world.post(who, order(300 + n))).json()["id"])
+    bad = {**order(303), "values": {"id": 303, "customer": "c", "amount": -1}}  # CHECK fails
+    failed = (await world.post("a", bad)).json()["id"]
+    await eventually(lambda: _status_is(world.db, failed, "FAIL"))
+    mine = await world.http.get("/api/operations/counts", headers={"x-api-key": world.keys["a"]})
+    assert mine.status_code == 200, mine.text
+    body = mine.json()
+    assert body["byStatus"] == {
+        "UNPROCESSED": 0, "PROCESSING": 0, "SUCCESS": 2, "FAIL": 1, "CANCELLED": 0
+    }  # fmt: skip
+    assert body["byType"] == {"ORDER_CREATED": {"SUCCESS": 2, "FAIL": 1}}
+    everyone = await world.send("admin", "countOperations", {})
+    assert everyone["status"] is True and everyone["data"]["byStatus"]["SUCCESS"] == 3
+    theirs = await world.send("b", "count_operations", {"since": "2000-01-01T00:00:00Z"})
+    assert theirs["status"] is False and theirs["error"].startswith("since: at most 31 days")
+    later = {"since": "2099-01-01T00:00:00", "until": "2099-01-02T00:00:00"}  # naive: UTC
+    none = await world.http.get(
+        "/api/operations/counts", params=later, headers={"x-api-key": world.keys["b"]}
+    )
+    assert none.json()["byType"] == {} and none.json()["since"] == "2099-01-01T00:00:00Z"
+    for params, field in (
+        ({"since": "soon"}, "since"),
+        ({"until": "2026-01-01T00:00:00Z", "since": "2026-01-02T00:00:00Z"}, "until"),
+        ({"until": "0001-01-01T12:00:00Z"}, "until"),
+    ):
+        refused = await world.http.get(
+            "/api/operations/counts", params=params, headers={"x-api-key": world.keys["a"]}
+        )
+        assert refused.status_code == 422 and refused.json()["errors"][0]["field"] == field
+    anonymous = await world.http.get("/api/operations/counts")
+    assert anonymous.status_code == 401
+
+
+async def _status_is(db: asyncpg.Connection, op_id: str, status: str) -> bool:
+    found = await db.fetchval('SELECT status FROM "BatchOperations" WHERE id = $1::uuid', op_id)
+    return bool(found == status)
