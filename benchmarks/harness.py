@@ -75,6 +75,16 @@ class ServiceProcess:
             )
         return self.proc
 
+    def replay_process(self, *args: str) -> subprocess.Popen[bytes]:
+        """`streamsvc replay ARGS` with the service's settings, beside it."""
+        return subprocess.Popen(
+            [sys.executable, "-m", "streamsvc", "replay", *args],
+            env=self.env,
+            cwd=self.workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
     async def wait_for_log(self, needle: str, within: float = 20.0) -> None:
         deadline = time.monotonic() + within
         while needle not in self.log():

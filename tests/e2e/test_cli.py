@@ -310,3 +310,70 @@ async def test_a_revoked_key_is_refused_within_seconds_by_a_running_service(
     finally:
         service.stop()
         await redis.aclose()
+
+
+async def test_replay_counts_then_replays_by_type_and_refuses_an_empty_selection(
+    database: str, prefix: str, tmp_path: Path
+) -> None:
+    from streamsvc.model import ListQuery
+    from streamsvc.validate import ANONYMOUS
+    from tests.conftest import make_settings
+    from tests.pipeline import drain, ops, order, running
+
+    settings = make_settings(database, prefix)
+    bad = [order(n, values={"id": n, "customer": "c", "amount": -1}) for n in (1, 2)]
+    other = order(3, operationType="OTHER", values={"id": 3, "customer": "c", "amount": -1})
+    async with running(settings) as service:
+        await service.ingress.submit(ops([*bad, other]), caller=ANONYMOUS, source="api")
+        await drain(service)
+    env = settings_env(database, prefix)
+    counted = await streamsvc(env, tmp_path, "replay", "--type", "ORDER_CREATED", "--dry-run")
+    assert (counted.returncode, counted.stdout.strip()) == (0, "would replay 2 operations")
+    replayed = await streamsvc(env, tmp_path, "replay", "--type", "ORDER_CREATED")
+    assert (replayed.returncode, replayed.stdout.strip()) == (0, "replayed 2 operations")
+    conn = await asyncpg.connect(database=database, **PG)
+    try:
+        rows = await conn.fetch(
+            """SELECT operation_type, status, jsonb_array_length(history) AS ended
+               FROM "BatchOperations" ORDER BY operation_type"""
+        )
+    finally:
+        await conn.close()
+    assert [tuple(r) for r in rows] == [
+        ("ORDER_CREATED", "UNPROCESSED", 1),
+        ("ORDER_CREATED", "UNPROCESSED", 1),
+        ("OTHER", "FAIL", 0),
+    ]
+    async with running(settings) as service:  # they are on the work streams: flushed again
+        await drain(service)
+        page = await service.ingress.list_operations(ListQuery())
+    assert sorted((v.operation_type, v.attempts) for v in page.items) == [
+        ("ORDER_CREATED", 2),
+        ("ORDER_CREATED", 2),
+        ("OTHER", 1),
+    ]
+    nothing = await streamsvc(env, tmp_path, "replay")
+    assert nothing.returncode == 2 and "streamsvc: replay: name the operations" in nothing.stderr
+    for args, field in ((("--since", "yesterday"), "since"), (("not-a-uuid",), "id")):
+        refused = await streamsvc(env, tmp_path, "replay", *args)
+        assert refused.returncode == 2 and f"streamsvc: {field}:" in refused.stderr, args
+
+
+async def test_pause_and_resume_from_the_terminal_show_in_status(
+    database: str, prefix: str, tmp_path: Path
+) -> None:
+    env = {**settings_env(database, prefix), "COLUMNS": "240"}
+    paused = await streamsvc(env, tmp_path, "pause", "ORDER_CREATED")
+    assert (paused.returncode, paused.stdout.strip()) == (
+        0,
+        "paused ORDER_CREATED (0 operations held)",
+    )
+    shown = await streamsvc(env, tmp_path, "status")
+    assert re.search(r"ORDER_CREATED\s*│\s*0\s*│\s*cli:", shown.stdout), shown.stdout
+    resumed = await streamsvc(env, tmp_path, "resume", "ORDER_CREATED")
+    assert (resumed.returncode, resumed.stdout.strip()) == (
+        0,
+        "resumed ORDER_CREATED: 0 held operations released",
+    )
+    refused = await streamsvc(env, tmp_path, "pause", "")
+    assert refused.returncode == 2 and "streamsvc: operationType:" in refused.stderr

@@ -203,3 +203,41 @@ async def test_malformed_inbox_entries_do_not_disturb_a_running_service(
     assert await redis.xlen(rs.Names(prefix).rejects) == 3
     assert service.proc is not None and service.proc.poll() is None
     assert await service.terminate() == 0
+
+
+async def test_replays_racing_sigkills_apply_each_operation_once(
+    service: ServiceProcess, conn: asyncpg.Connection, redis: aioredis.Redis, prefix: str
+) -> None:
+    """3,000 increments fail (a CHECK the counters break), the cause is mended, and they
+    are replayed by three `streamsvc replay` processes at once while the service is killed
+    twice mid-flush: in the end each increment landed exactly once (the counters' sum is
+    the count: a second application would show), with its attempts and history."""
+    n, counters = 3_000, 30
+    await conn.execute(
+        "INSERT INTO counters (name, value) SELECT 'r' || g, 0 FROM generate_series(0, $1) g",
+        counters - 1,
+    )
+    await conn.execute("ALTER TABLE counters ADD CONSTRAINT stop CHECK (value <= 0)")
+    bumps = [
+        {"operationType": "BUMP", "sql": workload.INCREMENT_SQL, "params": [f"r{i % counters}"]}
+        for i in range(n)
+    ]
+    await service.start()
+    await produce(redis, rs.Names(prefix).inbox, bumps)
+    await eventually(at_least(conn, "FAIL", n), within=90)
+    await conn.execute("ALTER TABLE counters DROP CONSTRAINT stop")
+    replays = [service.replay_process("--type", "BUMP") for _ in range(3)]
+    for progress in (300, 1_500):
+        await eventually(at_least(conn, "SUCCESS", progress), within=60)
+        service.kill()
+        await service.start()
+    for replay in replays:
+        assert replay.wait(timeout=60) == 0
+    await eventually(at_least(conn, "SUCCESS", n), within=90)
+    assert await conn.fetchval("SELECT sum(value) FROM counters WHERE name LIKE 'r%'") == n
+    rows = await conn.fetch(
+        """SELECT status, attempts, jsonb_array_length(history) AS ended, count(*)
+           FROM "BatchOperations" GROUP BY 1, 2, 3"""
+    )
+    assert [tuple(r) for r in rows] == [("SUCCESS", 2, 1, n)]
+    assert await service.terminate() == 0
