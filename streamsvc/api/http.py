@@ -148,7 +148,12 @@ class Resumed(msgspec.Struct, rename="camel"):
 def _not_found(operation_id: str) -> ProblemError:
     """Another key's operation is not found, exactly as an unknown id."""
     return ProblemError(
-        Problem(title="Not found", status=404, detail=f"no operation with id {operation_id!r}")
+        Problem(
+            title="Not found",
+            status=404,
+            detail=f"no operation with id {operation_id!r}",
+            errors=[FieldError("id", "no such operation")],
+        )
     )
 
 
@@ -300,12 +305,13 @@ def create_app(
         if view is None:
             raise _not_found(operation_id)
         if result.verdict == "finished":
+            why = f"finished as {view.status}: it cannot be cancelled"
             raise ProblemError(
                 Problem(
                     title="Conflict",
                     status=409,
-                    detail=f"operation {operation_id!r} finished as {view.status}: "
-                    "it cannot be cancelled",
+                    detail=f"operation {operation_id!r} {why}",
+                    errors=[FieldError("status", why)],
                 )
             )
         return view
@@ -345,7 +351,14 @@ def create_app(
             if result.verdict == "pending":
                 why = f"it is {view.status.value}: not finished, nothing to retry"
             detail = f"operation {operation_id!r} cannot be retried: {why}"
-            raise ProblemError(Problem(title="Conflict", status=409, detail=detail))
+            raise ProblemError(
+                Problem(
+                    title="Conflict",
+                    status=409,
+                    detail=detail,
+                    errors=[FieldError("status", why)],
+                )
+            )
         return view
 
     def admin_of(request: Request[Any, Any, Any]) -> Caller:

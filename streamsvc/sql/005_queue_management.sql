@@ -31,7 +31,9 @@ CREATE INDEX "BatchOperations_pending_idx" ON "BatchOperations" (updated_at)
       AND NOT paused;
 
 -- Replay the operations `ids` that ended FAIL or CANCELLED (others are left as they are):
--- pending again under the same id, attempts kept, the ending they leave kept in history.
+-- pending again under the same id, attempts kept, the ending they leave kept in history
+-- (the last 50: a caller retrying its own failing operation for ever cannot grow its row
+-- without bound).
 -- Each replayed one comes back as (id, ready, body): ready (with its body) when it goes on
 -- a work stream now. One whose runAt is ahead waits for it again; one with an orderingKey
 -- goes behind its key's pending operations (under the key's lock, as streamsvc_intake
@@ -58,9 +60,11 @@ BEGIN
         UPDATE "BatchOperations" AS b
         SET status = 'UNPROCESSED', error = NULL, batch_id = NULL, processed_at = NULL,
             updated_at = now(), paused = false,
-            history = b.history || jsonb_build_array(jsonb_build_object(
-                'status', b.status, 'error', b.error, 'attempts', b.attempts,
-                'batchId', b.batch_id, 'endedAt', b.processed_at)),
+            history = jsonb_path_query_array(
+                b.history || jsonb_build_array(jsonb_build_object(
+                    'status', b.status, 'error', b.error, 'attempts', b.attempts,
+                    'batchId', b.batch_id, 'endedAt', b.processed_at)),
+                '$[last - 49 to last]'),
             parked = b.ordering_key IS NOT NULL,
             key_seq = nextval('"BatchOperations_key_seq"'),
             wake_at = CASE WHEN b.ordering_key IS NULL AND b.run_at > clock_timestamp()

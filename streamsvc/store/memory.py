@@ -27,6 +27,7 @@ from streamsvc.model import (
 )
 from streamsvc.store import listing
 from streamsvc.store.records import (
+    HISTORY_KEPT,
     Applied,
     Cancelled,
     Due,
@@ -309,7 +310,7 @@ class MemoryStore:
         result = Replayed(ids=[r.id for r in replayed])
         for row in replayed:
             ending = Ending(row.status, row.error, row.attempts, row.batch_id, row.processed_at)
-            row.history.append(ending)
+            row.history = [*row.history, ending][-HISTORY_KEPT:]
             row.status, row.error, row.batch_id, row.processed_at = (
                 Status.UNPROCESSED,
                 None,

@@ -16,6 +16,7 @@ from streamsvc.errors import InvalidOperation
 from streamsvc.model import Operation, OperationView, Outcome, Status, WorkOp
 
 REPLAYABLE = (Status.FAIL, Status.CANCELLED)
+HISTORY_KEPT = 50  # a replayed operation's last endings (sql/005_queue_management.sql)
 
 
 class NewOperation(msgspec.Struct, frozen=True):

@@ -125,8 +125,16 @@ async def test_openapi_docs_and_probes(client: httpx.AsyncClient) -> None:
     }
     assert schemes["apiKey"]["in"] == "header" and schemes["apiKey"]["name"] == "X-API-Key"
     assert spec["security"] == [{"bearer": []}, {"apiKey": []}]
-    routes = [op for path in spec["paths"].values() for op in path.values()]
-    assert routes and all(op["tags"] == ["operations"] for op in routes)
+    tags = {
+        (method.upper(), path): tuple(op["tags"])
+        for path, item in spec["paths"].items()
+        for method, op in item.items()
+    }
+    assert set(tags.values()) <= {("operations",), ("queue",), ("health",)}, tags
+    assert tags[("POST", "/api/operations/{operation_id}/retry")] == ("operations",)
+    for route in ("/api/types/{operation_type}/pause", "/api/types/{operation_type}/resume"):
+        assert tags[("POST", route)] == ("queue",)
+    assert tags[("GET", "/api/types/paused")] == ("queue",)
     schemas = spec["components"]["schemas"]
     operation = next(v for k, v in schemas.items() if k.endswith("Operation"))
     assert {"operationType", "userOperationId", "table", "sql"} <= set(operation["properties"])

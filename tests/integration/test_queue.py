@@ -14,6 +14,7 @@ import pytest
 
 from streamsvc.settings import Settings
 from streamsvc.store import Selection
+from streamsvc.store.records import HISTORY_KEPT
 from tests.conftest import keyed_settings
 from tests.pipeline import Served, eventually, order, served_with_clients
 
@@ -331,3 +332,23 @@ async def test_a_paused_operation_can_be_cancelled(served: Served) -> None:
     cancelled = await served.http.delete(f"/api/operations/{op_id}")
     assert (cancelled.json()["status"], cancelled.json()["paused"]) == ("CANCELLED", False)
     assert await served.service.ingress.manage.resume("ORDER_CREATED") == 0
+
+
+async def test_history_keeps_the_last_endings_of_an_operation_replayed_for_ever(
+    served: Served,
+) -> None:
+    (op_id,) = await failed(served, 1)
+    store = served.service.ingress.store
+    for n in range(HISTORY_KEPT + 5):
+        assert (await store.replay([op_id])).ids == [op_id]
+        await served.db.execute(
+            """UPDATE "BatchOperations" SET status = 'FAIL', error = $2, attempts = $3
+               WHERE id = $1::uuid""",
+            op_id,
+            f"failure {n}",
+            n + 2,
+        )
+    view = (await served.http.get(f"/api/operations/{op_id}")).json()
+    assert len(view["history"]) == HISTORY_KEPT
+    assert view["history"][-1]["error"] == f"failure {HISTORY_KEPT + 3}"
+    assert view["history"][0]["error"] == "failure 4"
