@@ -92,6 +92,7 @@ class Manager:
         log.info("queue.resumed", operation_type=operation_type, released=released)
         if not was_paused and not released:
             log.info("queue.resume_not_paused", operation_type=operation_type)
+        await self.paused_types()  # the gauge
         return released
 
     async def let_go(self, operation_type: str | None) -> int:

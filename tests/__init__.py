@@ -15,6 +15,8 @@ Where each part of the package is tested (beyond the file named after it):
     api/rpc.py, nestjs.py unit/test_rpc.py, integration/test_rpc.py, test_rpc_faults.py,
                           e2e/test_nestjs_interop.py
     api/inbox.py          integration/test_pipeline.py, test_hostile_input.py
+    manage.py             unit/test_manage.py, integration/test_queue.py, e2e/test_cli.py,
+                          e2e/test_crashes.py (replays racing kills)
     store/                integration/test_scheduling.py, test_cancel.py, test_apply_rows.py
                           (the SQL), unit tests of the actors (the memory store)
     adapters/caller_role  integration/test_caller_role.py

@@ -239,10 +239,13 @@ async def test_a_paused_type_is_stored_not_applied_and_applied_in_order_after_re
     assert (view["status"], view["paused"]) == ("UNPROCESSED", True)
     listed = (await served.http.get("/api/types/paused")).json()
     assert [(p["operationType"], p["held"]) for p in listed] == [("ORDER_CREATED", 40)]
+    gauge = "streamsvc_paused_operation_types 1.0"
+    assert gauge in (await served.http.get("/metrics")).text
     resumed = await served.http.post("/api/types/ORDER_CREATED/resume")
     assert resumed.json() == {"operationType": "ORDER_CREATED", "released": 40}
     await until_status(served.db, held, "SUCCESS")
     assert (await served.http.get("/api/types/paused")).json() == []
+    assert "streamsvc_paused_operation_types 0.0" in (await served.http.get("/metrics")).text
     # Released in the order they were stored, they landed in it (one batch: by position).
     landed = [r["id"] for r in await served.db.fetch("SELECT id FROM orders ORDER BY ctid")]
     assert landed == list(range(1, 41))
