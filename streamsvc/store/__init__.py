@@ -98,3 +98,9 @@ class Store(Protocol):
     async def release_stuck(self, limit: int) -> list[WorkOp]:
         """Release keys whose earliest pending operation is parked (nobody released it:
         a crash came in between); their released operations, to put on a work stream."""
+
+    async def expire(self, older_than_s: float, limit: int) -> int:
+        """Delete at most ``limit`` operations that finished (SUCCESS, FAIL, CANCELLED) more
+        than ``older_than_s`` seconds ago, oldest first; how many were deleted. Rows another
+        transaction holds are skipped, never waited for; a lock wait that runs out raises
+        LockWait."""
