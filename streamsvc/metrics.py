@@ -56,3 +56,10 @@ in_flight = Gauge(f"{PREFIX}_operations_in_flight", "Operations held by this pro
 last_success = Gauge(
     f"{PREFIX}_last_success_timestamp_seconds", "Unix time of the last successful batch commit"
 )
+
+expired = Counter(f"{PREFIX}_operations_expired_total", "Finished operations deleted by retention")
+stream_trimmed = Counter(
+    f"{PREFIX}_stream_trimmed_entries_total",
+    "Entries retention trimmed from the rejects, dead-letter and outcome streams",
+    ["stream"],
+)
