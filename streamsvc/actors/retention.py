@@ -31,9 +31,12 @@ from streamsvc.store import Store
 
 log = structlog.get_logger("streamsvc.retention")
 
-# The least pause between two delete batches: each batch's WAL, index and lock work comes
-# in bursts the flushers' transactions can slip between.
+# After each delete batch, a pause of IDLE_PER_BUSY times as long as the batch took (at
+# least PAUSE_S): retention holds at most 1 / (1 + IDLE_PER_BUSY) of one connection's time
+# and its share of the server's CPU, WAL and I/O comes in bursts the flushers' transactions
+# slip between.
 PAUSE_S = 0.02
+IDLE_PER_BUSY = 3.0
 
 
 @dataclass(slots=True)
@@ -100,4 +103,4 @@ class Retention:
             metrics.expired.inc(deleted)
             if deleted < self.batch:
                 return
-            await anyio.sleep(max(self.pause_s, time.monotonic() - started))
+            await anyio.sleep(max(self.pause_s, IDLE_PER_BUSY * (time.monotonic() - started)))
