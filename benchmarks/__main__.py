@@ -15,6 +15,10 @@ applied latency), delayed (delayMs operations on several processes: how late eac
 applied after its runAt; none may be early) and hot-keys (the inbox's throughput when 10%
 of the workload are updates under 100 hot orderingKeys, beside the same operations without
 keys).
+
+One runs only when asked for (`--only retention`, about two minutes): the inbox's
+throughput while retention deletes a million old finished operations, beside the same
+without retention (benchmarks.retention).
 """
 
 from __future__ import annotations
@@ -33,7 +37,16 @@ import anyio
 import asyncpg
 from rich.console import Console
 
-from benchmarks import baselines, latency, report, rpc_ceiling, scenarios, scheduling, workload
+from benchmarks import (
+    baselines,
+    latency,
+    report,
+    retention,
+    rpc_ceiling,
+    scenarios,
+    scheduling,
+    workload,
+)
 from benchmarks.stage import (
     cpu_times,
     finished,
@@ -55,7 +68,9 @@ BASELINES: dict[str, Callable[[workload.Workload], Awaitable[dict[str, Any]]]] =
 PER_OPERATION = ("naive", "pgqueuer")  # a few hundred to a few thousand ops/s: --n-baseline
 OLD_CAP, BROKER = "old-cap", "broker"  # --only names of "old design cap", "broker ceiling"
 PRIORITY, DELAYED, HOT_KEYS = FEATURES = ("priority", "delayed", "hot-keys")
-SCENARIOS = (*scenarios.INGRESSES, *FEATURES, *BASELINES, OLD_CAP, BROKER)
+RETENTION = "retention"
+SCENARIOS = (*scenarios.INGRESSES, *FEATURES, *BASELINES, OLD_CAP, BROKER, RETENTION)
+OPT_IN = (RETENTION,)  # left out of a run without --only: a million rows to seed each time
 IN_FLIGHT = 64  # rpc-single's requests outstanding, and the broker ceiling's
 SPLIT_ROLES = ("ingress", "flusher", "notifier", "sweeper")
 DELAY_MS = (1000, 4000)  # the delayed scenario's delayMs, drawn between these
@@ -81,6 +96,8 @@ class Options:
     n_delayed: int = 2000  # delayed: operations
     processes: int = 3  # delayed: `streamsvc run` processes, every role each
     hot_keys: int = 100  # hot-keys: orderingKeys
+    n_old: int = 1_000_000  # retention: old finished operations to delete
+    n_retention: int = 200_000  # retention: operations of the workload beside them
 
     def count(self, name: str) -> int:
         if name == "rpc-single":
@@ -246,6 +263,47 @@ async def hot_keys(opts: Options, progress: report.Progress) -> list[Result]:
     return results
 
 
+async def retention_load(opts: Options, progress: report.Progress) -> list[Result]:
+    """The inbox's throughput beside ``n_old`` old finished operations: with retention
+    deleting them, then without (benchmarks.retention)."""
+    runs = [
+        await retention.run(
+            opts.n_retention,
+            old=opts.n_old,
+            retention=on,
+            flushers=opts.flushers,
+            limit=opts.limit,
+            roles=opts.roles,
+            progress=progress.task,
+        )
+        for on in (True, False)
+    ]
+    on, off = (round(r.operations / r.seconds) for r in runs)
+    results = []
+    for r, ops_per_s in zip(runs, (on, off), strict=True):
+        result: Result = {
+            "scenario": f"{RETENTION} {'on' if r.retention else 'off'}",
+            "kind": "streamsvc",
+            "operations": r.operations,
+            "seconds": round(r.seconds, 3),
+            "ops_per_s": ops_per_s,
+            "old": r.old,
+        }
+        if r.retention:
+            during = r.deleted_during / r.seconds
+            result |= {
+                "deleted_per_s": round(during),
+                "deleted_after_per_s": round(r.left_at_end / (r.after_s or 1)),
+                "note": f"x{on / off:.2f} of off; deleted {r.deleted_during:,} old rows "
+                f"meanwhile ({during:,.0f}/s), the last {r.left_at_end:,} after it "
+                f"alone at {r.left_at_end / (r.after_s or 1):,.0f}/s",
+            }
+        else:
+            result["note"] = f"the same beside {r.old:,} old rows, retention off (0 days)"
+        results.append(result)
+    return results
+
+
 async def baseline(name: str, n: int, progress: report.Progress) -> Result:
     update = progress.task(f"{name}: {n:,} operations", n)
     result = await BASELINES[name](workload.build(n))
@@ -296,6 +354,8 @@ async def run_scenario(name: str, opts: Options, progress: report.Progress) -> l
         return [old_design_cap()]
     if name == BROKER:
         return [await broker_ceiling(opts.n_ceiling, progress)]
+    if name == RETENTION:
+        return await retention_load(opts, progress)
     raise ValueError(f"unknown scenario {name!r}; expected one of {', '.join(SCENARIOS)}")
 
 
@@ -353,9 +413,20 @@ def parse(argv: list[str] | None = None) -> tuple[Options, Path | None]:
         "--processes", type=int, default=3, help="delayed: service processes, every role each"
     )
     parser.add_argument("--hot-keys", type=int, default=100, help="hot-keys: orderingKeys")
+    parser.add_argument(
+        "--n-old", type=int, default=1_000_000, help="retention: old operations to delete"
+    )
+    parser.add_argument(
+        "--n-retention", type=int, default=200_000, help="retention: operations beside them"
+    )
     parser.add_argument("--flushers", type=int, default=2, help="STREAMSVC_FLUSHERS")
     parser.add_argument("--limit", type=int, default=1000, help="BATCH_PROCESS_OPERATION_LIMIT")
-    parser.add_argument("--only", choices=SCENARIOS, action="append", help="run just these")
+    parser.add_argument(
+        "--only",
+        choices=SCENARIOS,
+        action="append",
+        help=f"run just these ({', '.join(OPT_IN)} runs only when named here)",
+    )
     parser.add_argument(
         "--roles",
         default=",".join(SPLIT_ROLES),
@@ -366,7 +437,7 @@ def parse(argv: list[str] | None = None) -> tuple[Options, Path | None]:
     parser.add_argument("--no-save", action="store_true", help="print only")
     args = parser.parse_args(argv)
     opts = Options(
-        names=args.only or list(SCENARIOS),
+        names=args.only or [s for s in SCENARIOS if s not in OPT_IN],
         n=args.n,
         n_single=args.n_single,
         n_baseline=args.n_baseline,
@@ -381,6 +452,8 @@ def parse(argv: list[str] | None = None) -> tuple[Options, Path | None]:
         n_delayed=args.n_delayed,
         processes=args.processes,
         hot_keys=args.hot_keys,
+        n_old=args.n_old,
+        n_retention=args.n_retention,
     )
     return opts, None if args.no_save else args.out
 

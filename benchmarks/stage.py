@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,10 +81,17 @@ class Stage:
 
 @asynccontextmanager
 async def stage(
-    w: workload.Workload, flushers: int, limit: int, roles: list[str]
+    w: workload.Workload,
+    flushers: int,
+    limit: int,
+    roles: list[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    prepare: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
 ) -> AsyncIterator[Stage]:
     """``w``'s database, and one `streamsvc run --role <role>` per role, running on it
-    (more may be started with ``Stage.start``)."""
+    (more may be started with ``Stage.start``); ``env``: more settings for them;
+    ``prepare``: run on the database before they start."""
     prefix = f"streamsvc-bench-{uuid.uuid4().hex[:8]}"
     env = {
         "DB_HOST": str(PG["host"]),
@@ -97,8 +104,11 @@ async def stage(
         "BATCH_PROCESS_OPERATION_LIMIT": str(limit),
         "BATCH_SERVICE_RMQ_QUEUE": f"{prefix}-rpc",
         "STREAMSVC_EVENTS_EXCHANGE": f"{prefix}-events",
+        **(env or {}),
     }
     async with baselines.fresh_database(w, migrate=True) as (name, conn):
+        if prepare is not None:
+            await prepare(conn)
         redis = rs.connect(REDIS_URL)
         services: list[tuple[str, ServiceProcess]] = []
         st = Stage(name, prefix, conn, redis, services, {**env, "DB_NAME": name})

@@ -62,3 +62,9 @@ last_success = Gauge(
 paused_types = Gauge(
     f"{PREFIX}_paused_operation_types", "operationTypes paused: stored, not applied until resumed"
 )
+expired = Counter(f"{PREFIX}_operations_expired_total", "Finished operations deleted by retention")
+stream_trimmed = Counter(
+    f"{PREFIX}_stream_trimmed_entries_total",
+    "Entries retention trimmed from the rejects, dead-letter and outcome streams",
+    ["stream"],
+)

@@ -25,6 +25,7 @@ RoleName = Annotated[str, msgspec.Meta(min_length=1, max_length=63)]
 OnOff = Literal["on", "off"]
 LogLevel = Literal["debug", "info", "warning", "warn", "error", "critical"]
 NotifyMode = Literal["operation", "aggregate"]
+Days = Annotated[float, msgspec.Meta(ge=0, le=36_500)]  # up to a hundred years
 
 
 class Route(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -87,6 +88,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     notify_mode: NotifyMode = msgspec.field(default="aggregate", name="STREAMSVC_NOTIFY_MODE")
     rate_limit_ops: NonNegative = msgspec.field(default=0, name="STREAMSVC_RATE_LIMIT_OPS")
     stream_maxlen: Positive = msgspec.field(default=100_000, name="STREAMSVC_STREAM_MAXLEN")
+    # Retention (docs/retention.md): finished operations, and rejects and dead letters, older
+    # than this many days are deleted (0: kept for good), STREAMSVC_RETENTION_BATCH rows a delete.
+    retention_days: Days = msgspec.field(default=7.0, name="STREAMSVC_RETENTION_DAYS")
+    retention_batch: Positive = msgspec.field(default=1000, name="STREAMSVC_RETENTION_BATCH")
     schedules_json: str = msgspec.field(default="", name="STREAMSVC_SCHEDULES")
     scheduler_poll_ms: Positive = msgspec.field(default=200, name="STREAMSVC_SCHEDULER_POLL_MS")
     scheduler_lookahead_ms: Positive = msgspec.field(
@@ -131,6 +136,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         at most half the sweep interval, so that an operation a dead scheduler took is
         re-enqueued by the sweeper only after its time (docs/scheduling.md)."""
         return max(1, min(self.scheduler_lookahead_ms, self.interval_ms // 2))
+
+    @property
+    def retention_s(self) -> float:
+        """How old a finished operation may get, in seconds; 0: kept for good."""
+        return self.retention_days * 86_400
 
     @property
     def auth_on(self) -> bool:

@@ -3,7 +3,8 @@
 Stopping is not cancelling: on SIGTERM or SIGINT the actors stop claiming, in-flight
 batches finish (their commit and ack run shielded), and only after
 ``shutdown_grace_s`` is anything cancelled. The sweeper survives blips on its own; the
-flushers, the inbox consumer and the committers are fatal when they fail.
+flushers, the inbox consumer and the committers are fatal when they fail. Retention runs
+beside the sweeper and survives blips the same way.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import structlog
 from streamsvc.actors.flusher import Flusher
 from streamsvc.actors.ingress import Ingress
 from streamsvc.actors.notifier import Notifier
+from streamsvc.actors.retention import Retention
 from streamsvc.actors.scheduler import Scheduler
 from streamsvc.actors.sweeper import Sweeper
 from streamsvc.adapters import postgres
@@ -67,6 +69,7 @@ class Service:
     notifier: Notifier
     keys: KeyStore | None
     http: http.Server
+    retention: Retention
     stopping: anyio.Event = field(default_factory=anyio.Event)
 
     def stop_claiming(self) -> None:
@@ -198,6 +201,13 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
             notifier,
             keys,
             web,
+            Retention(
+                store,
+                streams,
+                older_than_s=settings.retention_s,
+                batch=settings.retention_batch,
+                interval_ms=settings.interval_ms,
+            ),
         )
     finally:
         await client.aclose()
@@ -262,6 +272,7 @@ async def run(settings: Settings, role: Role = "all") -> None:
             support.start_soon(service.ingress.run)
         if role in ("all", "sweeper"):
             support.start_soon(service.sweeper.run)
+            support.start_soon(service.retention.run)
         if service.keys is not None:
             support.start_soon(service.keys.run, service.pool)
         async with anyio.create_task_group() as claimers:

@@ -11,6 +11,8 @@ Where each part of the package is tested (beyond the file named after it):
     actors/scheduler.py   unit/test_scheduler.py, integration/test_scheduling.py,
                           e2e/test_schedules.py
     actors/notifier.py    unit/test_notifier.py, integration/test_hostile_input.py
+    actors/retention.py   unit/test_retention.py, integration/test_retention.py,
+                          test_stream_trim.py (adapters/streams.py's trim), e2e/test_retention.py
     api/http.py           integration/test_http.py, test_openapi_fuzz.py, test_cancel.py
     api/rpc.py, nestjs.py unit/test_rpc.py, integration/test_rpc.py, test_rpc_faults.py,
                           e2e/test_nestjs_interop.py

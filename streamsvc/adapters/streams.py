@@ -4,12 +4,13 @@ Entries carry many operations each (msgpack lists), so one XADD, XREADGROUP or X
 a whole batch. Acked entries are deleted at once: a stream holds only live work, which is
 what lets the sweeper reason about what Redis still holds.
 
-The streams only callers and operators read (rejects, dead letters) and the outcome stream
-are capped: each XADD to them trims to about ``maxlen`` entries (``MAXLEN ~``,
-STREAMSVC_STREAM_MAXLEN), oldest first, so no caller can grow Redis without bound. The
-inbox and the work stream are never trimmed: their unacked entries are operations not yet
-stored or not yet applied. An outcome trimmed before the notifier sent it is only a lost
-notification: PostgreSQL keeps the operation's status.
+The streams that only grow (rejects, dead letters, outcomes) are trimmed by retention
+(``trim``, docs/retention.md): entries older than the retention age, and past ``maxlen``
+(STREAMSVC_STREAM_MAXLEN) every acknowledged one, but never an entry a consumer group has
+not acknowledged. The rejects stream is also capped at each XADD (``MAXLEN ~``), oldest
+first: anyone who can reach the inbox writes it, and nothing stored bounds it. The inbox
+and the work streams are never trimmed: their unacked entries are operations not yet
+stored or not yet applied.
 """
 
 from __future__ import annotations
@@ -76,8 +77,15 @@ class Names:
 
     @property
     def capped(self) -> frozenset[str]:
-        """The streams trimmed on every XADD (never the inbox or the work stream)."""
-        return frozenset((self.rejects, self.dead, self.outcomes))
+        """The streams trimmed on every XADD: rejects only, which no consumer group of the
+        service reads and anyone who reaches the inbox can grow."""
+        return frozenset((self.rejects,))
+
+    @property
+    def trimmed(self) -> dict[str, str]:
+        """The streams retention trims (``Streams.trim``), by the label of their metric;
+        never the inbox or a work stream."""
+        return {"rejects": self.rejects, "dead": self.dead, "outcomes": self.outcomes}
 
 
 PRIORITIES = tuple(range(9, -1, -1))  # 9 (first) down to 0
@@ -117,6 +125,7 @@ class Streams:
         self.maxlen = maxlen
         self._capped = names.capped
         self._take = self.redis.register_script(_TAKE)
+        self._trim = self.redis.register_script(_TRIM)
 
     def _xadd(self, pipe: Any, stream: str, fields: dict[Any, Any]) -> None:
         if stream in self._capped:
@@ -346,6 +355,13 @@ class Streams:
     async def length(self, stream: str) -> int:
         return int(await self.redis.xlen(stream))
 
+    async def trim(self, stream: str, *, age_ms: int) -> int:
+        """Trim ``stream`` without dropping anything a consumer group has not acknowledged
+        (see _TRIM): entries older than ``age_ms`` (0: none by age), and when it holds more
+        than ``maxlen`` entries, every acknowledged one (a stream without groups: the oldest,
+        down to ``maxlen``). How many entries went."""
+        return int(await self._trim(keys=[stream], args=[age_ms, self.maxlen]))
+
     async def drop_idle_consumers(self, stream: str, group: str, *, min_idle_ms: int) -> int:
         """Forget consumers that hold nothing and have not read for a long while."""
         try:
@@ -400,4 +416,72 @@ for i, key in ipairs(KEYS) do
     end
 end
 return reply
+"""
+
+
+# Trim one stream (KEYS[1]; one key, so Redis Cluster takes it) in one atomic step, never
+# past an entry a consumer group still owes an ack for. ARGV[1]: entries older than this
+# many milliseconds by Redis's clock may go (0: none by age); ARGV[2]: past this many
+# entries, every acknowledged one may go. Returns how many went.
+#
+# A group's safe point is its oldest pending entry (XPENDING's summary), or, when nothing
+# is pending, its last-delivered-id: everything below it was delivered and acknowledged,
+# everything above it is still to be delivered. XTRIM MINID keeps the entries at or above
+# its id, so the last delivered entry itself stays (one acknowledged entry too many, never
+# one too few). The stream's safe point is the lowest over its groups, and the trim goes to
+# the lower of that and the cut. A stream without groups owes no one: trimmed by age, then
+# to ARGV[2] entries. Ids compare exactly (their two parts as digit strings), not as Lua's
+# floating-point numbers.
+_TRIM = """
+local key = KEYS[1]
+local age_ms = tonumber(ARGV[1])
+local maxlen = tonumber(ARGV[2])
+if redis.call('EXISTS', key) == 0 then return 0 end
+
+local function less(x, y)
+    if #x ~= #y then return #x < #y end
+    return x < y
+end
+local function before(a, b)
+    local a_ms, a_seq = string.match(a, '^(%d+)-(%d+)$')
+    local b_ms, b_seq = string.match(b, '^(%d+)-(%d+)$')
+    if a_ms ~= b_ms then return less(a_ms, b_ms) end
+    return less(a_seq, b_seq)
+end
+
+local safe = nil
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', key)) do
+    local info = {}
+    for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
+    local point = info['last-delivered-id']
+    if info['pending'] > 0 then
+        point = redis.call('XPENDING', key, info['name'])[2]
+    end
+    if safe == nil or before(point, safe) then safe = point end
+end
+
+local cut = nil
+if age_ms > 0 then
+    local now = redis.call('TIME')
+    local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - age_ms
+    if ms > 0 then cut = string.format('%.0f-0', ms) end
+end
+local length = redis.call('XLEN', key)
+
+if safe == nil then
+    local trimmed = 0
+    if cut then trimmed = redis.call('XTRIM', key, 'MINID', cut) end
+    if length - trimmed > maxlen then
+        trimmed = trimmed + redis.call('XTRIM', key, 'MAXLEN', maxlen)
+    end
+    return trimmed
+end
+if length > maxlen then
+    cut = safe
+elseif cut == nil then
+    return 0
+elseif before(safe, cut) then
+    cut = safe
+end
+return redis.call('XTRIM', key, 'MINID', cut)
 """

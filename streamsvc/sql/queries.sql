@@ -330,3 +330,31 @@ SELECT name, last_tick FROM streamsvc_schedule_ticks
 INSERT INTO streamsvc_schedule_ticks AS t (name, last_tick) VALUES ($1, $2)
 ON CONFLICT (name) DO UPDATE
 SET last_tick = greatest(t.last_tick, excluded.last_tick), updated_at = now()
+
+-- Retention (docs/retention.md, streamsvc/actors/retention.py) ---------------------------
+
+-- name: expire_lock_timeout
+-- A retention batch waits for no one: its transaction's lock_timeout, in milliseconds.
+-- Row locks are skipped (SKIP LOCKED below); this bounds the wait for the table lock,
+-- which only DDL (a migration, a non-concurrent index build) would hold against it.
+SELECT set_config('lock_timeout', $1::text, true)
+
+-- name: expire
+-- Delete up to $2 finished operations that finished more than $1 seconds ago by the
+-- database's clock, oldest first (sql/006_retention.sql's index). Rows another
+-- transaction holds are skipped, not waited for: another retention batch (several
+-- sweepers take disjoint rows), or whoever changes a finished row; they go in a later batch.
+-- How many were deleted.
+WITH gone AS (
+    DELETE FROM "BatchOperations"
+    WHERE id IN (
+        SELECT id FROM "BatchOperations"
+        WHERE status IN ('SUCCESS', 'FAIL', 'CANCELLED')
+          AND processed_at < now() - make_interval(secs => $1::float8)
+        ORDER BY processed_at
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    )
+    RETURNING 1
+)
+SELECT count(*) FROM gone

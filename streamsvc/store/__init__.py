@@ -146,3 +146,9 @@ class Store(Protocol):
     async def throughput(self, minutes: int) -> list[Minute]:
         """Operations finished in each of the last ``minutes`` minutes, oldest first, the
         current minute (so far) last."""
+
+    async def expire(self, older_than_s: float, limit: int) -> int:
+        """Delete at most ``limit`` operations that finished (SUCCESS, FAIL, CANCELLED) more
+        than ``older_than_s`` seconds ago, oldest first; how many were deleted. Rows another
+        transaction holds are skipped, never waited for; a lock wait that runs out raises
+        LockWait."""

@@ -47,6 +47,7 @@ from streamsvc.store.records import (
 )
 
 PENDING = (Status.UNPROCESSED, Status.PROCESSING)
+FINAL = (Status.SUCCESS, Status.FAIL, Status.CANCELLED)
 
 
 def _utc_now() -> dt.datetime:
@@ -424,6 +425,19 @@ class MemoryStore:
                 if start in finished:
                     finished[start] += 1
         return [Minute(start, count) for start, count in finished.items()]
+
+    # -- retention -------------------------------------------------------------------------
+    async def expire(self, older_than_s: float, limit: int) -> int:
+        before = self.now() - dt.timedelta(seconds=older_than_s)
+        old = [
+            (r.processed_at, r.id)
+            for r in self.rows.values()
+            if r.status in FINAL and r.processed_at is not None and r.processed_at < before
+        ]
+        gone = [op_id for _, op_id in sorted(old)[:limit]]
+        for op_id in gone:
+            del self.rows[op_id]
+        return len(gone)
 
     # -- inside ------------------------------------------------------------------------
     def _pending(self, ids: Sequence[str]) -> list[Row]:

@@ -54,6 +54,10 @@ log = structlog.get_logger("streamsvc.store")
 # program limits. Any other error fails the whole group, as a transient one does.
 _DATA_SQLSTATE_CLASSES = frozenset({"22", "23", "54"})
 
+# How long a retention batch may wait for a lock before it gives up (LockWait) and leaves
+# its rows to the next cycle: deleting old rows is never worth holding anyone up.
+EXPIRE_LOCK_WAIT_MS = 50
+
 
 class PgStore:
     def __init__(self, pool: asyncpg.Pool, catalog: Catalog) -> None:
@@ -313,6 +317,15 @@ class PgStore:
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(QUERIES["throughput"], minutes)
         return [Minute(row["start"], row["finished"]) for row in rows]
+
+    # -- retention -------------------------------------------------------------------------
+    async def expire(self, older_than_s: float, limit: int) -> int:
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute(QUERIES["expire_lock_timeout"], str(EXPIRE_LOCK_WAIT_MS))
+                return int(await conn.fetchval(QUERIES["expire"], older_than_s, limit))
+        except asyncpg.PostgresError as exc:
+            raise translate(exc) from exc
 
 
 def _view(row: asyncpg.Record) -> OperationView:

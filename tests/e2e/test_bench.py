@@ -18,7 +18,7 @@ import pytest
 from rich.console import Console
 
 from benchmarks import report, rpc_ceiling, scenarios
-from benchmarks.__main__ import FEATURES, SCENARIOS, bench, machine, parse
+from benchmarks.__main__ import FEATURES, OPT_IN, SCENARIOS, bench, machine, parse
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -76,7 +76,8 @@ async def test_every_ingress_runs_with_latency_and_memory(ingress: str, tmp_path
 
 
 async def test_baselines_and_ceilings_run(tmp_path: Path) -> None:
-    names = [name for name in SCENARIOS if name not in (*scenarios.INGRESSES, *FEATURES)]
+    others = (*scenarios.INGRESSES, *FEATURES, *OPT_IN)
+    names = [name for name in SCENARIOS if name not in others]
     assert set(names) == set(REFERENCES)
     results = await run_saved(names, tmp_path)
     assert [r["scenario"] for r in results] == [SCENARIO_NAMES.get(n, n) for n in names]
@@ -122,3 +123,21 @@ async def test_hot_keys_run_with_and_without_keys_each_key_in_order(tmp_path: Pa
     assert plain["operations"] == keyed["operations"] == 1000
     assert plain["ops_per_s"] > 0 and keyed["ops_per_s"] > 0
     assert keyed["note"].startswith("10% under 10 orderingKeys (10 each): x"), keyed
+
+
+def test_retention_runs_only_when_asked_for() -> None:
+    assert "retention" not in parse([])[0].names
+    assert parse(["--only", "retention"])[0].names == ["retention"]
+
+
+@pytest.mark.slow
+async def test_retention_measures_intake_while_old_rows_are_deleted(tmp_path: Path) -> None:
+    on, off = await run_saved(
+        ["retention"], tmp_path, "--n-old", "50000", "--n-retention", "300", "--limit", "100"
+    )
+    assert [on["scenario"], off["scenario"]] == ["retention on", "retention off"]
+    for r in (on, off):  # each run checked every effect and status of its workload
+        assert r["operations"] == 300 and r["old"] == 50_000 and r["ops_per_s"] > 0, r
+    # the run itself fails unless old rows were left to delete when the workload was done
+    assert on["deleted_per_s"] >= 0 and on["deleted_after_per_s"] > 0, on
+    assert "deleted_per_s" not in off

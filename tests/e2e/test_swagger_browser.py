@@ -50,3 +50,6 @@ async def test_swagger_ui_lists_the_operation_endpoints(
     assert 'class="swagger-ui"' in dom or "swagger-ui" in dom
     for path in ("/api/operations", "/api/operations/batch", "/api/operations/{operation_id}"):
         assert f'data-path="{path}"' in dom, f"{path} not rendered"
+    assert "btn authorize" in dom, "no Authorize button: a reader could not send a key"
+    for tag in ("operations", "queue", "health"):
+        assert f'data-tag="{tag}"' in dom, f"tag {tag} not rendered"

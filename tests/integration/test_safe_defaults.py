@@ -1,5 +1,5 @@
-"""Safe defaults: readiness names what is down (never why), and the streams that only grow
-are capped while the ones holding work are never trimmed."""
+"""Safe defaults: readiness names what is down (never why), and the one stream anyone can
+grow from outside is capped while the ones holding work are never trimmed."""
 
 from __future__ import annotations
 
@@ -71,22 +71,25 @@ async def test_readyz_names_the_server_that_is_down_and_nothing_else(
             await eventually(ready_again, within=10)
 
 
-async def test_rejects_dead_and_outcomes_are_capped_work_and_inbox_never(prefix: str) -> None:
+async def test_rejects_are_capped_at_each_add_and_no_other_stream_is(prefix: str) -> None:
+    """Anyone who reaches the inbox writes rejects, so each XADD caps them. Dead letters and
+    outcomes wait for retention, which never drops what a consumer group still needs
+    (tests/integration/test_stream_trim.py); the inbox and the work stream hold work."""
     client = rs.connect(REDIS_URL)
     names = rs.Names(prefix)
     streams = rs.Streams(client, names, maxlen=10)
     try:
         for stream in (names.rejects, names.dead, names.outcomes, names.work, names.inbox):
             await streams.add(stream, [{"n": str(i)} for i in range(1000)])
-        await streams.ack_with(names.work, rs.FLUSHER_GROUP, [], names.dead, [{"n": "last"}])
         # MAXLEN ~ trims whole nodes of the stream (100 entries by default): about 10 left.
-        for stream in (names.rejects, names.dead, names.outcomes):
-            assert 10 <= await streams.length(stream) <= 110, stream
-        last = await client.xrevrange(names.dead, count=1)
+        assert 10 <= await streams.length(names.rejects) <= 110
+        last = await client.xrevrange(names.rejects, count=1)
         assert last is not None
-        assert last[0][1] == {b"n": b"last"}  # trimming drops the oldest
-        assert await streams.length(names.work) == 1000
-        assert await streams.length(names.inbox) == 1000
+        assert last[0][1] == {b"n": b"999"}  # trimming drops the oldest
+        await streams.ack_with(names.work, rs.FLUSHER_GROUP, [], names.dead, [{"n": "last"}])
+        assert await streams.length(names.dead) == 1001
+        for stream in (names.outcomes, names.work, names.inbox):
+            assert await streams.length(stream) == 1000, stream
     finally:
         await client.aclose()
 

@@ -154,3 +154,29 @@ def test_schedules_are_parsed_and_a_bad_one_stops_start_up(tmp_path: Path) -> No
     bad = text.replace("0 3 * * *", "0 3 * *")
     with pytest.raises(ConfigError, match=r"^STREAMSVC_SCHEDULES: schedule 'purge': cron: "):
         settings.load({"STREAMSVC_SCHEDULES": bad}, env_file=None)
+
+
+def test_retention_settings() -> None:
+    s = settings.load({}, env_file=None)
+    assert (s.retention_days, s.retention_batch, s.retention_s) == (7.0, 1000, 7 * 86_400)
+    s = settings.load(
+        {"STREAMSVC_RETENTION_DAYS": "0.5", "STREAMSVC_RETENTION_BATCH": "200"}, env_file=None
+    )
+    assert (s.retention_s, s.retention_batch) == (43_200, 200)
+    assert settings.load({"STREAMSVC_RETENTION_DAYS": "0"}, env_file=None).retention_s == 0
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"STREAMSVC_RETENTION_DAYS": "-1"}, "STREAMSVC_RETENTION_DAYS: expected `float` >= 0"),
+        ({"STREAMSVC_RETENTION_DAYS": "nan"}, "STREAMSVC_RETENTION_DAYS: expected `float` >= 0"),
+        ({"STREAMSVC_RETENTION_DAYS": "inf"}, "STREAMSVC_RETENTION_DAYS: expected `float` <="),
+        ({"STREAMSVC_RETENTION_DAYS": "week"}, "STREAMSVC_RETENTION_DAYS: expected `float`"),
+        ({"STREAMSVC_RETENTION_BATCH": "0"}, "STREAMSVC_RETENTION_BATCH: expected `int` >= 1"),
+    ],
+)
+def test_a_bad_retention_value_names_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        settings.load(env, env_file=None)
+    assert str(info.value).startswith(message)
