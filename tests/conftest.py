@@ -21,6 +21,7 @@ from streamsvc.adapters import caller_role, postgres
 from streamsvc.adapters import streams as rs
 from streamsvc.allowlist import AllowList
 from streamsvc.settings import Settings
+from tests.pipeline import Served, served_with_clients
 
 ALLOWED = f"{workload.ALLOWED}, profiles(id, name)"
 SECRET = "test-secret-that-is-at-least-32-bytes-long"  # API_KEY_ENCRYPTION_SECRET: >= 32 bytes
@@ -116,3 +117,10 @@ async def conn(database: str) -> AsyncIterator[asyncpg.Connection]:
 @pytest.fixture
 def settings(database: str, prefix: str) -> Settings:
     return make_settings(database, prefix)
+
+
+@pytest.fixture
+async def served(settings: Settings) -> AsyncIterator[Served]:
+    """A serving service (auth off) with a client for each door and its database."""
+    async with served_with_clients(settings) as served:
+        yield served

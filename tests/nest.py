@@ -12,7 +12,7 @@ import aio_pika
 import anyio
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from tests.conftest import RMQ_URL
+from benchmarks.harness import RMQ_URL
 
 
 class NestClient:

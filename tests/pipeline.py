@@ -134,6 +134,13 @@ async def served_with_clients(settings: Settings) -> AsyncIterator[Served]:
         await db.close()
 
 
+async def post_batch(served: Served, *bodies: dict[str, Any]) -> list[str]:
+    """POST ``bodies`` in one bulk request (every one must be stored); their ids."""
+    response = await served.http.post("/api/operations/batch", json=list(bodies))
+    assert response.status_code == 200, response.text
+    return [item["id"] for item in response.json()]
+
+
 def order(i: int, **extra: Any) -> dict[str, Any]:
     """A structured insert into the workload's orders table."""
     return {

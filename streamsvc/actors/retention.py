@@ -19,14 +19,15 @@ disjoint rows (SKIP LOCKED), and a trim only ever drops what no group still need
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import anyio
 import structlog
 
 from streamsvc import metrics
+from streamsvc.actors import periodic
 from streamsvc.adapters import streams as rs
-from streamsvc.adapters.postgres import LockWait, translate
+from streamsvc.adapters.postgres import LockWait
 from streamsvc.store import Store
 
 log = structlog.get_logger("streamsvc.retention")
@@ -65,18 +66,7 @@ class Retention:
 
     async def run(self) -> None:
         """A cycle every interval; a failed one is logged and tried again next time."""
-        while True:
-            try:
-                report = await self.cycle()
-                if report.deleted_rows or report.trimmed:
-                    log.info("retention.done", **asdict(report))
-            except Exception as exc:
-                log.warning(
-                    "retention.failed",
-                    error=str(translate(exc)),
-                    next=f"trying again in {self.interval_ms / 1000:.1f} s",
-                )
-            await anyio.sleep(self.interval_ms / 1000)
+        await periodic.every(self.interval_ms, self.cycle, log=log, event="retention")
 
     async def cycle(self) -> RetentionReport:
         """Trim the streams, then delete old rows until none is left (or a lock is busy)."""

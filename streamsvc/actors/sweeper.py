@@ -18,16 +18,15 @@ Re-enqueueing something a flusher still holds is harmless: flushers apply only p
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
-import anyio
 import msgspec
 import structlog
 
 from streamsvc import metrics
+from streamsvc.actors import periodic
 from streamsvc.adapters import streams as rs
-from streamsvc.adapters.postgres import translate
 from streamsvc.manage import Manager
 from streamsvc.model import WorkOp, work_decoder, work_encoder
 from streamsvc.policy import StuckAction, halves, stuck_entry
@@ -71,18 +70,7 @@ class Sweeper:
 
     async def run(self) -> None:
         """Sweep every interval; a failed sweep is logged and tried again next time."""
-        while True:
-            try:
-                report = await self.sweep()
-                if report != SweepReport():
-                    log.info("sweep.done", **asdict(report))
-            except Exception as exc:
-                log.warning(
-                    "sweep.failed",
-                    error=str(translate(exc)),
-                    next=f"sweeping again in {self.interval_ms / 1000:.1f} s",
-                )
-            await anyio.sleep(self.interval_ms / 1000)
+        await periodic.every(self.interval_ms, self.sweep, log=log, event="sweep")
 
     async def sweep(self) -> SweepReport:
         report = SweepReport()

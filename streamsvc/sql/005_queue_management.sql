@@ -30,6 +30,23 @@ CREATE INDEX "BatchOperations_pending_idx" ON "BatchOperations" (updated_at)
     WHERE status IN ('UNPROCESSED', 'PROCESSING') AND wake_at IS NULL AND NOT parked
       AND NOT paused;
 
+-- Take the locks of the keys (submitters[n], keys[n]) (the NULL keys ignored), one by one in
+-- one order, so that transactions taking several cannot deadlock (see 004).
+CREATE FUNCTION streamsvc_lock_keys(submitters text[], keys text[])
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    k record;
+BEGIN
+    FOR k IN
+        SELECT DISTINCT u.s, u.k FROM unnest(submitters, keys) AS u(s, k)
+        WHERE u.k IS NOT NULL ORDER BY 1, 2
+    LOOP
+        PERFORM pg_advisory_xact_lock(1398035021, hashtext(k.s || ':' || k.k));
+    END LOOP;
+END
+$$;
+
 -- Replay the operations `ids` that ended FAIL or CANCELLED (others are left as they are):
 -- pending again under the same id, attempts kept, the ending they leave kept in history
 -- (the last 50: a caller retrying its own failing operation for ever cannot grow its row
@@ -43,17 +60,11 @@ RETURNS TABLE (id text, ready boolean, body text)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
-    k record;
     keyed uuid[];
 BEGIN
-    FOR k IN
-        SELECT DISTINCT b.submitted_by, b.ordering_key FROM "BatchOperations" AS b
-        WHERE b.id = ANY(ids) AND b.ordering_key IS NOT NULL
-          AND b.status IN ('FAIL', 'CANCELLED')
-        ORDER BY 1, 2
-    LOOP
-        PERFORM pg_advisory_xact_lock(1398035021, hashtext(k.submitted_by || ':' || k.ordering_key));
-    END LOOP;
+    PERFORM streamsvc_lock_keys(array_agg(b.submitted_by), array_agg(b.ordering_key))
+    FROM "BatchOperations" AS b
+    WHERE b.id = ANY(ids) AND b.ordering_key IS NOT NULL AND b.status IN ('FAIL', 'CANCELLED');
     -- SET reads the row as it was: history records the ending being left.
     RETURN QUERY
     WITH replayed AS (
@@ -82,7 +93,8 @@ BEGIN
 END
 $$;
 
--- As in 004, but every operation takes the next key_seq, in the order of ids.
+-- As in 004, but every operation takes the next key_seq, in the order of ids (and the key
+-- locks are taken by streamsvc_lock_keys).
 CREATE OR REPLACE FUNCTION streamsvc_intake(
     ids uuid[], types text[], bodies text[], priorities smallint[], run_ats timestamptz[],
     keys text[], sources text[], submitters text[])
@@ -90,16 +102,10 @@ RETURNS TABLE (id text, created boolean, ready boolean, body text)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
-    k record;
     keyed uuid[];
 BEGIN
     keyed := ARRAY(SELECT u.id FROM unnest(ids, keys) AS u(id, k) WHERE u.k IS NOT NULL);
-    FOR k IN
-        SELECT DISTINCT u.s, u.k FROM unnest(submitters, keys) AS u(s, k)
-        WHERE u.k IS NOT NULL ORDER BY 1, 2
-    LOOP
-        PERFORM pg_advisory_xact_lock(1398035021, hashtext(k.s || ':' || k.k));
-    END LOOP;
+    PERFORM streamsvc_lock_keys(submitters, keys);
     RETURN QUERY
     INSERT INTO "BatchOperations" AS b (
         id, operation_type, body, priority, run_at, ordering_key, source, submitted_by,

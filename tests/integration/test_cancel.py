@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
 
 import aio_pika
 import anyio
@@ -18,23 +16,10 @@ from streamsvc.settings import Settings
 from streamsvc.store import Cancelled
 from streamsvc.validate import ANONYMOUS
 from tests.conftest import keyed_settings, make_settings
-from tests.pipeline import Served, eventually, ops, order, running, served_with_clients
+from tests.pipeline import Served, eventually, ops, order, post_batch, running, served_with_clients
 from tests.pipeline import until_applied as _until_applied
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
-
-
-@pytest.fixture
-async def served(settings: Settings) -> AsyncIterator[Served]:
-    async with served_with_clients(settings) as served:
-        yield served
-
-
-async def submit(served: Served, *bodies: dict[str, Any]) -> list[str]:
-    """POST ``bodies`` in one bulk request; their ids."""
-    response = await served.http.post("/api/operations/batch", json=list(bodies))
-    assert response.status_code == 200, response.text
-    return [item["id"] for item in response.json()]
 
 
 async def until_applied(served: Served, op_id: str) -> None:
@@ -48,7 +33,7 @@ async def order_ids(db: asyncpg.Connection) -> list[int]:
 async def test_deleting_a_delayed_operation_cancels_it_and_it_is_never_applied(
     served: Served,
 ) -> None:
-    doomed, control = await submit(served, order(1, delayMs=1000), order(2, delayMs=1000))
+    doomed, control = await post_batch(served, order(1, delayMs=1000), order(2, delayMs=1000))
     cancelled = await served.http.delete(f"/api/operations/{doomed}")
     assert cancelled.status_code == 200, cancelled.text
     assert (cancelled.json()["id"], cancelled.json()["status"]) == (doomed, "CANCELLED")
@@ -64,7 +49,7 @@ async def test_deleting_a_delayed_operation_cancels_it_and_it_is_never_applied(
 async def test_deleting_an_applied_operation_answers_409_naming_its_status(
     served: Served,
 ) -> None:
-    (op_id,) = await submit(served, order(1))
+    (op_id,) = await post_batch(served, order(1))
     await until_applied(served, op_id)
     refused = await served.http.delete(f"/api/operations/{op_id}")
     assert refused.status_code == 409
@@ -105,7 +90,7 @@ async def test_deleting_another_keys_operation_or_an_unknown_id_answers_404(
 async def test_rpc_cancel_answers_cancelled_finished_or_not_found(
     served: Served, pattern: str
 ) -> None:
-    pending, applied = await submit(served, order(1, delayMs=60_000), order(2))
+    pending, applied = await post_batch(served, order(1, delayMs=60_000), order(2))
     await until_applied(served, applied)
     cancelled = (await served.rpc.send(pattern, {"id": pending}))["response"]
     assert (cancelled["status"], cancelled["message"]) == (True, "Operation cancelled")
@@ -131,7 +116,7 @@ async def test_a_cancel_is_announced_on_the_topic_exchange_as_type_cancelled(
         )
         events = await channel.declare_queue(exclusive=True)
         await events.bind(exchange, routing_key="ORDER_CREATED.CANCELLED")
-        (op_id,) = await submit(served, order(1, delayMs=60_000))
+        (op_id,) = await post_batch(served, order(1, delayMs=60_000))
         assert (await served.http.delete(f"/api/operations/{op_id}")).status_code == 200
         got: list[aio_pika.abc.AbstractIncomingMessage] = []
 
@@ -212,7 +197,7 @@ async def test_cancels_racing_a_flusher_either_win_or_answer_finished(
 
 
 async def test_cancelling_a_keys_head_releases_the_next_operation(served: Served) -> None:
-    head, second, third = await submit(
+    head, second, third = await post_batch(
         served,
         order(1, orderingKey="k", delayMs=60_000),  # holds its key for a minute
         order(2, orderingKey="k"),

@@ -5,34 +5,19 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
 
 import anyio
 import asyncpg
 import pytest
 
-from streamsvc.settings import Settings
 from streamsvc.store import Selection
 from streamsvc.store.records import HISTORY_KEPT
 from tests.conftest import keyed_settings
-from tests.pipeline import Served, eventually, order, served_with_clients
+from tests.pipeline import Served, eventually, order, post_batch, served_with_clients
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 DROP_CHECK = "ALTER TABLE orders DROP CONSTRAINT orders_amount_check"
-
-
-@pytest.fixture
-async def served(settings: Settings) -> AsyncIterator[Served]:
-    async with served_with_clients(settings) as served:
-        yield served
-
-
-async def submit(served: Served, *bodies: dict[str, Any]) -> list[str]:
-    response = await served.http.post("/api/operations/batch", json=list(bodies))
-    assert response.status_code == 200, response.text
-    return [item["id"] for item in response.json()]
 
 
 async def until_status(db: asyncpg.Connection, ids: list[str], status: str) -> None:
@@ -49,7 +34,7 @@ async def until_status(db: asyncpg.Connection, ids: list[str], status: str) -> N
 
 async def failed(served: Served, *numbers: int) -> list[str]:
     """Orders the CHECK constraint refuses (a negative amount): they end FAIL."""
-    ids = await submit(
+    ids = await post_batch(
         served, *(order(n, values={"id": n, "customer": "c", "amount": -1}) for n in numbers)
     )
     await until_status(served.db, ids, "FAIL")
@@ -84,7 +69,7 @@ async def test_a_retried_failure_keeps_its_id_attempts_and_history_and_lands_onc
 
 
 async def test_retry_answers_404_409_and_refuses_what_it_cannot_retry(served: Served) -> None:
-    (pending,) = await submit(served, order(1, delayMs=60_000))
+    (pending,) = await post_batch(served, order(1, delayMs=60_000))
     not_finished = await served.http.post(f"/api/operations/{pending}/retry")
     assert not_finished.status_code == 409
     assert "UNPROCESSED" in not_finished.json()["detail"]
@@ -94,7 +79,7 @@ async def test_retry_answers_404_409_and_refuses_what_it_cannot_retry(served: Se
 
 
 async def test_a_cancelled_operation_is_retried_and_applied(served: Served) -> None:
-    (op_id,) = await submit(served, order(1, delayMs=60_000))
+    (op_id,) = await post_batch(served, order(1, delayMs=60_000))
     assert (await served.http.delete(f"/api/operations/{op_id}")).status_code == 200
     await served.db.execute(
         'UPDATE "BatchOperations" SET run_at = NULL WHERE id = $1::uuid', op_id
@@ -179,7 +164,7 @@ async def test_replay_by_type_and_time_counts_first_then_replays_only_those(
         "action": "insert",
         "values": {"id": 1, "order_id": 1, "amount": 1, "paid_at": "not a time"},
     }
-    (other,) = await submit(served, payment)
+    (other,) = await post_batch(served, payment)
     await until_status(served.db, [other], "FAIL")
     manage = served.service.ingress.manage
     by_type = Selection(operation_type="ORDER_CREATED")
@@ -219,14 +204,14 @@ async def test_a_paused_type_is_stored_not_applied_and_applied_in_order_after_re
     paused = await served.http.post("/api/types/ORDER_CREATED/pause")
     assert paused.status_code == 200, paused.text
     assert paused.json()["operationType"] == "ORDER_CREATED"
-    held = await submit(served, *(order(n) for n in range(1, 41)))
+    held = await post_batch(served, *(order(n) for n in range(1, 41)))
     payment = {
         "operationType": "PAYMENT",
         "table": "payments",
         "action": "insert",
         "values": {"id": 1, "order_id": 1, "amount": 1},
     }
-    (other,) = await submit(served, payment)
+    (other,) = await post_batch(served, payment)
     await until_status(served.db, [other], "SUCCESS")  # other types go on
 
     async def all_held() -> bool:
@@ -257,7 +242,7 @@ async def test_once_pause_answers_no_batch_applies_the_type(served: Served) -> N
     async def feed() -> None:
         n = 0
         while not stop.is_set():
-            await submit(served, *(order(n + i) for i in range(1, 51)))
+            await post_batch(served, *(order(n + i) for i in range(1, 51)))
             n += 50
 
     async with anyio.create_task_group() as tg:
@@ -316,7 +301,7 @@ async def test_operations_held_for_a_type_no_longer_paused_are_let_go_by_the_swe
 ) -> None:
     manage = served.service.ingress.manage
     await manage.pause("ORDER_CREATED", by="test")
-    held = await submit(served, *(order(n) for n in range(1, 11)))
+    held = await post_batch(served, *(order(n) for n in range(1, 11)))
     await eventually(
         lambda: served.db.fetchval('SELECT count(*) = 10 FROM "BatchOperations" WHERE paused')
     )
@@ -330,7 +315,7 @@ async def test_operations_held_for_a_type_no_longer_paused_are_let_go_by_the_swe
 
 async def test_a_paused_operation_can_be_cancelled(served: Served) -> None:
     await served.service.ingress.manage.pause("ORDER_CREATED", by="test")
-    (op_id,) = await submit(served, order(1))
+    (op_id,) = await post_batch(served, order(1))
     await eventually(lambda: served.db.fetchval('SELECT bool_and(paused) FROM "BatchOperations"'))
     cancelled = await served.http.delete(f"/api/operations/{op_id}")
     assert (cancelled.json()["status"], cancelled.json()["paused"]) == ("CANCELLED", False)
