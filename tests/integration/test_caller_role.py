@@ -465,6 +465,7 @@ async def login(conn: asyncpg.Connection) -> str:
         "streamsvc_migrations",
         "streamsvc_api_keys",
         "streamsvc_schedule_ticks",
+        "streamsvc_paused_types",
     )
     for table in (*service_tables, *OWNED):
         await conn.execute(f'ALTER TABLE "{table}" OWNER TO "{LOGIN}"')
