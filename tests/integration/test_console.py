@@ -92,6 +92,7 @@ async def test_console_responses_keep_the_page_to_itself(database: str, prefix: 
             '<script src="/console/assets/console.js" defer>'
         ]
         assert re.findall(r'(?:href|src)="([^"]+)"', html) == [
+            "/console/assets/favicon.svg",
             "/console/assets/console.css",
             "/console/assets/console.js",
         ]
