@@ -12,6 +12,8 @@ Where each part of the package is tested (beyond the file named after it):
                           e2e/test_schedules.py
     actors/notifier.py    unit/test_notifier.py, integration/test_hostile_input.py
     api/http.py           integration/test_http.py, test_openapi_fuzz.py, test_cancel.py
+    api/console/          unit/test_console_views.py, integration/test_console.py,
+                          e2e/test_console_browser.py (headless Chromium, tests/browser.py)
     api/rpc.py, nestjs.py unit/test_rpc.py, integration/test_rpc.py, test_rpc_faults.py,
                           e2e/test_nestjs_interop.py
     api/inbox.py          integration/test_pipeline.py, test_hostile_input.py
