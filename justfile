@@ -87,3 +87,7 @@ bench *ARGS: setup
 # Create or upgrade the service's own tables
 migrate: setup
     .venv/bin/streamsvc migrate
+
+# Renew the console's screenshots in docs/console/ (needs chromium and the local servers)
+console-screenshots: setup
+    STREAMSVC_CONSOLE_SHOTS=docs/console .venv/bin/pytest -q tests/e2e/test_console_browser.py

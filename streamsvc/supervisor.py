@@ -185,7 +185,13 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
         async def ready() -> list[str]:
             return await unavailable(pool, client)
 
-        app = http.create_app(ingress, auth, ready, max_body_bytes=settings.max_body_bytes)
+        app = http.create_app(
+            ingress,
+            auth,
+            ready,
+            max_body_bytes=settings.max_body_bytes,
+            schedules=list(settings.schedules.values()),
+        )
         web = http.server(app, host=settings.http_host, port=settings.http_port)
         yield Service(
             settings,

@@ -14,6 +14,8 @@ Where each part of the package is tested (beyond the file named after it):
     actors/retention.py   unit/test_retention.py, integration/test_retention.py,
                           test_stream_trim.py (adapters/streams.py's trim), e2e/test_retention.py
     api/http.py           integration/test_http.py, test_openapi_fuzz.py, test_cancel.py
+    api/console/          unit/test_console_views.py, integration/test_console.py,
+                          e2e/test_console_browser.py (headless Chromium, tests/browser.py)
     api/rpc.py, nestjs.py unit/test_rpc.py, integration/test_rpc.py, test_rpc_faults.py,
                           e2e/test_nestjs_interop.py
     api/inbox.py          integration/test_pipeline.py, test_hostile_input.py

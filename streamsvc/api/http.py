@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Annotated, Any
 
 import msgspec
@@ -23,6 +23,7 @@ from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.static_files import create_static_files_router
 
 from streamsvc.actors.ingress import Ingress, Result
+from streamsvc.api.console import console_router
 from streamsvc.api.swagger import ASSETS_DIR, LocalSwagger
 from streamsvc.errors import InvalidOperation
 from streamsvc.keys import Authenticator
@@ -42,6 +43,7 @@ from streamsvc.model import (
     rejection,
 )
 from streamsvc.ratelimit import Refusal
+from streamsvc.schedules import Schedule
 from streamsvc.store import PausedType
 from streamsvc.validate import Caller
 
@@ -163,8 +165,10 @@ def create_app(
     ready: Callable[[], Awaitable[list[str]]],
     *,
     max_body_bytes: int,
+    schedules: Sequence[Schedule] = (),
 ) -> Litestar:
-    """The HTTP API over one process's ingress; ``ready`` names the servers that are away."""
+    """The HTTP API over one process's ingress; ``ready`` names the servers that are away;
+    the console at /console shows ``schedules`` (STREAMSVC_SCHEDULES) with their runs."""
 
     def caller_of(request: Request[Any, Any, Any]) -> Caller:
         header = request.headers.get("authorization", "")
@@ -448,6 +452,7 @@ def create_app(
             healthz,
             readyz,
             assets,
+            console_router(ingress, admin_of, schedules),
         ],
         openapi_config=OpenAPIConfig(
             title="streamsvc",
