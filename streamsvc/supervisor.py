@@ -294,6 +294,9 @@ async def run(settings: Settings, role: Role = "all") -> None:
                     claimers.start_soon(flusher.run)
             if role in ("all", "scheduler"):
                 claimers.start_soon(service.scheduler.run)
+            with anyio.move_on_after(10):  # started: its port answers (probes, the API)
+                while not service.http.started:
+                    await anyio.sleep(0.01)
             log.info(
                 "service.started",
                 role=role,
