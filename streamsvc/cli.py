@@ -194,7 +194,8 @@ async def _ops_list(config: Settings, args: argparse.Namespace) -> None:
     try:
         async with pool.acquire() as conn:
             await postgres.check_migrated(conn)
-        page = await PgStore(pool, Catalog(config.allow_list)).list_operations(query, owner=None)
+        store = PgStore(pool, Catalog(config.allow_list))
+        page = await store.list_operations(filters.list_query(query), owner=None)
     finally:
         await pool.close()
     if args.json:
