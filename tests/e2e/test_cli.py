@@ -264,7 +264,7 @@ async def test_ops_list_pages_newest_first_and_ops_counts_counts_by_status_and_t
     assert json.loads(counts.stdout)["byType"] == {"ORDER_CREATED": {"SUCCESS": 3, "FAIL": 1}}
     table = await streamsvc(env, tmp_path, "ops", "counts")
     assert "ORDER_CREATED" in table.stdout and "all" in table.stdout, table.stdout
-    too_long = await streamsvc(env, tmp_path, "ops", "counts", "--since", "2000-01-01")
+    too_long = await streamsvc(env, tmp_path, "ops", "counts", "--since", "2000-01-01T00:00:00")
     assert too_long.returncode == 2 and "streamsvc: since: at most 31 days" in too_long.stderr
 
 
