@@ -268,7 +268,7 @@ async def _ops_list(config: Settings, args: argparse.Namespace) -> None:
         "limit": args.limit,
         "cursor": args.cursor,
     }
-    query = _converted(wanted, ListQuery)
+    query = filters.list_query(_converted(wanted, ListQuery))
     async with _store(config) as store:
         page = await store.list_operations(query, owner=None)
     if args.json:

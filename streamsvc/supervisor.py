@@ -295,8 +295,7 @@ async def run(settings: Settings, role: Role = "all") -> None:
             if role in ("all", "scheduler"):
                 claimers.start_soon(service.scheduler.run)
             with anyio.move_on_after(10):  # started: its port answers (probes, the API)
-                while not service.http.started:
-                    await anyio.sleep(0.01)
+                await service.http.listening.wait()
             log.info(
                 "service.started",
                 role=role,

@@ -23,6 +23,8 @@ Where each part of the package is tested (beyond the file named after it):
                           e2e/test_crashes.py (replays racing kills)
     store/                integration/test_scheduling.py, test_cancel.py, test_apply_rows.py
                           (the SQL), unit tests of the actors (the memory store)
+    store/listing.py,     unit/test_listing.py, test_store.py, integration/test_per_caller.py,
+    filters.py            test_list_plans.py (each shape on its index), e2e/test_cli.py
     adapters/caller_role  integration/test_caller_role.py
     sqlguard, sqlscope    unit/test_sqlguard.py, integration/test_sql_scope.py
     schedules.py          unit/test_schedules.py

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import socket
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Annotated, Any
 
+import anyio
 import msgspec
 import prometheus_client
 import uvicorn
@@ -547,11 +549,21 @@ def _lower(text: str) -> str:
 
 
 class Server(uvicorn.Server):
-    """uvicorn inside the service's task group: the supervisor owns the signals."""
+    """uvicorn inside the service's task group: the supervisor owns the signals.
+    ``listening`` is set once its port takes connections."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.listening = anyio.Event()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self.listening.set()
 
 
 def server(app: Litestar, *, host: str, port: int) -> Server:

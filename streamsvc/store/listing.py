@@ -35,14 +35,18 @@ NIL = uuid.UUID(int=0)  # (t, NIL) is below every (t, id): created_at < t exactl
 # The filters a list may have, in the order the statement's parameters follow $4.
 FILTERS = ("submitted_by", "operation_type", "status")
 
-COLUMNS = """id::text AS id, operation_type, status, error, attempts, priority, source,
-       batch_id::text AS batch_id, run_at, ordering_key, created_at, updated_at, processed_at,
-       body::text AS body, paused, history::text AS history"""
+# What a page returns (an OperationView's columns). The order is the table's own
+# (created_at, b.id): "id" alone in an ORDER BY would name the text column below, which
+# sorts by another order and no index has.
+COLUMNS = """id, operation_type, status, error, attempts, priority, source, batch_id, run_at,
+       ordering_key, created_at, updated_at, processed_at, body, paused, history"""
 
-_BRANCH = """(SELECT {columns}
- FROM "BatchOperations"
- WHERE {equal} AND created_at >= $1 AND (created_at, id) < ($2, $3)
- ORDER BY created_at DESC, id DESC
+_BRANCH = """(SELECT b.id AS uid, b.id::text AS id, operation_type, status, error, attempts,
+        priority, source, batch_id::text AS batch_id, run_at, ordering_key, created_at,
+        updated_at, processed_at, body::text AS body, paused, history::text AS history
+ FROM "BatchOperations" AS b
+ WHERE {equal} AND created_at >= $1 AND (created_at, b.id) < ($2, $3)
+ ORDER BY created_at DESC, b.id DESC
  LIMIT $4)"""
 
 
@@ -82,16 +86,14 @@ def page_statement(columns: tuple[str, ...]) -> str:
     statuses = [None] if "status" in columns else list(Status)
     branches = [
         _BRANCH.format(
-            columns=COLUMNS,
             # Status names are this module's constants (model.Status), never a caller's text.
             equal=" AND ".join(equal if status is None else [*equal, f"status = '{status}'"]),
         )
         for status in statuses
     ]
-    if len(branches) == 1:
-        return branches[0][1:-1]
     union = "\nUNION ALL\n".join(branches)
-    return f"SELECT * FROM (\n{union}\n) AS page\nORDER BY created_at DESC, id DESC\nLIMIT $4"
+    order = "ORDER BY created_at DESC, uid DESC"
+    return f"SELECT {COLUMNS}\nFROM (\n{union}\n) AS page\n{order}\nLIMIT $4"
 
 
 def arguments(query: ListQuery, page: Bounds, given: Sequence[tuple[str, str]]) -> list[object]:

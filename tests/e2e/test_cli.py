@@ -231,7 +231,7 @@ async def test_status_shows_streams_counts_and_recent_failures(
     assert re.search(r"SUCCESS\s*│\s*1\s*│", out) and re.search(r"FAIL\s*│\s*1\s*│", out)
 
 
-async def test_ops_list_pages_newest_first_filters_and_refuses_bad_input_by_field(
+async def test_ops_list_pages_newest_first_and_ops_counts_counts_by_status_and_type(
     database: str, prefix: str, tmp_path: Path
 ) -> None:
     import json
@@ -260,6 +260,13 @@ async def test_ops_list_pages_newest_first_filters_and_refuses_bad_input_by_fiel
     for args, field in ((("--limit", "0"), "limit"), (("--since", "yesterday"), "since")):
         refused = await streamsvc(env, tmp_path, "ops", "list", *args)
         assert refused.returncode == 2 and f"streamsvc: {field}:" in refused.stderr, args
+    counts = await streamsvc(env, tmp_path, "ops", "counts", "--json")
+    assert counts.returncode == 0, counts.stderr
+    assert json.loads(counts.stdout)["byType"] == {"ORDER_CREATED": {"SUCCESS": 3, "FAIL": 1}}
+    table = await streamsvc(env, tmp_path, "ops", "counts")
+    assert "ORDER_CREATED" in table.stdout and "all" in table.stdout, table.stdout
+    too_long = await streamsvc(env, tmp_path, "ops", "counts", "--since", "2000-01-01T00:00:00")
+    assert too_long.returncode == 2 and "streamsvc: since: at most 31 days" in too_long.stderr
 
 
 async def test_a_revoked_key_is_refused_within_seconds_by_a_running_service(
