@@ -285,10 +285,7 @@ class RpcServer:
         self, data: bytes, caller: Caller, request_id: str | None
     ) -> nestjs.IResponse:
         op_id = self._operation_id(data)
-        try:
-            view = await self.ingress.get(op_id, caller=caller)  # another key's: not found
-        except Exception as exc:
-            raise Unavailable(str(translate(exc))) from exc
+        view = await _answer(self.ingress.get(op_id, caller=caller))  # another key's: None
         if view is None:
             return nestjs.not_found()
         return nestjs.IResponse(status=True, message="Operation found", data=view)
@@ -298,10 +295,7 @@ class RpcServer:
     ) -> nestjs.IResponse:
         """``{id}`` (or the id alone): the operation ends CANCELLED unless it finished."""
         op_id = self._operation_id(data)
-        try:
-            result = await self.ingress.cancel(op_id, caller=caller)
-        except Exception as exc:
-            raise Unavailable(str(translate(exc))) from exc
+        result = await _answer(self.ingress.cancel(op_id, caller=caller))
         view = result.view
         if view is None:
             return nestjs.not_found()
@@ -321,10 +315,7 @@ class RpcServer:
         op_id = self._operation_id(data)
         if refusal := await self.auth.admit(caller, 1):
             raise _Refusal(nestjs.rate_limited(refusal))
-        try:
-            result = await self.ingress.manage.retry(op_id, caller=caller)
-        except Exception as exc:
-            raise Unavailable(str(translate(exc))) from exc
+        result = await _answer(self.ingress.manage.retry(op_id, caller=caller))
         view = result.view
         if view is None:
             return nestjs.not_found()
@@ -342,12 +333,7 @@ class RpcServer:
         page ``{items, nextCursor}``, newest first, of the caller's own operations (an
         admin's: everyone's)."""
         query = ListQuery() if bytes(data) in (b"null", b"") else _decode(_list_decoder, data)
-        try:
-            page = await self.ingress.list_operations(query, caller=caller)
-        except InvalidOperation as exc:
-            raise _Refusal(nestjs.refused(Rejection(exc.field, exc.reason))) from None
-        except Exception as exc:
-            raise Unavailable(str(translate(exc))) from exc
+        page = await _answer(self.ingress.list_operations(query, caller=caller))
         return nestjs.IResponse(status=True, message=f"{len(page.items)} operations", data=page)
 
     async def count_operations(
@@ -356,12 +342,7 @@ class RpcServer:
         """``{since?, until?}`` (or nothing): ``{since, until, byStatus, byType}``, the
         caller's own operations (an admin's: everyone's) created in [since, until)."""
         query = CountQuery() if bytes(data) in (b"null", b"") else _decode(_count_decoder, data)
-        try:
-            counts = await self.ingress.count_operations(query, caller=caller)
-        except InvalidOperation as exc:
-            raise _Refusal(nestjs.refused(Rejection(exc.field, exc.reason))) from None
-        except Exception as exc:
-            raise Unavailable(str(translate(exc))) from exc
+        counts = await _answer(self.ingress.count_operations(query, caller=caller))
         total = sum(counts.by_status.values())
         return nestjs.IResponse(status=True, message=f"{total} operations", data=counts)
 
@@ -482,3 +463,14 @@ async def _answering_refusals(handling: Awaitable[nestjs.IResponse]) -> nestjs.I
         return await handling
     except _Refusal as refusal:
         return refusal.response
+
+
+async def _answer(asked: Awaitable[T]) -> T:
+    """What a request asked for: a refusal of its data answers VALIDATION_ERROR naming the
+    field; any other failure (a server away) leaves the request to be handled again."""
+    try:
+        return await asked
+    except InvalidOperation as exc:
+        raise _Refusal(nestjs.refused(Rejection(exc.field, exc.reason))) from None
+    except Exception as exc:
+        raise Unavailable(str(translate(exc))) from exc
