@@ -67,6 +67,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_attempts: Positive = msgspec.field(default=10, name="STREAMSVC_MAX_ATTEMPTS")
     max_deliveries: Positive = msgspec.field(default=5, name="STREAMSVC_MAX_DELIVERIES")
     claim_idle_ms: Positive = msgspec.field(default=30_000, name="STREAMSVC_CLAIM_IDLE_MS")
+    heartbeat_ms: Positive = msgspec.field(default=1000, name="STREAMSVC_HEARTBEAT_MS")
     retry_base_ms: Positive = msgspec.field(default=100, name="STREAMSVC_RETRY_BASE_MS")
     retry_cap_ms: Positive = msgspec.field(default=30_000, name="STREAMSVC_RETRY_CAP_MS")
     shutdown_grace_s: NonNegative = msgspec.field(default=10, name="STREAMSVC_SHUTDOWN_GRACE_S")

@@ -10,9 +10,7 @@ beside the sweeper and survives blips the same way.
 from __future__ import annotations
 
 import gc
-import os
 import signal
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -23,6 +21,7 @@ import asyncpg
 import structlog
 
 from streamsvc.actors.flusher import Flusher
+from streamsvc.actors.heartbeat import Heartbeat, process_name
 from streamsvc.actors.ingress import Ingress
 from streamsvc.actors.notifier import Notifier
 from streamsvc.actors.retention import Retention
@@ -70,6 +69,7 @@ class Service:
     keys: KeyStore | None
     http: http.Server
     retention: Retention
+    heartbeat: Heartbeat
     stopping: anyio.Event = field(default_factory=anyio.Event)
 
     def stop_claiming(self) -> None:
@@ -110,11 +110,11 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
             client, prefix=settings.redis_prefix, default_ops=settings.rate_limit_ops
         )
         auth = Authenticator(keys, limiter)
-        base = f"{socket.gethostname()}-{os.getpid()}"
+        base = process_name()  # consumers are named <process>/<actor> (actors.heartbeat)
         store = PgStore(pool, catalog)
         ingress = Ingress(store, pool, streams, catalog, chunk=settings.batch_limit)
         inbox = InboxConsumer(
-            f"{base}-inbox",
+            rs.consumer_name(base, "inbox"),
             ingress,
             streams,
             auth,
@@ -123,10 +123,11 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
             claim_idle_ms=settings.claim_idle_ms,
             max_body_bytes=settings.max_body_bytes,
             readers=settings.inbox_readers,
+            heartbeat_ms=settings.heartbeat_ms,
         )
         flushers = [
             Flusher(
-                f"{base}-flusher-{n}",
+                rs.consumer_name(base, f"flusher-{n}"),
                 store,
                 streams,
                 retry,
@@ -136,13 +137,14 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
             for n in range(settings.flushers)
         ]
         sweeper = Sweeper(
-            f"{base}-sweeper",
+            rs.consumer_name(base, "sweeper"),
             store,
             streams,
             interval_ms=settings.interval_ms,
             claim_idle_ms=settings.claim_idle_ms,
             max_deliveries=settings.max_deliveries,
             chunk=settings.batch_limit,
+            heartbeat_ms=settings.heartbeat_ms,
         )
 
         async def submit_tick(op: Operation) -> Receipt | Rejection:
@@ -171,7 +173,7 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
             max_message_bytes=settings.amqp_max_message_bytes,
         )
         notifier = Notifier(
-            f"{base}-notifier",
+            rs.consumer_name(base, "notifier"),
             streams,
             retry,
             url=settings.rmq_url,
@@ -180,6 +182,7 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
             mode=settings.notify_mode,
             durable_queues=settings.rmq_queue_durable,
             max_message_bytes=settings.amqp_max_message_bytes,
+            heartbeat_ms=settings.heartbeat_ms,
         )
 
         async def ready() -> list[str]:
@@ -214,6 +217,7 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
                 batch=settings.retention_batch,
                 interval_ms=settings.interval_ms,
             ),
+            Heartbeat(client, streams.names, base, every_ms=settings.heartbeat_ms),
         )
     finally:
         await client.aclose()
@@ -276,8 +280,11 @@ async def run(settings: Settings, role: Role = "all") -> None:
         if role in ("all", "ingress", "scheduler"):  # the scheduler submits recurring ones
             support.start_soon(service.ingress.run)
             support.start_soon(service.ingress.run)
+        await service.heartbeat.beat()  # alive before any of its consumers takes work
+        support.start_soon(service.heartbeat.run)
         if role in ("all", "sweeper"):
             support.start_soon(service.sweeper.run)
+            support.start_soon(service.sweeper.run_take_over)
             support.start_soon(service.retention.run)
         if service.keys is not None:
             support.start_soon(service.keys.run, service.pool)
@@ -305,6 +312,7 @@ async def run(settings: Settings, role: Role = "all") -> None:
             if role == "sweeper":
                 await service.stopping.wait()
         support.cancel_scope.cancel()
+        await service.heartbeat.stop()
     log.info("service.stopped")
 
 

@@ -20,6 +20,7 @@ refused again is the one at fault. Only a lost connection leaves the entries to 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import defaultdict
 from typing import Any, Literal, NamedTuple
 
@@ -31,6 +32,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
 from streamsvc import metrics
+from streamsvc.actors.heartbeat import abandoned_after_ms
 from streamsvc.adapters import amqp
 from streamsvc.adapters import streams as rs
 from streamsvc.backoff import pause
@@ -227,8 +229,10 @@ class Notifier:
         max_message_bytes: int = 16 * 1024 * 1024,
         count: int = 100,
         block_ms: int = 1000,
+        heartbeat_ms: int = 1000,
     ) -> None:
         self.name = name
+        self.heartbeat_ms = heartbeat_ms
         self.streams = streams
         self.retry = retry
         self.url = url
@@ -260,15 +264,25 @@ class Notifier:
     async def _session(self, connection: AbstractConnection) -> None:
         publisher = self.publisher(connection)
         await publisher.open()
-        own_pending, failures = True, 0
+        own_pending, failures, next_dead = True, 0, 0.0
         while not self.stopping.is_set():
             try:
-                entries = await self.streams.read(
+                entries: list[rs.Entry] = []
+                if time.monotonic() >= next_dead:  # a dead notifier's, within seconds
+                    next_dead = time.monotonic() + self.heartbeat_ms / 1000
+                    entries = await self.streams.claim_from_dead(
+                        self.streams.names.outcomes,
+                        rs.NOTIFIER_GROUP,
+                        self.name,
+                        min_idle_ms=abandoned_after_ms(self.heartbeat_ms),
+                        count=self.count,
+                    )
+                entries = entries or await self.streams.read(
                     self.streams.names.outcomes,
                     rs.NOTIFIER_GROUP,
                     self.name,
                     count=self.count,
-                    block_ms=None if own_pending else self.block_ms,
+                    block_ms=None if own_pending else min(self.block_ms, self.heartbeat_ms),
                     own_pending=own_pending,
                 )
             except rs.CONNECTION_EXCEPTIONS as exc:

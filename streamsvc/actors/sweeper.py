@@ -1,8 +1,10 @@
 """Sweeper: recover what crashes and Redis data loss leave behind.
 
-1. Work entries unacked for longer than ``claim_idle_ms`` (their flusher died or hangs)
-   are put back on the work stream; an entry that keeps coming back is split in two, so a
-   poison operation ends up alone, and that one is dead-lettered after ``max_deliveries``.
+1. Work entries of a flusher whose process died (its heartbeat expired) are put back on
+   their work stream at once (``take_over``, every heartbeat); entries unacked for longer
+   than ``claim_idle_ms`` (a flusher that hangs in a live process) are too. An entry that
+   keeps coming back is split in two, so a poison operation ends up alone, and that one
+   is dead-lettered after ``max_deliveries``.
 2. BatchOperations rows still pending that no stream can hold (Redis lost its data, or a
    crash came between the INSERT and the XADD) are re-enqueued from PostgreSQL. A row is
    stale when it was last touched ``interval_ms`` before the oldest entry still in any
@@ -18,7 +20,7 @@ Re-enqueueing something a flusher still holds is harmless: flushers apply only p
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -26,6 +28,7 @@ import structlog
 
 from streamsvc import metrics
 from streamsvc.actors import periodic
+from streamsvc.actors.heartbeat import abandoned_after_ms
 from streamsvc.adapters import streams as rs
 from streamsvc.manage import Manager
 from streamsvc.model import WorkOp, work_decoder, work_encoder
@@ -43,6 +46,7 @@ class SweepReport:
     reenqueued_rows: int = 0
     released_keys: int = 0
     released_paused: int = 0
+    taken_over_from: list[str] = field(default_factory=list)  # consumers of dead processes
 
 
 class Sweeper:
@@ -56,6 +60,7 @@ class Sweeper:
         claim_idle_ms: int,
         max_deliveries: int,
         chunk: int,
+        heartbeat_ms: int = 1000,
         page: int = 1000,
     ) -> None:
         self.name = name
@@ -65,6 +70,7 @@ class Sweeper:
         self.claim_idle_ms = claim_idle_ms
         self.max_deliveries = max_deliveries
         self.chunk = chunk
+        self.heartbeat_ms = heartbeat_ms
         self.page = page
         self.manage = Manager(store, streams, chunk=chunk)
 
@@ -82,7 +88,7 @@ class Sweeper:
         waiting = 0
         for work in names.work_streams:
             waiting += await self.streams.length(work)
-            await self._stuck_entries(work, report)
+            await self._stuck_entries(work, report, min_idle_ms=self.claim_idle_ms)
         metrics.stream_pending.labels("work").set(waiting)
         await self._stale_rows(report)
         await self._stuck_keys(report)
@@ -94,17 +100,45 @@ class Sweeper:
             )
         return report
 
+    async def run_take_over(self) -> None:
+        """Take over dead processes' work every heartbeat (``take_over``)."""
+        await periodic.every(self.heartbeat_ms, self.take_over, log=log, event="take_over")
+
+    async def take_over(self) -> SweepReport:
+        """The entries of flushers whose process's heartbeat expired (it died, see
+        streamsvc.actors.heartbeat) are put back on their streams now, not after
+        ``claim_idle_ms``; the dead processes' consumers that hold nothing are removed from
+        the groups. A live process's consumers are never touched, however long their
+        entries have been theirs."""
+        report = SweepReport()
+        names = self.streams.names
+        idle_ms = abandoned_after_ms(self.heartbeat_ms)
+        for work in names.work_streams:
+            for consumer, pending in await self.streams.dead_consumers(work, rs.FLUSHER_GROUP):
+                if pending:
+                    await self._stuck_entries(work, report, min_idle_ms=idle_ms, consumer=consumer)
+                    report.taken_over_from.append(consumer)
+                await self.streams.drop_consumer(work, rs.FLUSHER_GROUP, consumer)
+        # The inbox readers and notifiers take their dead peers' entries over themselves.
+        for stream, group in ((names.inbox, rs.INGRESS_GROUP), (names.outcomes, rs.NOTIFIER_GROUP)):
+            for consumer, pending in await self.streams.dead_consumers(stream, group):
+                if not pending:
+                    await self.streams.drop_consumer(stream, group, consumer)
+        return report
+
     # -- 1. entries a flusher took and never acked -----------------------------------------
-    async def _stuck_entries(self, work: str, report: SweepReport) -> None:
+    async def _stuck_entries(
+        self, work: str, report: SweepReport, *, min_idle_ms: int, consumer: str | None = None
+    ) -> None:
         idle = await self.streams.idle_pending(
-            work, rs.FLUSHER_GROUP, min_idle_ms=self.claim_idle_ms, count=self.page
+            work, rs.FLUSHER_GROUP, min_idle_ms=min_idle_ms, count=self.page, consumer=consumer
         )
         delivered = dict(idle)
         claimed = await self.streams.claim(
             work,
             rs.FLUSHER_GROUP,
             self.name,
-            min_idle_ms=self.claim_idle_ms,
+            min_idle_ms=min_idle_ms,
             ids=list(delivered),
         )
         for entry_id, fields in claimed:

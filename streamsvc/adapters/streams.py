@@ -32,7 +32,7 @@ CONNECTION_EXCEPTIONS: tuple[type[BaseException], ...] = (
 
 # Redis away, or refusing writes (out of memory, say): work stored in PostgreSQL waits for
 # the sweeper rather than failing whoever enqueued it.
-_NOT_TAKEN: tuple[type[BaseException], ...] = (*CONNECTION_EXCEPTIONS, redis.exceptions.RedisError)
+NOT_TAKEN: tuple[type[BaseException], ...] = (*CONNECTION_EXCEPTIONS, redis.exceptions.RedisError)
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 Taken = tuple[str, Entry]  # an entry and the stream it was taken from
@@ -74,6 +74,10 @@ class Names:
     @property
     def outcomes(self) -> str:
         return f"{self.prefix}:outcomes"
+
+    def alive(self, process: str) -> str:
+        """A process's liveness key, refreshed while it runs (streamsvc.actors.heartbeat)."""
+        return f"{self.prefix}:alive:{process}"
 
     @property
     def capped(self) -> frozenset[str]:
@@ -197,7 +201,7 @@ class Streams:
         pending, so the sweeper re-enqueues them from PostgreSQL."""
         try:
             await self.add_each(work_entries(self.names, items, chunk))
-        except _NOT_TAKEN as exc:
+        except NOT_TAKEN as exc:
             log.warning(
                 event,
                 error=str(exc),
@@ -285,12 +289,19 @@ class Streams:
         ]
 
     async def idle_pending(
-        self, stream: str, group: str, *, min_idle_ms: int, count: int
+        self, stream: str, group: str, *, min_idle_ms: int, count: int, consumer: str | None = None
     ) -> list[tuple[bytes, int]]:
-        """(entry id, times delivered) of entries unacked for at least ``min_idle_ms``."""
+        """(entry id, times delivered) of entries unacked for at least ``min_idle_ms`` (held
+        by ``consumer``, when given)."""
         try:
             rows = await self.redis.xpending_range(
-                stream, group, min="-", max="+", count=count, idle=min_idle_ms
+                stream,
+                group,
+                min="-",
+                max="+",
+                count=count,
+                idle=min_idle_ms,
+                consumername=consumer,
             )
         except redis.exceptions.ResponseError as exc:
             if "NOGROUP" in str(exc):
@@ -362,6 +373,60 @@ class Streams:
         down to ``maxlen``). How many entries went."""
         return int(await self._trim(keys=[stream], args=[age_ms, self.maxlen]))
 
+    async def dead_consumers(self, stream: str, group: str) -> list[tuple[str, int]]:
+        """(name, entries pending) of the consumers of ``group`` whose process's heartbeat
+        expired (streamsvc.actors.heartbeat): its process died, or could not reach Redis
+        for as long. A consumer named without its process is never among them."""
+        dead: list[tuple[str, int]] = []
+        alive: dict[str, bool] = {}
+        for name, pending in await self.consumers(stream, group):
+            process = process_of(name)
+            if process is None:
+                continue
+            if process not in alive:
+                alive[process] = bool(await self.redis.exists(self.names.alive(process)))
+            if not alive[process]:
+                dead.append((name, pending))
+        return dead
+
+    async def claim_from_dead(
+        self,
+        stream: str,
+        group: str,
+        consumer: str,
+        *,
+        min_idle_ms: int,
+        count: int,
+        below: bytes | None = None,
+    ) -> list[Entry]:
+        """The entries the dead consumers of ``group`` hold (older than ``below``, when
+        given), now ``consumer``'s. ``min_idle_ms``: a dead consumer's entries have been
+        idle at least this long, and one claimed meanwhile by another live consumer (its
+        idle time reset) is left to it."""
+        claimed: list[Entry] = []
+        for name, pending in await self.dead_consumers(stream, group):
+            if not pending:
+                continue
+            held = await self.idle_pending(
+                stream, group, min_idle_ms=min_idle_ms, count=count, consumer=name
+            )
+            ids = [e for e, _ in held if below is None or entry_order(e) < entry_order(below)]
+            claimed += await self.claim(stream, group, consumer, min_idle_ms=min_idle_ms, ids=ids)
+        return claimed
+
+    async def consumers(self, stream: str, group: str) -> list[tuple[str, int]]:
+        """(name, entries pending) of each consumer of ``group`` (none: no stream or group)."""
+        try:
+            found = await self.redis.xinfo_consumers(stream, group)
+        except redis.exceptions.ResponseError:
+            return []
+        return [(_text(c["name"]), int(c["pending"])) for c in found]
+
+    async def drop_consumer(self, stream: str, group: str, consumer: str) -> None:
+        """Forget ``consumer``, when it holds nothing (an entry it holds would be lost)."""
+        if dict(await self.consumers(stream, group)).get(consumer) == 0:
+            await self.redis.xgroup_delconsumer(stream, group, consumer)
+
     async def drop_idle_consumers(self, stream: str, group: str, *, min_idle_ms: int) -> int:
         """Forget consumers that hold nothing and have not read for a long while."""
         try:
@@ -374,6 +439,24 @@ class Streams:
                 await self.redis.xgroup_delconsumer(stream, group, c["name"])
                 dropped += 1
         return dropped
+
+
+def consumer_name(process: str, actor: str) -> str:
+    """A consumer's name: its process's (whose heartbeat says whether it lives), then the
+    actor's within it."""
+    return f"{process}/{actor}"
+
+
+def process_of(consumer: str) -> str | None:
+    """The process a consumer belongs to (None: a name without one, from before
+    heartbeats)."""
+    process, slash, _ = consumer.rpartition("/")
+    return process if slash else None
+
+
+def entry_order(entry_id: bytes) -> tuple[int, ...]:
+    """An entry id as Redis orders them."""
+    return tuple(int(part) for part in entry_id.split(b"-"))
 
 
 def _text(value: bytes | str) -> str:

@@ -21,6 +21,7 @@ import anyio
 import msgspec
 import structlog
 
+from streamsvc.actors.heartbeat import abandoned_after_ms
 from streamsvc.actors.ingress import Ingress
 from streamsvc.adapters import streams as rs
 from streamsvc.adapters.postgres import translate
@@ -69,8 +70,10 @@ class InboxConsumer:
         max_body_bytes: int,
         readers: int = 1,
         block_ms: int = 1000,
+        heartbeat_ms: int = 1000,
     ) -> None:
         self.name = name
+        self.heartbeat_ms = heartbeat_ms
         self.readers = readers
         self.ingress = ingress
         self.streams = streams
@@ -94,9 +97,12 @@ class InboxConsumer:
     async def _read(self, consumer: str, burst: bool) -> None:
         """One reader's loop. Entries are acked only once stored, so any failure here (a
         server down) just means reading this reader's unacked entries again after a pause."""
-        own_pending, failures, next_claim = True, 0, 0.0
+        own_pending, failures, next_claim, next_dead = True, 0, 0.0, 0.0
         while not self.stopping:
             try:
+                if time.monotonic() >= next_dead:
+                    next_dead = time.monotonic() + self.heartbeat_ms / 1000
+                    await self._take_over_dead(consumer)
                 if time.monotonic() >= next_claim:
                     next_claim = time.monotonic() + self.claim_idle_ms / 2000
                     await self._take_over_idle(consumer)
@@ -126,6 +132,21 @@ class InboxConsumer:
                     failures,
                     "reading unacked entries again",
                 )
+
+    async def _take_over_dead(self, consumer: str, *, before: bytes | None = None) -> None:
+        """Entries the readers of a dead process read and never acked become ours (only
+        those older than the entry ``before``, when given): within seconds of its death."""
+        entries = await self.streams.claim_from_dead(
+            self.streams.names.inbox,
+            rs.INGRESS_GROUP,
+            consumer,
+            min_idle_ms=abandoned_after_ms(self.heartbeat_ms),
+            count=self.count,
+            below=before,
+        )
+        if entries:
+            log.info("inbox.took_over_dead", entries=len(entries))
+            await self.ingest(entries, consumer)
 
     async def _take_over_idle(self, consumer: str, *, before: bytes | None = None) -> None:
         """Entries a dead inbox consumer read and never acked become ours (only those older
@@ -170,7 +191,7 @@ class InboxConsumer:
         if consumer is None or all(r.op is None or r.op.ordering_key is None for r in read):
             await self._store(read)
             return
-        read.sort(key=lambda r: _order(r.entry_id))
+        read.sort(key=lambda r: rs.entry_order(r.entry_id))
         while read:
             ready = await self._older_first(consumer, read)
             if not ready:  # stopping: the rest stay unacked, for whoever takes them over
@@ -181,22 +202,26 @@ class InboxConsumer:
     async def _older_first(self, consumer: str, held: list[_Read]) -> int:
         """How many of ``held`` (oldest first) may be stored now: those older than every
         entry another consumer holds unacked. While another holds one older than all of
-        them, wait for it to be stored; one left idle for ``claim_idle_ms`` (its reader
-        died) is taken over and stored first. None (0) once the process is stopping."""
+        them, wait for it to be stored; one whose reader's process died (or, for a reader
+        named without its process, left idle for ``claim_idle_ms``) is taken over and
+        stored first. None (0) once the process is stopping."""
         inbox = self.streams.names.inbox
-        next_claim = 0.0
+        next_claim = next_dead = 0.0
         while True:
             # Below the last held entry, at most len(held) - 1 are ours: among the oldest
             # len(held) pending ones is the oldest of another consumer, if there is one.
             older = await self.streams.pending_below(
                 inbox, rs.INGRESS_GROUP, held[-1].entry_id, count=len(held)
             )
-            theirs = next((_order(eid) for eid, owner in older if owner != consumer), None)
+            theirs = next((rs.entry_order(eid) for eid, owner in older if owner != consumer), None)
             if theirs is None:
                 return len(held)
-            ready = sum(_order(r.entry_id) < theirs for r in held)
+            ready = sum(rs.entry_order(r.entry_id) < theirs for r in held)
             if ready or self.stopping:
                 return ready
+            if time.monotonic() >= next_dead:
+                next_dead = time.monotonic() + self.heartbeat_ms / 1000
+                await self._take_over_dead(consumer, before=held[0].entry_id)
             if time.monotonic() >= next_claim:
                 next_claim = time.monotonic() + self.claim_idle_ms / 2000
                 await self._take_over_idle(consumer, before=held[0].entry_id)
@@ -252,7 +277,7 @@ class InboxConsumer:
                 if isinstance(result, Rejection):
                     rejects.append(_reject(entry_ids[result.index], ops[result.index], result))
         if rejects:
-            rejects.sort(key=lambda r: _order(r["entry"]))
+            rejects.sort(key=lambda r: rs.entry_order(r["entry"]))
             await self.streams.add(names.rejects, rejects)
             log.info("inbox.rejected", entries=len(rejects))
         await self.streams.ack(names.inbox, rs.INGRESS_GROUP, [r.entry_id for r in read])
@@ -278,10 +303,6 @@ class InboxConsumer:
         if len(raw) > self.max_body_bytes:
             raise InvalidOperation("op", f"larger than the {self.max_body_bytes} bytes allowed")
         return decode_operation(raw)
-
-
-def _order(entry_id: bytes) -> tuple[int, ...]:
-    return tuple(int(part) for part in entry_id.split(b"-"))
 
 
 def _reject(entry_id: bytes, op: Operation | None, rejection: Rejection) -> dict[str, bytes]:
