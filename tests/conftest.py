@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import aio_pika
 import asyncpg
 import pytest
+import redis.asyncio as aioredis
 
 from benchmarks import workload
 from benchmarks.harness import PG as PG
@@ -112,6 +113,14 @@ async def conn(database: str) -> AsyncIterator[asyncpg.Connection]:
     connection = await asyncpg.connect(database=database, **PG)
     yield connection
     await connection.close()
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[aioredis.Redis]:
+    """A client of the test Redis (keys under the test's ``prefix`` are its own)."""
+    client = rs.connect(REDIS_URL)
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture

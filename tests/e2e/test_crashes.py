@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +19,6 @@ from tests.conftest import settings_env
 from tests.pipeline import eventually, statuses
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
-
-
-@pytest.fixture
-async def redis() -> AsyncIterator[aioredis.Redis]:
-    client = rs.connect("redis://127.0.0.1:6379/0")
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture

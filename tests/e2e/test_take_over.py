@@ -6,7 +6,7 @@ flusher stuck in a long batch is never robbed."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
@@ -24,13 +24,6 @@ from tests.pipeline import eventually, order, statuses
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
 IDLE_MS = "60000"  # the idle rule alone would wait this long
-
-
-@pytest.fixture
-async def redis() -> AsyncIterator[aioredis.Redis]:
-    client = rs.connect("redis://127.0.0.1:6379/0")
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture
