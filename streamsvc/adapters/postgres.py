@@ -24,6 +24,10 @@ CONNECTION_EXCEPTIONS: tuple[type[BaseException], ...] = (
     TimeoutError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
     asyncpg.exceptions.InterfaceError,
+    # The driver's own state, not the statement's: seen when the server terminated the
+    # connection mid-transaction ("cannot switch to state 15; another operation (2) is in
+    # progress"). Tried again on another connection, never the operations' fault.
+    asyncpg.exceptions.InternalClientError,
 )
 
 MIGRATIONS_TABLE = "streamsvc_migrations"

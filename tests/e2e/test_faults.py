@@ -1,0 +1,224 @@
+"""The fault suite: `streamsvc run` processes driven only through their public doors (the
+inbox, HTTP) while processes are killed, connections cut and servers restarted; each
+scenario ends with tests.checker's one comparison of what was submitted with what was
+applied, failed, lost, duplicated and announced.
+
+`just test` runs each scenario small; `just faults` runs them full size
+(STREAMSVC_FAULTS=full) and prints the table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import asyncpg
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from benchmarks import workload as mixed
+from benchmarks.harness import ServiceProcess, producer
+from streamsvc.adapters import streams as rs
+from tests import checker
+from tests.conftest import settings_env
+from tests.pipeline import eventually
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+
+FULL = os.environ.get("STREAMSVC_FAULTS") == "full"
+N = 50_000 if FULL else 3_000  # operations per scenario
+KILLS = 30 if FULL else 4
+SPLIT = ("ingress", "flusher", "flusher", "sweeper", "notifier", "scheduler")
+RESULTS: list[checker.Tally] = []
+
+
+class Fleet:
+    """`streamsvc run` processes of one database and prefix, each on its own HTTP port."""
+
+    def __init__(self, database: str, prefix: str, workdir: Path, **overrides: str) -> None:
+        self.database, self.prefix, self.workdir = database, prefix, workdir
+        self.overrides = overrides
+        self.processes: list[tuple[str, ServiceProcess]] = []
+
+    def add(self, role: str) -> ServiceProcess:
+        env = settings_env(self.database, self.prefix, **self.overrides)
+        workdir = self.workdir / f"{len(self.processes)}-{role}"
+        workdir.mkdir()
+        process = ServiceProcess(env, workdir)
+        self.processes.append((role, process))
+        return process
+
+    async def start(self, *roles: str) -> None:
+        for role in roles:
+            await self.add(role).start("--role", role)
+
+    def doors(self) -> list[str]:
+        """The HTTP bases of the processes that take operations."""
+        return [
+            f"http://127.0.0.1:{p.env['STREAMSVC_HTTP_PORT']}"
+            for role, p in self.processes
+            if role in ("ingress", "all")
+        ]
+
+    async def kill_and_restart(self, rng: random.Random) -> str:
+        role, process = rng.choice(self.processes)
+        process.kill()
+        await process.start("--role", role)
+        return role
+
+    def stop(self) -> None:
+        for _, process in self.processes:
+            process.stop()
+
+    async def terminate(self) -> list[int]:
+        return [await process.terminate() for _, process in self.processes]
+
+
+@pytest.fixture
+def fleet(database: str, prefix: str, tmp_path: Path) -> Iterator[Fleet]:
+    made = Fleet(
+        database,
+        prefix,
+        tmp_path,
+        STREAMSVC_CLAIM_IDLE_MS="30000",  # the heartbeat, not the idle rule, takes over
+        BATCH_PROCESS_OPERATION_LIMIT="500",
+        BATCH_PROCESS_OPERATION_INTERVAL="1000",
+    )
+    yield made
+    made.stop()
+
+
+async def submit(fleet: Fleet, redis: aioredis.Redis, ops: list[dict[str, Any]]) -> None:
+    """Half through the inbox, half over HTTP in lists of 100, a chunk at a time while the
+    faults go on; an HTTP list that got no answer (its process was killed) is sent again to
+    another door: the userOperationIds make it stored once."""
+    inbox = rs.Names(fleet.prefix).inbox
+    async with producer(redis, inbox) as send, httpx.AsyncClient(timeout=10) as http:
+        for start in range(0, len(ops), 200):
+            chunk = ops[start : start + 200]
+            await send(chunk[:100], pipeline=100)
+            body = chunk[100:]
+            while body:
+                door = random.choice(fleet.doors())
+                try:
+                    answer = await http.post(f"{door}/api/operations/batch", json=body)
+                    if answer.status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                await anyio.sleep(0.1)
+            await anyio.sleep(0.01)
+
+
+async def settle(conn: asyncpg.Connection, scenario: str, events: checker.Events) -> None:
+    """Until every submitted operation finished and was announced (or time runs out)."""
+    wanted = [checker.user_id(scenario, i) for i in range(N)]
+
+    async def finished() -> bool:
+        done = await conn.fetchval(
+            """SELECT count(*) FROM "BatchOperations" WHERE user_operation_id = ANY($1::uuid[])
+               AND status IN ('SUCCESS', 'FAIL')""",
+            wanted,
+        )
+        return bool(done == N) and sum(1 for u in wanted if events.seen[u]) == N
+
+    await eventually(finished, within=180 if FULL else 90, every=0.25)
+
+
+async def verdict(conn: asyncpg.Connection, scenario: str, events: checker.Events) -> None:
+    with contextlib.suppress(AssertionError):  # the checker says what is missing
+        await settle(conn, scenario, events)
+    tally = await checker.check(conn, scenario, N, events)
+    RESULTS.append(tally)
+    print(f"fault: {tally.row()}")
+    assert tally.clean, (tally, await checker.troubles(conn, scenario, N))
+
+
+@asynccontextmanager
+async def stage(
+    conn: asyncpg.Connection, fleet: Fleet, scenario: str
+) -> AsyncIterator[checker.Events]:
+    await mixed.seed(conn, mixed.build(0))
+    await checker.seed(conn)
+    exchange = fleet.overrides.get("STREAMSVC_EVENTS_EXCHANGE", f"{fleet.prefix}-events")
+    async with checker.collecting(exchange) as events:
+        yield events
+
+
+async def while_submitting(
+    fleet: Fleet, redis: aioredis.Redis, scenario: str, fault: Callable[[], Any]
+) -> None:
+    """Submit the scenario's workload while ``fault()`` runs beside it."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(fault)
+        await submit(fleet, redis, checker.workload(scenario, N))
+
+
+# -- the scenarios -----------------------------------------------------------------------
+@pytest.mark.parametrize("shape", ["split", "all"])
+async def test_sigkill_of_random_processes_at_random_instants(
+    fleet: Fleet, conn: asyncpg.Connection, redis: aioredis.Redis, shape: str
+) -> None:
+    scenario = f"sigkill-{shape}"
+    roles = SPLIT if shape == "split" else ("all", "all", "all")
+    async with stage(conn, fleet, scenario) as events:
+        await fleet.start(*roles)
+        rng = random.Random(N)
+
+        async def kills() -> None:
+            for _ in range(KILLS):
+                await anyio.sleep(rng.uniform(0.3, 1.5))
+                await fleet.kill_and_restart(rng)
+
+        started = time.monotonic()
+        await while_submitting(fleet, redis, scenario, kills)
+        await verdict(conn, scenario, events)
+        print(f"fault: {scenario} took {time.monotonic() - started:.1f} s")
+    assert set(await fleet.terminate()) == {0}
+
+
+async def test_postgresql_connections_terminated_mid_transaction(
+    fleet: Fleet, conn: asyncpg.Connection, redis: aioredis.Redis, database: str
+) -> None:
+    scenario = "pg-terminated"
+    async with stage(conn, fleet, scenario) as events:
+        await fleet.start("all", "all")
+
+        async def cut() -> None:
+            for _ in range(KILLS * 3):
+                await anyio.sleep(0.3)
+                await conn.execute(
+                    """SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                       WHERE datname = $1 AND pid <> pg_backend_pid()""",
+                    database,
+                )
+
+        await while_submitting(fleet, redis, scenario, cut)
+        await verdict(conn, scenario, events)
+    assert set(await fleet.terminate()) == {0}
+
+
+async def test_sigterm_under_load_drains_and_exits_zero(
+    fleet: Fleet, conn: asyncpg.Connection, redis: aioredis.Redis
+) -> None:
+    scenario = "sigterm"
+    async with stage(conn, fleet, scenario) as events:
+        await fleet.start("all", "all")
+
+        async def stop_one() -> None:
+            await anyio.sleep(0.5)
+            _, process = fleet.processes[0]
+            assert await process.terminate() == 0, "drained within the grace period"
+            await process.start("--role", "all")
+
+        await while_submitting(fleet, redis, scenario, stop_one)
+        await verdict(conn, scenario, events)
+    assert set(await fleet.terminate()) == {0}
