@@ -80,13 +80,15 @@ class Events:
 
 @asynccontextmanager
 async def collecting(exchange: str) -> AsyncIterator[Events]:
-    """Every outcome event published to the topic ``exchange`` while inside."""
+    """Every outcome event published to the topic ``exchange`` while inside. The queue is
+    durable, so what is published while the broker comes back after a stop is kept for the
+    collector's reconnection."""
     events = Events()
     connection = await aio_pika.connect_robust(RMQ_URL)
     try:
         channel = await connection.channel()
         topic = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
-        queue = await channel.declare_queue(exclusive=True)
+        queue = await channel.declare_queue(f"{exchange}-checker", durable=True)
         await queue.bind(topic, routing_key="#")
 
         async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
@@ -94,7 +96,10 @@ async def collecting(exchange: str) -> AsyncIterator[Events]:
                 events.take(message.body)
 
         await queue.consume(on_message)
-        yield events
+        try:
+            yield events
+        finally:
+            await queue.delete(if_unused=False, if_empty=False)
     finally:
         await connection.close()
 

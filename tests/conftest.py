@@ -48,10 +48,16 @@ async def database() -> AsyncIterator[str]:
             await caller_role.sync(conn, caller_role.DEFAULT, AllowList.parse(ALLOWED))
         finally:
             await conn.close()
-        yield name
     finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+    try:
+        yield name
+    finally:  # a connection of its own: the test may have restarted the server
+        admin = await asyncpg.connect(database="postgres", **PG)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
 
 
 def settings_env(database: str, prefix: str, **overrides: str) -> dict[str, str]:
@@ -112,7 +118,8 @@ async def conn(database: str) -> AsyncIterator[asyncpg.Connection]:
     """A connection to the test's own database."""
     connection = await asyncpg.connect(database=database, **PG)
     yield connection
-    await connection.close()
+    if not connection.is_closed():
+        await connection.close()
 
 
 @pytest.fixture
