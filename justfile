@@ -67,6 +67,11 @@ test *ARGS: setup
 faults *ARGS: setup
     STREAMSVC_FAULTS=full .venv/bin/pytest tests/e2e/test_faults.py -s -p no:randomly "$@"
 
+# Ten minutes of steady mixed load (1,000 ops/s); RSS and connections sampled every 10 s
+# must stay flat (`just test` runs half a minute of it)
+soak *ARGS: setup
+    .venv/bin/python -m benchmarks.soak "$@"
+
 # ruff check, ruff format --check, mypy
 lint: setup
     .venv/bin/ruff check .
