@@ -10,14 +10,17 @@ applied, failed, lost, duplicated and announced.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import anyio
 import asyncpg
 import httpx
@@ -25,7 +28,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from benchmarks import workload as mixed
-from benchmarks.harness import PG, ServiceProcess, producer
+from benchmarks.harness import PG, RMQ_URL, ServiceProcess, producer
 from streamsvc.adapters import streams as rs
 from tests import checker, servers
 from tests.conftest import settings_env
@@ -285,28 +288,79 @@ async def test_redis_restarted_with_no_data_under_load(
     assert set(await fleet.terminate()) == {0}
 
 
-async def test_rabbitmq_stopped_then_back(
-    fleet: Fleet, conn: asyncpg.Connection, redis: aioredis.Redis
-) -> None:
-    """HTTP and the inbox keep taking operations while the broker is away; their outcomes
-    are published once it is back."""
-    scenario = "rabbitmq-stop"
-    async with stage(conn, fleet, scenario) as events:
-        await fleet.start("all", "all")
+@asynccontextmanager
+async def rpc_caller(queue: str) -> AsyncIterator[tuple[Callable[[dict[str, Any]], Any], set[str]]]:
+    """A caller whose requests and reply queue outlive a broker stop: it publishes
+    `create_operation` requests persistent, to the durable RPC queue, with a durable reply
+    queue of its own (NestJS's ClientRMQ takes a named replyQueue the same way); yields
+    ``send(op)`` and the correlation ids answered so far."""
+    answered: set[str] = set()
+    connection = await aio_pika.connect_robust(RMQ_URL)
+    try:
+        channel = await connection.channel()
+        await channel.declare_queue(queue, durable=True)
+        replies = await channel.declare_queue(f"{queue}-replies", durable=True)
 
+        async def on_reply(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            async with message.process():
+                if json.loads(message.body).get("response", {}).get("status"):
+                    answered.add(message.correlation_id or "")
+
+        await replies.consume(on_reply)
+
+        async def send(op: dict[str, Any]) -> str:
+            request_id = str(uuid.uuid4())
+            body = {"pattern": "create_operation", "data": op, "id": request_id}
+            message = aio_pika.Message(
+                json.dumps(body).encode(),
+                correlation_id=request_id,
+                reply_to=replies.name,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            )
+            await channel.default_exchange.publish(message, routing_key=queue)
+            return request_id
+
+        try:
+            yield send, answered
+        finally:
+            await replies.delete(if_unused=False, if_empty=False)
+    finally:
+        await connection.close()
+
+
+async def test_rabbitmq_stopped_then_back(
+    fleet: Fleet, conn: asyncpg.Connection, redis: aioredis.Redis, prefix: str
+) -> None:
+    """RPC requests in flight when the broker goes away are answered once it is back, each
+    stored once; HTTP and the inbox keep taking operations meanwhile; every outcome is
+    published once it is back."""
+    scenario = "rabbitmq-stop"
+    ops = checker.workload(scenario, N)
+    by_rpc = 200  # the first ones, sent as single requests just before the stop
+    async with (
+        stage(conn, fleet, scenario) as events,
+        rpc_caller(f"{prefix}-rpc") as (send, answered),
+    ):
+        await fleet.start("all", "all")
+        requests = [await send(op) for op in ops[:by_rpc]]
         back_at: list[float] = []
 
         async def stop() -> None:
-            await anyio.sleep(0.3)
             await servers.stop_rabbitmq_for(60 if FULL else 10)
             back_at.append(time.monotonic())
 
         async def accepting() -> None:
-            await submit(fleet, redis, checker.workload(scenario, N))
+            await anyio.sleep(0.5)
+            await submit(fleet, redis, ops[by_rpc:])
             assert not back_at, "every operation was accepted while the broker was away"
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(stop)
             await accepting()
         await verdict(fleet.database, scenario, events)
+
+        async def all_answered() -> bool:
+            return answered.issuperset(requests)
+
+        await eventually(all_answered, within=60)
     assert set(await fleet.terminate()) == {0}
