@@ -39,7 +39,14 @@ async def restart_redis_empty(down_s: float) -> None:
     """Redis shut down without saving (it keeps nothing on disk here), started again after
     ``down_s`` seconds: every stream, group and key is gone."""
     await _run("redis-cli", "-h", "127.0.0.1", "-p", "6379", "shutdown", "nosave")
-    await anyio.sleep(down_s)
+    try:
+        await anyio.sleep(down_s)
+    finally:  # started again even when the test is cancelled meanwhile
+        with anyio.CancelScope(shield=True):
+            await _start_redis()
+
+
+async def _start_redis() -> None:
     await _run(
         "redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379",
         "--save", "", "--appendonly", "no", "--dir", "/var/lib/redis",
@@ -52,6 +59,9 @@ async def stop_rabbitmq_for(seconds: float) -> None:
     """The broker's application stopped (connections refused) for ``seconds``, then started
     again; durable queues and exchanges survive."""
     await _run("rabbitmqctl", "stop_app")
-    await anyio.sleep(seconds)
-    await _run("rabbitmqctl", "start_app")
-    await eventually(lambda: _answers(5672), within=60, every=0.2)
+    try:
+        await anyio.sleep(seconds)
+    finally:  # started again even when the test is cancelled meanwhile
+        with anyio.CancelScope(shield=True):
+            await _run("rabbitmqctl", "start_app")
+            await eventually(lambda: _answers(5672), within=60, every=0.2)
