@@ -200,6 +200,7 @@ class Ingress:
         except rs.CONNECTION_EXCEPTIONS as exc:
             log.warning(
                 "ingress.cancel_not_announced",
+                id=op_id,
                 error=str(exc),
                 next="cancelled; the sweeper puts any released operation on a stream",
             )

@@ -377,6 +377,8 @@ class Notifier:
                 "notifier.unpublishable",
                 routing_key=publication.key[:100],
                 outcomes=len(publication.outcomes),
+                ids=[o.id for o in publication.outcomes],
+                batch_ids=sorted({o.batch_id for o in publication.outcomes if o.batch_id}),
                 reason=reason,
                 next="dead-lettered",
             )

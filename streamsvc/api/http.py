@@ -484,6 +484,7 @@ def create_app(
         },
         request_max_body_size=max_body_bytes,
         debug=False,
+        logging_config=None,  # its loggers go through the root logger (streamsvc.logs)
     )
 
 

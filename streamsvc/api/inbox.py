@@ -312,7 +312,7 @@ class InboxConsumer:
             error = translate(exc)
             if isinstance(error, TransientError):
                 raise
-            log.error("inbox.store_refused", error=str(error), next="rejected")
+            log.error("inbox.store_refused", id=op_id, error=str(error), next="rejected")
             return Rejection("op", f"could not be stored: {error}", index)
 
     def _operation(self, fields: dict[bytes, bytes]) -> Operation:
