@@ -29,6 +29,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from streamsvc.errors import ConfigError
 from streamsvc.model import Outcome, Receipt, Rejection, WorkOp
 
 NAME = "streamsvc"
@@ -87,9 +88,9 @@ def configure(*, max_links: int, environ: Mapping[str, str] | None = None) -> bo
     limits = None if "OTEL_SPAN_LINK_COUNT_LIMIT" in env else SpanLimits(max_links=max_links)
     provider = TracerProvider(resource=resource, span_limits=limits)
     for name in names:
-        (found,) = entry_points(group="opentelemetry_traces_exporter", name=name) or (None,)
+        found = next(iter(entry_points(group="opentelemetry_traces_exporter", name=name)), None)
         if found is None:
-            raise ValueError(f"OTEL_TRACES_EXPORTER: no span exporter named {name!r} installed")
+            raise ConfigError(f"OTEL_TRACES_EXPORTER: no span exporter named {name!r} installed")
         provider.add_span_processor(BatchSpanProcessor(found.load()()))
     trace.set_tracer_provider(provider)
     install(provider, max_links=max_links)

@@ -7,6 +7,7 @@ import pytest
 from opentelemetry import trace
 
 from streamsvc import tracing
+from streamsvc.errors import ConfigError
 
 VALID = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -83,3 +84,9 @@ def test_a_stored_traceparent_names_a_remote_context(stored: str | None, valid: 
 def test_links_go_to_each_distinct_context_once() -> None:
     other = VALID[:-2] + "00"
     assert len(tracing.links([VALID, None, VALID, other, "junk"])) == 2
+
+
+def test_an_exporter_not_installed_stops_start_up_naming_the_variable() -> None:
+    with pytest.raises(ConfigError, match="OTEL_TRACES_EXPORTER: no span exporter named 'nope'"):
+        tracing.configure(max_links=10, environ={"OTEL_TRACES_EXPORTER": "nope"})
+    assert tracing.tracer is None
