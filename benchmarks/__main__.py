@@ -16,9 +16,10 @@ applied after its runAt; none may be early) and hot-keys (the inbox's throughput
 of the workload are updates under 100 hot orderingKeys, beside the same operations without
 keys).
 
-One runs only when asked for (`--only retention`, about two minutes): the inbox's
+Two run only when asked for: `--only retention` (about two minutes), the inbox's
 throughput while retention deletes a million old finished operations, beside the same
-without retention (benchmarks.retention).
+without retention (benchmarks.retention); `--only tracing`, the inbox's throughput with
+every span exported over OTLP, beside tracing off, alternated (benchmarks.tracing).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from benchmarks import (
     rpc_ceiling,
     scenarios,
     scheduling,
+    tracing,
     workload,
 )
 from benchmarks.stage import (
@@ -68,9 +70,11 @@ BASELINES: dict[str, Callable[[workload.Workload], Awaitable[dict[str, Any]]]] =
 PER_OPERATION = ("naive", "pgqueuer")  # a few hundred to a few thousand ops/s: --n-baseline
 OLD_CAP, BROKER = "old-cap", "broker"  # --only names of "old design cap", "broker ceiling"
 PRIORITY, DELAYED, HOT_KEYS = FEATURES = ("priority", "delayed", "hot-keys")
-RETENTION = "retention"
-SCENARIOS = (*scenarios.INGRESSES, *FEATURES, *BASELINES, OLD_CAP, BROKER, RETENTION)
-OPT_IN = (RETENTION,)  # left out of a run without --only: a million rows to seed each time
+RETENTION, TRACING = "retention", "tracing"
+SCENARIOS = (*scenarios.INGRESSES, *FEATURES, *BASELINES, OLD_CAP, BROKER, RETENTION, TRACING)
+# Left out of a run without --only: a million rows to seed each time; six inbox runs.
+OPT_IN = (RETENTION, TRACING)
+TRACING_ROUNDS = 3  # tracing: off and on, alternated, this many times each
 IN_FLIGHT = 64  # rpc-single's requests outstanding, and the broker ceiling's
 SPLIT_ROLES = ("ingress", "flusher", "notifier", "sweeper")
 DELAY_MS = (1000, 4000)  # the delayed scenario's delayMs, drawn between these
@@ -117,15 +121,16 @@ async def throughput(
     w: workload.Workload | None = None,
     label: str | None = None,
     check: Check | None = None,
+    env: dict[str, str] | None = None,
 ) -> Result:
     """Ingress ``name`` closed loop with ``n`` operations (``w``, by default the mixed
     workload), from first submission until none is pending; every effect and status
     checked afterwards (and ``check`` run). ``label``: the scenario's name in the
-    result."""
+    result; ``env``: more settings for the service."""
     w = w or workload.build(n)
     label = label or name
     rss: list[list[float]] = []
-    async with stage(w, opts.flushers, opts.limit, opts.roles) as st:
+    async with stage(w, opts.flushers, opts.limit, opts.roles, env=env) as st:
         update = progress.task(f"{label}: {n:,} operations", n)
         async with scenarios.connect(name, **st.ingress()) as ingress:
             started = time.perf_counter()
@@ -304,6 +309,46 @@ async def retention_load(opts: Options, progress: report.Progress) -> list[Resul
     return results
 
 
+async def tracing_cost(opts: Options, progress: report.Progress) -> list[Result]:
+    """The inbox's throughput with tracing off and on (every span exported to an OTLP
+    receiver, benchmarks.tracing), alternated TRACING_ROUNDS times; each side's median."""
+    runs: dict[bool, list[Result]] = {False: [], True: []}
+    spans: list[int] = []
+    with tracing.sink() as (receiver, env):
+        for round_ in range(TRACING_ROUNDS):
+            for on in (False, True):
+                label = f"{TRACING} {'on' if on else 'off'} #{round_ + 1}"
+                before = receiver.spans
+                runs[on].append(
+                    await throughput(
+                        "inbox", opts.n, opts, progress, label=label, env=env if on else None
+                    )
+                )
+                if on:
+                    spans.append(receiver.spans - before)
+    off, on = (
+        sorted(r["ops_per_s"] for r in runs[side])[TRACING_ROUNDS // 2] for side in (False, True)
+    )
+    results = []
+    for side, median in ((False, off), (True, on)):
+        each = ", ".join(f"{r['ops_per_s']:,}" for r in runs[side])
+        result: Result = {
+            "scenario": f"{TRACING} {'on' if side else 'off'}",
+            "kind": "streamsvc",
+            "operations": opts.n,
+            "ops_per_s": median,
+            "runs": [r["ops_per_s"] for r in runs[side]],
+            "note": f"median of {each}",
+        }
+        if side:
+            result["spans"] = spans
+            result["note"] += f"; x{on / off:.2f} of off; spans received per run: " + ", ".join(
+                f"{s:,}" for s in spans
+            )
+        results.append(result)
+    return results
+
+
 async def baseline(name: str, n: int, progress: report.Progress) -> Result:
     update = progress.task(f"{name}: {n:,} operations", n)
     result = await BASELINES[name](workload.build(n))
@@ -356,6 +401,8 @@ async def run_scenario(name: str, opts: Options, progress: report.Progress) -> l
         return [await broker_ceiling(opts.n_ceiling, progress)]
     if name == RETENTION:
         return await retention_load(opts, progress)
+    if name == TRACING:
+        return await tracing_cost(opts, progress)
     raise ValueError(f"unknown scenario {name!r}; expected one of {', '.join(SCENARIOS)}")
 
 

@@ -72,6 +72,9 @@ class Operation(msgspec.Struct, rename="camel", forbid_unknown_fields=True, omit
     meta: Any = None
     # credentials may travel inside the body (NestJS callers put them in data)
     api_key: str | None = None
+    # The W3C trace context the operation was taken in, set by the service from the
+    # request's traceparent (streamsvc.tracing); whatever a caller sends here is replaced.
+    traceparent: str | None = None
 
     @property
     def kind(self) -> BodyKind:
@@ -98,6 +101,7 @@ class Outcome(msgspec.Struct, rename="camel"):
     batch_id: str | None
     meta: Any = None
     user_operation_id: str | None = None  # the caller's own id, when it gave one
+    traceparent: str | None = None  # the operation's (streamsvc.tracing); not in events
 
 
 def user_id(op: Operation) -> str | None:

@@ -10,6 +10,7 @@ beside the sweeper and survives blips the same way.
 from __future__ import annotations
 
 import gc
+import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -20,6 +21,7 @@ import anyio
 import asyncpg
 import structlog
 
+from streamsvc import tracing
 from streamsvc.actors.flusher import Flusher
 from streamsvc.actors.heartbeat import Heartbeat, process_name
 from streamsvc.actors.ingress import Ingress
@@ -273,7 +275,17 @@ def _warn_about_allow_list(catalog: Catalog) -> None:
 
 
 async def run(settings: Settings, role: Role = "all") -> None:
-    """Run until SIGTERM/SIGINT, then drain within the grace period and return."""
+    """Run until SIGTERM/SIGINT, then drain within the grace period and return. Traced
+    when the OTEL_* variables configure an exporter (streamsvc.tracing)."""
+    if tracing.configure(max_links=settings.batch_limit):
+        log.info("tracing.on", exporters=tracing.exporter_names(os.environ))
+    try:
+        await _run(settings, role)
+    finally:
+        tracing.shutdown()  # exports what is buffered
+
+
+async def _run(settings: Settings, role: Role) -> None:
     async with open_service(settings, role) as service, anyio.create_task_group() as support:
         _freeze_start_up()
         # Committers and the sweeper serve the claimers; they go when the claimers are done.

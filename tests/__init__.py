@@ -29,5 +29,7 @@ Where each part of the package is tested (beyond the file named after it):
     sqlguard, sqlscope    unit/test_sqlguard.py, integration/test_sql_scope.py
     schedules.py          unit/test_schedules.py
     keys.py, ratelimit.py integration/test_keys.py, test_rate_limit.py, test_security.py
+    tracing.py            unit/test_tracing.py, integration/test_tracing.py (all three doors)
+    logs.py               e2e/test_logs.py (every line of `streamsvc run` is JSON)
     benchmarks/           unit/test_bench_*.py, e2e/test_bench.py, test_baselines.py
 """

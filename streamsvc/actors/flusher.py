@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import structlog
 
-from streamsvc import metrics
+from streamsvc import metrics, tracing
 from streamsvc.adapters import streams as rs
 from streamsvc.adapters.postgres import LockWait, StatementTimeout, translate
 from streamsvc.backoff import pause
@@ -205,8 +205,9 @@ class Flusher:
             attempt += 1
             metrics.flushes.labels(trigger).inc()
             started = time.perf_counter()
+            batch_id = str(uuid.uuid4())
             try:
-                result = await self.store.apply(items)
+                result = await self._apply(items, batch_id)
             except Exception as exc:
                 error = translate(exc)
                 timed_out = isinstance(error, StatementTimeout)
@@ -224,6 +225,7 @@ class Flusher:
                 )
                 log.warning(
                     "flush.failed",
+                    batch_id=batch_id,
                     error=str(error),
                     operations=len(items),
                     attempt=attempt,
@@ -248,6 +250,16 @@ class Flusher:
             metrics.succeeded.inc(len(result.outcomes) - failed)
             metrics.failed.inc(failed)
             metrics.last_success.set_to_current_time()
+            return result
+
+    async def _apply(self, items: Sequence[WorkOp], batch_id: str) -> Applied:
+        """One batch transaction: its span, and every line logged meanwhile, carry its id."""
+        with (
+            structlog.contextvars.bound_contextvars(batch_id=batch_id),
+            tracing.batch(items, batch_id) as span,
+        ):
+            result = await self.store.apply(items, batch_id=batch_id)
+            tracing.batch_done(span, result.outcomes)
             return result
 
     async def _split(self, items: Sequence[WorkOp], timeouts: int) -> Applied | None:

@@ -114,11 +114,14 @@ class Ingress:
         caller: Caller,
         source: str,
         ids: list[str | None] | None = None,
+        traces: list[str | None] | None = None,
     ) -> list[Result]:
         """Store the valid operations, queue them for flushing, and say what became of each.
 
         ``ids`` gives default ids for operations without a userOperationId (the inbox uses
-        ids derived from its entry ids, so a redelivered entry is not stored twice)."""
+        ids derived from its entry ids, so a redelivered entry is not stored twice).
+        ``traces`` gives the trace context each operation is stored with (its intake span's,
+        streamsvc.tracing); none is stored otherwise, whatever the operation held."""
         results: list[Result | None] = [None] * len(ops)
         ticket = _Ticket([], [], source, caller.name)
         positions: list[int] = []
@@ -130,7 +133,10 @@ class Ingress:
                 continue
             default = ids[i] if ids is not None else None
             ticket.ids.append(stored_id(caller, op.user_operation_id, default))
-            ticket.ops.append(msgspec.structs.replace(op, api_key=None) if op.api_key else op)
+            trace = traces[i] if traces is not None else None
+            if op.api_key or op.traceparent != trace:
+                op = msgspec.structs.replace(op, api_key=None, traceparent=trace)
+            ticket.ops.append(op)
             positions.append(i)
         if len(positions) < len(ops):
             metrics.rejected.labels(source).inc(len(ops) - len(positions))
@@ -194,6 +200,7 @@ class Ingress:
         except rs.CONNECTION_EXCEPTIONS as exc:
             log.warning(
                 "ingress.cancel_not_announced",
+                id=op_id,
                 error=str(exc),
                 next="cancelled; the sweeper puts any released operation on a stream",
             )

@@ -31,7 +31,7 @@ import msgspec
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
-from streamsvc import metrics
+from streamsvc import metrics, tracing
 from streamsvc.actors.heartbeat import abandoned_after_ms
 from streamsvc.adapters import amqp
 from streamsvc.adapters import streams as rs
@@ -51,6 +51,32 @@ Mode = Literal["operation", "aggregate"]
 class Event(msgspec.Struct):
     pattern: str
     data: Any
+
+
+class Finished(msgspec.Struct, rename="camel"):
+    """One operation's event data: the Outcome without what only the service uses."""
+
+    id: str
+    operation_type: str
+    status: Status
+    error: str | None
+    attempts: int
+    batch_id: str | None
+    meta: Any = None
+    user_operation_id: str | None = None
+
+
+def finished(o: Outcome) -> Finished:
+    return Finished(
+        o.id,
+        o.operation_type,
+        o.status,
+        o.error,
+        o.attempts,
+        o.batch_id,
+        o.meta,
+        o.user_operation_id,
+    )
 
 
 class Succeeded(msgspec.Struct, rename="camel"):
@@ -97,7 +123,7 @@ def publications(
     out: list[Publication] = []
     if mode == "operation":
         for o in outcomes:
-            data = o  # the Outcome as it is: {id, operationType, status, error, ...}
+            data = finished(o)  # {id, operationType, status, error, ...}
             out.append(
                 Publication(
                     exchange,
@@ -201,17 +227,21 @@ class Publisher:
         self.exchanges = {self.exchange_name: exchange, None: channel.default_exchange}
 
     async def publish(self, publication: Publication) -> None:
-        """Publish, returning once RabbitMQ confirmed."""
-        message = aio_pika.Message(
-            publication.body,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            content_type="application/json",
-        )
-        # Not mandatory: a topic event nobody subscribed to is dropped by design, and each
-        # route's queue is declared before publishing.
-        await self.exchanges[publication.exchange].publish(
-            message, routing_key=publication.key, mandatory=False
-        )
+        """Publish, returning once RabbitMQ confirmed; traced, its context in the headers."""
+        with tracing.publish(
+            publication.outcomes, exchange=publication.exchange, routing_key=publication.key
+        ) as headers:
+            message = aio_pika.Message(
+                publication.body,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                content_type="application/json",
+                headers=headers,
+            )
+            # Not mandatory: a topic event nobody subscribed to is dropped by design, and
+            # each route's queue is declared before publishing.
+            await self.exchanges[publication.exchange].publish(
+                message, routing_key=publication.key, mandatory=False
+            )
 
 
 class Notifier:
@@ -347,6 +377,8 @@ class Notifier:
                 "notifier.unpublishable",
                 routing_key=publication.key[:100],
                 outcomes=len(publication.outcomes),
+                ids=[o.id for o in publication.outcomes],
+                batch_ids=sorted({o.batch_id for o in publication.outcomes if o.batch_id}),
                 reason=reason,
                 next="dead-lettered",
             )

@@ -173,6 +173,7 @@ class Sweeper:
                 deliveries=deliveries,
                 operations=len(items),
                 parts=len(parts),
+                ids=[i.id for i in items],
             )
 
     async def _dead_letter(
@@ -200,7 +201,11 @@ class Sweeper:
         await self.streams.ack_adding(rs.FLUSHER_GROUP, {work: [entry_id]}, adds)
         metrics.dead_lettered.inc(max(1, len(items)))
         log.warning(
-            "sweep.dead_lettered", entry=entry_id.decode(), reason=reason, operations=len(items)
+            "sweep.dead_lettered",
+            entry=entry_id.decode(),
+            reason=reason,
+            operations=len(items),
+            ids=[i.id for i in items],
         )
 
     # -- 2. pending rows no stream holds --------------------------------------------------

@@ -24,6 +24,7 @@ from litestar.openapi.spec import Components, Reference, SecurityScheme
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.static_files import create_static_files_router
 
+from streamsvc import tracing
 from streamsvc.actors.ingress import Ingress, Result
 from streamsvc.api.console import console_router
 from streamsvc.api.swagger import ASSETS_DIR, LocalSwagger
@@ -204,7 +205,10 @@ def create_app(
         caller = caller_of(request)
         if refusal := await auth.admit(caller, 1):
             raise _rate_limited(refusal)
-        result = (await ingress.submit([data], caller=caller, source=SOURCE))[0]
+        with tracing.intake(SOURCE, request.headers) as intake:
+            traces = intake.traces(1)
+            result = (await ingress.submit([data], caller=caller, source=SOURCE, traces=traces))[0]
+            intake.finish([result])
         if isinstance(result, Rejection):
             raise _refused([result])
         return Response(result, status_code=201 if result.created else 200)
@@ -224,7 +228,10 @@ def create_app(
         caller = caller_of(request)
         if refusal := await auth.admit(caller, len(data)):  # a list counts its operations
             raise _rate_limited(refusal)
-        results = await ingress.submit(data, caller=caller, source=SOURCE)
+        with tracing.intake(SOURCE, request.headers) as intake:
+            traces = intake.traces(len(data))
+            results = await ingress.submit(data, caller=caller, source=SOURCE, traces=traces)
+            intake.finish(results)
         return [_item(i, r) for i, r in enumerate(results)]
 
     @get(
@@ -477,6 +484,7 @@ def create_app(
         },
         request_max_body_size=max_body_bytes,
         debug=False,
+        logging_config=None,  # its loggers go through the root logger (streamsvc.logs)
     )
 
 

@@ -1,4 +1,5 @@
-"""The Redis inbox: producers XADD ``op`` (operation JSON) and optionally ``key``.
+"""The Redis inbox: producers XADD ``op`` (operation JSON), optionally ``key`` and
+``traceparent`` (with ``tracestate``: the entry's W3C trace context, streamsvc.tracing).
 
 Several processes share the inbox through one consumer group. Entries are read in bulk,
 validated one by one, stored with one group commit, and acked only after that. An
@@ -21,6 +22,7 @@ import anyio
 import msgspec
 import structlog
 
+from streamsvc import tracing
 from streamsvc.actors.heartbeat import abandoned_after_ms
 from streamsvc.actors.ingress import Ingress
 from streamsvc.adapters import streams as rs
@@ -54,6 +56,7 @@ class _Read:
     op: Operation | None = None
     caller: Caller | None = None
     rejection: Rejection | None = None
+    fields: dict[bytes, bytes] | None = None  # the entry's, for its trace context
 
 
 class InboxConsumer:
@@ -238,13 +241,14 @@ class InboxConsumer:
             log.exception("inbox.entry_failed", entry=entry_id.decode(), next="rejected")
             reason = f"could not be read: {type(exc).__name__}"
             return _Read(entry_id, op, rejection=Rejection("op", reason))
-        return _Read(entry_id, op, caller)
+        return _Read(entry_id, op, caller, fields=fields)
 
     async def _store(self, read: list[_Read]) -> None:
         """Store the accepted operations of ``read``, reject the rest, ack every entry."""
         names = self.streams.names
         rejects: list[dict[str, bytes]] = []
         by_caller: dict[Caller, tuple[list[Operation], list[str | None], list[bytes]]] = {}
+        intakes: dict[bytes, tracing.Intake] = {}
         for r in read:
             if r.rejection is not None:
                 rejects.append(_reject(r.entry_id, r.op, r.rejection))
@@ -254,6 +258,8 @@ class InboxConsumer:
             ops.append(r.op)
             ids.append(derived_id(_NAMESPACE, f"{names.inbox}:{r.entry_id.decode()}"))
             entry_ids.append(r.entry_id)
+            if tracing.tracer is not None:  # one span per entry, its producer's child
+                intakes[r.entry_id] = tracing.start_intake(SOURCE, r.fields or {}, bytes_keys=True)
         for caller, (ops, ids, entry_ids) in by_caller.items():
             admitted, refusal = await self.auth.admit_some(caller, len(ops))
             if refusal is not None:  # over the key's rate: the later entries are refused
@@ -263,19 +269,31 @@ class InboxConsumer:
                 ops, ids = ops[:admitted], ids[:admitted]
                 if not ops:
                     continue
+            traces = [intakes[e].traceparent for e in entry_ids] if intakes else None
             try:
-                results = await self.ingress.submit(ops, caller=caller, source=SOURCE, ids=ids)
+                results = await self.ingress.submit(
+                    ops, caller=caller, source=SOURCE, ids=ids, traces=traces
+                )
             except Exception as exc:
                 if isinstance(translate(exc), TransientError):
+                    for intake in intakes.values():
+                        intake.finish(error=exc)
                     raise
                 # Something in these entries fails beyond validation: find which, alone.
                 results = [
-                    await self._submit_alone(op, caller, op_id, i)
-                    for i, (op, op_id) in enumerate(zip(ops, ids, strict=True))
+                    await self._submit_alone(op, caller, op_id, i, trace)
+                    for i, (op, op_id, trace) in enumerate(
+                        zip(ops, ids, traces or [None] * len(ops), strict=True)
+                    )
                 ]
+            for entry_id, result in zip(entry_ids, results, strict=False):
+                if entry_id in intakes:
+                    intakes.pop(entry_id).finish([result])
             for result in results:
                 if isinstance(result, Rejection):
                     rejects.append(_reject(entry_ids[result.index], ops[result.index], result))
+        for intake in intakes.values():  # refused by the rate limit
+            intake.finish([Rejection("rate", "over the key's rate")])
         if rejects:
             rejects.sort(key=lambda r: rs.entry_order(r["entry"]))
             await self.streams.add(names.rejects, rejects)
@@ -283,15 +301,18 @@ class InboxConsumer:
         await self.streams.ack(names.inbox, rs.INGRESS_GROUP, [r.entry_id for r in read])
 
     async def _submit_alone(
-        self, op: Operation, caller: Caller, op_id: str | None, index: int
+        self, op: Operation, caller: Caller, op_id: str | None, index: int, trace: str | None
     ) -> Receipt | Rejection:
         try:
-            return (await self.ingress.submit([op], caller=caller, source=SOURCE, ids=[op_id]))[0]
+            results = await self.ingress.submit(
+                [op], caller=caller, source=SOURCE, ids=[op_id], traces=[trace]
+            )
+            return results[0]
         except Exception as exc:
             error = translate(exc)
             if isinstance(error, TransientError):
                 raise
-            log.error("inbox.store_refused", error=str(error), next="rejected")
+            log.error("inbox.store_refused", id=op_id, error=str(error), next="rejected")
             return Rejection("op", f"could not be stored: {error}", index)
 
     def _operation(self, fields: dict[bytes, bytes]) -> Operation:

@@ -31,6 +31,7 @@ import msgspec
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
+from streamsvc import tracing
 from streamsvc.actors.ingress import Ingress, Result
 from streamsvc.adapters import amqp
 from streamsvc.adapters.postgres import translate
@@ -208,11 +209,11 @@ class RpcServer:
             log.warning("rpc.no_handler", pattern=key[:200])
             return None if request.id is None else nestjs.NoHandler(request.id)
         caller = self._caller(message, request)
-        response = (
-            nestjs.unauthorized()
-            if caller is None
-            else await _answering_refusals(handler(request.data, caller, request.id))
-        )
+        if caller is None:
+            response = nestjs.unauthorized()
+        else:
+            with tracing.caller(message.headers):  # the parent of the request's spans
+                response = await _answering_refusals(handler(request.data, caller, request.id))
         if request.id is None:
             if not response.status:
                 log.warning("rpc.event_refused", pattern=key[:200], error=response.error)
@@ -362,13 +363,18 @@ class RpcServer:
         ids: list[str | None] | None = None
         if request_id is not None:
             ids = [derived_id(_NAMESPACE, f"{request_id}:{i}") for i in range(len(ops))]
-        try:
-            return await self.ingress.submit(ops, caller=caller, source=SOURCE, ids=ids)
-        except Exception as exc:
-            error = translate(exc)
-            if isinstance(error, TransientError):
-                raise Unavailable(str(error)) from exc
-            raise  # answered INTERNAL_ERROR: a request that cannot be stored is not retried
+        with tracing.intake(SOURCE) as intake:  # a child of the request's (``_answer``)
+            try:
+                results = await self.ingress.submit(
+                    ops, caller=caller, source=SOURCE, ids=ids, traces=intake.traces(len(ops))
+                )
+            except Exception as exc:
+                error = translate(exc)
+                if isinstance(error, TransientError):
+                    raise Unavailable(str(error)) from exc
+                raise  # answered INTERNAL_ERROR: a request that cannot be stored is not retried
+            intake.finish(results)
+        return results
 
 
 class ReplyChannel:

@@ -65,11 +65,12 @@ class Store(Protocol):
         """A page of the operations ``query`` selects, submitted by ``owner`` (None: by
         anyone), newest first."""
 
-    async def apply(self, items: Sequence[WorkOp]) -> Applied:
-        """Apply ``items`` in ONE transaction: those still pending and due are claimed,
-        applied and marked SUCCESS, or FAIL with the database's reason, together. Raises a
-        TransientError (StatementTimeout, LockWait) when the transaction must be tried
-        again, a PermanentError when it never can be."""
+    async def apply(self, items: Sequence[WorkOp], *, batch_id: str | None = None) -> Applied:
+        """Apply ``items`` in ONE transaction, the batch ``batch_id`` (a new one if None):
+        those still pending and due are claimed, applied and marked SUCCESS, or FAIL with
+        the database's reason, together. Raises a TransientError (StatementTimeout,
+        LockWait) when the transaction must be tried again, a PermanentError when it never
+        can be."""
 
     async def count_attempt(self, ids: Sequence[str], error: str) -> None:
         """A transient failure of these pending operations' batch."""

@@ -52,8 +52,11 @@ _CLEAN_TIMEOUT_S = 5.0
 Prepared = list[tuple[sqlbuild.Group, sqlbuild.Statement | None]]
 
 
-async def apply(pool: asyncpg.Pool, catalog: Catalog, items: Sequence[WorkOp]) -> Applied:
-    """One batch transaction over ``items`` (see the module's docstring).
+async def apply(
+    pool: asyncpg.Pool, catalog: Catalog, items: Sequence[WorkOp], *, batch_id: str | None = None
+) -> Applied:
+    """One batch transaction over ``items`` (see the module's docstring), the batch
+    ``batch_id`` (a new one if None).
 
     Its first call claims the batch's rows (marking them SUCCESS), takes the table locks
     and applies the statements, in order, each in a subtransaction so a bad operation
@@ -63,7 +66,7 @@ async def apply(pool: asyncpg.Pool, catalog: Catalog, items: Sequence[WorkOp]) -
     them. (A group whose statement could not be rendered makes the batch take more calls,
     see ``_apply_unrendered``.)"""
     unique = list({item.id: item for item in items}.values())
-    batch = _Batch(catalog, Applied(batch_id=str(uuid.uuid4())))
+    batch = _Batch(catalog, Applied(batch_id=batch_id or str(uuid.uuid4())))
     prepared = batch.prepare(unique)
     callers_sql = any(i.op.kind is not BodyKind.STRUCTURED for i in unique)
     async with pool.acquire() as conn:
@@ -87,6 +90,7 @@ async def apply(pool: asyncpg.Pool, catalog: Catalog, items: Sequence[WorkOp]) -
                 batch_id=batch.result.batch_id,
                 meta=item.op.meta,
                 user_operation_id=user_id(item.op),
+                traceparent=item.op.traceparent,
             )
         )
     return batch.result
@@ -236,6 +240,7 @@ async def _not_claimed(conn: asyncpg.Connection, items: Sequence[WorkOp]) -> lis
             batch_id=s.batch_id,
             meta=by_id[s.id].op.meta,
             user_operation_id=user_id(by_id[s.id].op),
+            traceparent=by_id[s.id].op.traceparent,
         )
         for s in states
         if s.status is not Status.CANCELLED

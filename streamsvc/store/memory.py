@@ -126,6 +126,7 @@ class Row:
             batch_id=self.batch_id,
             meta=self.op.op.meta,
             user_operation_id=user_id(self.op.op),
+            traceparent=self.op.op.traceparent,
         )
 
 
@@ -200,10 +201,10 @@ class MemoryStore:
         return OperationPage(items, cursor)
 
     # -- flushing ----------------------------------------------------------------------
-    async def apply(self, items: Sequence[WorkOp]) -> Applied:
+    async def apply(self, items: Sequence[WorkOp], *, batch_id: str | None = None) -> Applied:
         if self.failures:
             raise self.failures.pop(0)
-        result = Applied(batch_id=str(uuid.uuid4()))
+        result = Applied(batch_id=batch_id or str(uuid.uuid4()))
         now = self.now()
         claimed: list[Row] = []
         for item in {i.id: i for i in items}.values():

@@ -160,8 +160,8 @@ class PgStore:
         return OperationPage(items, cursor)
 
     # -- flushing ----------------------------------------------------------------------
-    async def apply(self, items: Sequence[WorkOp]) -> Applied:
-        return await batch.apply(self.pool, self.catalog, items)
+    async def apply(self, items: Sequence[WorkOp], *, batch_id: str | None = None) -> Applied:
+        return await batch.apply(self.pool, self.catalog, items, batch_id=batch_id)
 
     async def count_attempt(self, ids: Sequence[str], error: str) -> None:
         async with self.pool.acquire() as conn:

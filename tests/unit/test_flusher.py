@@ -198,10 +198,12 @@ async def test_a_first_turn_takes_about_limit_operations_so_later_priorities_ove
     await rig.submit([new(n) for n in range(100)], chunk=10)  # a stored backlog, 10 entries
     apply = rig.store.apply
 
-    async def arriving_meanwhile(items: Sequence[WorkOp]) -> Applied:
+    async def arriving_meanwhile(
+        items: Sequence[WorkOp], *, batch_id: str | None = None
+    ) -> Applied:
         if not rig.store.applied:  # while the first batch is applied, priority 9 comes
             await rig.submit([new(1000, priority=9)])
-        return await apply(items)
+        return await apply(items, batch_id=batch_id)
 
     rig.store.apply = arriving_meanwhile  # type: ignore[method-assign]
     await rig.flusher.run(burst=True)
