@@ -31,5 +31,10 @@ Where each part of the package is tested (beyond the file named after it):
     keys.py, ratelimit.py integration/test_keys.py, test_rate_limit.py, test_security.py
     tracing.py            unit/test_tracing.py, integration/test_tracing.py (all three doors)
     logs.py               e2e/test_logs.py (every line of `streamsvc run` is JSON)
-    benchmarks/           unit/test_bench_*.py, e2e/test_bench.py, test_baselines.py
+    benchmarks/           unit/test_bench_*.py, e2e/test_bench.py, test_baselines.py,
+                          e2e/test_soak.py (benchmarks/soak.py)
+    actors/heartbeat.py   unit/test_take_over.py, e2e/test_take_over.py
+    the whole service     e2e/test_faults.py (kills, cut connections, restarted servers;
+                          tests/checker.py), e2e/test_crashes.py
+    deploy/k8s            unit/test_k8s.py, test_k8s_keda.py
 """
