@@ -55,6 +55,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # -- streamsvc's own --------------------------------------------------------------
     redis_prefix: str = msgspec.field(default="streamsvc", name="STREAMSVC_REDIS_PREFIX")
     auth: OnOff = msgspec.field(default="on", name="STREAMSVC_AUTH")
+    redis_cluster: OnOff = msgspec.field(default="off", name="STREAMSVC_REDIS_CLUSTER")
     allowed_tables: str = msgspec.field(default="", name="STREAMSVC_ALLOWED_TABLES")
     caller_role: RoleName = msgspec.field(default="streamsvc_caller", name="STREAMSVC_CALLER_ROLE")
     http_port: Port = msgspec.field(default=3000, name="STREAMSVC_HTTP_PORT")
@@ -151,6 +152,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def production(self) -> bool:
         """NODE_ENV is ``production`` in any spelling (``Production``, `` PRODUCTION``)."""
         return self.node_env.strip().casefold() == "production"
+
+    def check_redis(self) -> None:
+        """Cluster mode is named by the contract but not built yet: refused at start-up
+        rather than run against one node as if it were the cluster."""
+        if self.redis_cluster == "on":
+            raise ConfigError(
+                "STREAMSVC_REDIS_CLUSTER: on is not supported yet; run one Redis (with a "
+                "replica for failover) and leave it off"
+            )
 
     def check_auth(self) -> None:
         """Refuse to serve callers with auth half set up, or off in production."""

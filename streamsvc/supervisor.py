@@ -94,6 +94,7 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
     """Connect, check the database, load the catalog, and build the actors (``role``: the
     ones this process runs)."""
     settings.check_auth()
+    settings.check_redis()
     pool = await postgres.create_pool(settings, flushing=role in ("all", "flusher"))
     client = rs.connect(settings.redis_url)
     try:

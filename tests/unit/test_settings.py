@@ -84,6 +84,13 @@ def test_production_in_any_spelling_refuses_auth_off(spelling: str) -> None:
         s.check_auth()
 
 
+def test_redis_cluster_mode_is_refused_until_it_is_built() -> None:
+    settings.load({}, env_file=None).check_redis()
+    s = settings.load({"STREAMSVC_REDIS_CLUSTER": "on"}, env_file=None)
+    with pytest.raises(ConfigError, match=r"^STREAMSVC_REDIS_CLUSTER: on is not supported yet"):
+        s.check_redis()
+
+
 @pytest.mark.parametrize("env", ["development", "test", "productionish", ""])
 def test_other_environments_may_switch_auth_off(env: str) -> None:
     s = settings.load({"NODE_ENV": env, "STREAMSVC_AUTH": "off"}, env_file=None)
