@@ -90,8 +90,8 @@ class WorkOp(msgspec.Struct, array_like=True):
     op: Operation
 
 
-class Outcome(msgspec.Struct, rename="camel"):
-    """What happened to one operation; the notifier relays these."""
+class Finished(msgspec.Struct, rename="camel"):
+    """What happened to one operation, as its event (`batch_operation_finished`) says."""
 
     id: str
     operation_type: str
@@ -101,7 +101,16 @@ class Outcome(msgspec.Struct, rename="camel"):
     batch_id: str | None
     meta: Any = None
     user_operation_id: str | None = None  # the caller's own id, when it gave one
-    traceparent: str | None = None  # the operation's (streamsvc.tracing); not in events
+
+
+class Outcome(Finished):
+    """What happened to one operation, as the notifier gets it: its event's data, and the
+    operation's trace context (streamsvc.tracing), which the event does not carry."""
+
+    traceparent: str | None = None
+
+    def event(self) -> Finished:
+        return Finished(**{name: getattr(self, name) for name in Finished.__struct_fields__})
 
 
 def user_id(op: Operation) -> str | None:

@@ -53,32 +53,6 @@ class Event(msgspec.Struct):
     data: Any
 
 
-class Finished(msgspec.Struct, rename="camel"):
-    """One operation's event data: the Outcome without what only the service uses."""
-
-    id: str
-    operation_type: str
-    status: Status
-    error: str | None
-    attempts: int
-    batch_id: str | None
-    meta: Any = None
-    user_operation_id: str | None = None
-
-
-def finished(o: Outcome) -> Finished:
-    return Finished(
-        o.id,
-        o.operation_type,
-        o.status,
-        o.error,
-        o.attempts,
-        o.batch_id,
-        o.meta,
-        o.user_operation_id,
-    )
-
-
 class Succeeded(msgspec.Struct, rename="camel"):
     id: str
     meta: Any = None
@@ -123,7 +97,7 @@ def publications(
     out: list[Publication] = []
     if mode == "operation":
         for o in outcomes:
-            data = finished(o)  # {id, operationType, status, error, ...}
+            data = o.event()  # {id, operationType, status, error, ...}
             out.append(
                 Publication(
                     exchange,

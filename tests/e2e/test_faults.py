@@ -215,59 +215,59 @@ async def test_sigkill_of_random_processes_at_random_instants(
     assert set(await fleet.terminate()) == {0}
 
 
+async def two_processes_under(
+    fleet: Fleet,
+    conn: asyncpg.Connection,
+    redis: aioredis.Redis,
+    scenario: str,
+    fault: Callable[[], Any],
+    *,
+    inbox: bool = True,
+) -> None:
+    """Two `--role all` processes take the scenario's workload while ``fault()`` runs; the
+    checker's verdict; both stop cleanly after."""
+    async with stage(conn, fleet, scenario) as events:
+        await fleet.start("all", "all")
+        await while_submitting(fleet, redis, scenario, fault, inbox=inbox)
+        await verdict(fleet.database, scenario, events)
+    assert set(await fleet.terminate()) == {0}
+
+
 async def test_postgresql_connections_terminated_mid_transaction(
     fleet: Fleet, conn: asyncpg.Connection, redis: aioredis.Redis, database: str
 ) -> None:
-    scenario = "pg-terminated"
-    async with stage(conn, fleet, scenario) as events:
-        await fleet.start("all", "all")
+    async def cut() -> None:
+        for _ in range(KILLS * 3):
+            await anyio.sleep(0.3)
+            await conn.execute(
+                """SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                   WHERE datname = $1 AND pid <> pg_backend_pid()""",
+                database,
+            )
 
-        async def cut() -> None:
-            for _ in range(KILLS * 3):
-                await anyio.sleep(0.3)
-                await conn.execute(
-                    """SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                       WHERE datname = $1 AND pid <> pg_backend_pid()""",
-                    database,
-                )
-
-        await while_submitting(fleet, redis, scenario, cut)
-        await verdict(fleet.database, scenario, events)
-    assert set(await fleet.terminate()) == {0}
+    await two_processes_under(fleet, conn, redis, "pg-terminated", cut)
 
 
 async def test_sigterm_under_load_drains_and_exits_zero(
     fleet: Fleet, conn: asyncpg.Connection, redis: aioredis.Redis
 ) -> None:
-    scenario = "sigterm"
-    async with stage(conn, fleet, scenario) as events:
-        await fleet.start("all", "all")
+    async def stop_one() -> None:
+        await anyio.sleep(0.5)
+        _, process = fleet.processes[0]
+        assert await process.terminate() == 0, "drained within the grace period"
+        await process.start("--role", "all")
 
-        async def stop_one() -> None:
-            await anyio.sleep(0.5)
-            _, process = fleet.processes[0]
-            assert await process.terminate() == 0, "drained within the grace period"
-            await process.start("--role", "all")
-
-        await while_submitting(fleet, redis, scenario, stop_one)
-        await verdict(fleet.database, scenario, events)
-    assert set(await fleet.terminate()) == {0}
+    await two_processes_under(fleet, conn, redis, "sigterm", stop_one)
 
 
 async def test_postgresql_restarted_mid_run(
     fleet: Fleet, conn: asyncpg.Connection, redis: aioredis.Redis
 ) -> None:
-    scenario = "pg-restart"
-    async with stage(conn, fleet, scenario) as events:
-        await fleet.start("all", "all")
+    async def restart() -> None:
+        await anyio.sleep(0.5)
+        await servers.restart_postgresql()
 
-        async def restart() -> None:
-            await anyio.sleep(0.5)
-            await servers.restart_postgresql()
-
-        await while_submitting(fleet, redis, scenario, restart)
-        await verdict(fleet.database, scenario, events)
-    assert set(await fleet.terminate()) == {0}
+    await two_processes_under(fleet, conn, redis, "pg-restart", restart)
 
 
 async def test_redis_restarted_with_no_data_under_load(
@@ -275,17 +275,12 @@ async def test_redis_restarted_with_no_data_under_load(
 ) -> None:
     """Over HTTP only: inbox entries not yet stored live only in Redis (docs/design.md, "Redis
     is not the record"), so an empty Redis loses those by design."""
-    scenario = "redis-restart"
-    async with stage(conn, fleet, scenario) as events:
-        await fleet.start("all", "all")
 
-        async def restart() -> None:
-            await anyio.sleep(0.5)
-            await servers.restart_redis_empty(down_s=2)
+    async def restart() -> None:
+        await anyio.sleep(0.5)
+        await servers.restart_redis_empty(down_s=2)
 
-        await while_submitting(fleet, redis, scenario, restart, inbox=False)
-        await verdict(fleet.database, scenario, events)
-    assert set(await fleet.terminate()) == {0}
+    await two_processes_under(fleet, conn, redis, "redis-restart", restart, inbox=False)
 
 
 @asynccontextmanager
