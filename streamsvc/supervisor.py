@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -341,9 +342,14 @@ def _freeze_start_up() -> None:
     gc.set_threshold(10_000, 10, 10)
 
 
+# A second signal this soon after the first is the same request delivered twice: Ctrl-C
+# in a terminal reaches the whole process group, and `just run` forwards it again.
+SAME_REQUEST_S = 1.0
+
+
 async def _watch_signals(service: Service, claimers: anyio.CancelScope) -> None:
     """First signal: stop claiming and let in-flight batches finish; after the grace
-    period (or a second signal) cancel whatever is still running."""
+    period (or a second signal, a moment later) cancel whatever is still running."""
     grace = service.settings.shutdown_grace_s
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
@@ -354,8 +360,10 @@ async def _watch_signals(service: Service, claimers: anyio.CancelScope) -> None:
             )
             service.stop_claiming()
             break
+        first = time.monotonic()
         with anyio.move_on_after(grace):
             async for _ in signals:
-                break
+                if time.monotonic() - first >= SAME_REQUEST_S:
+                    break
     log.warning("service.grace_expired", next="cancelling in-flight work")
     claimers.cancel()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -234,3 +235,20 @@ async def test_replays_racing_sigkills_apply_each_operation_once(
     )
     assert [tuple(r) for r in rows] == [("SUCCESS", 2, 1, n)]
     assert await service.terminate() == 0
+
+
+async def test_a_stop_signal_delivered_twice_at_once_still_drains(
+    service: ServiceProcess, conn: asyncpg.Connection, redis: aioredis.Redis, prefix: str
+) -> None:
+    """Ctrl-C reaches the whole process group, and `just run` forwards it again: the two
+    arrive together and are one request to stop, drained within the grace period."""
+    w = workload.build(5_000, seed=8)
+    await workload.seed(conn, w)
+    await service.start()
+    await produce(redis, rs.Names(prefix).inbox, w.ops)
+    await eventually(at_least(conn, "SUCCESS", 500), within=60)
+    assert service.proc is not None
+    service.proc.send_signal(signal.SIGINT)
+    assert await service.terminate() == 0
+    assert '"service.stopping"' in service.log()
+    assert '"service.grace_expired"' not in service.log(), "the second signal cut it short"
