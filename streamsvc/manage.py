@@ -12,7 +12,6 @@ and a batch applies only pending ones.
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 from collections.abc import Sequence
 
 import msgspec
@@ -23,7 +22,7 @@ from streamsvc.adapters import streams as rs
 from streamsvc.errors import InvalidOperation
 from streamsvc.model import MAX_TYPE_BYTES, WorkOp
 from streamsvc.store import PausedType, Retried, Selection, Store
-from streamsvc.validate import Caller, label, scope
+from streamsvc.validate import Caller, label, lookup
 
 log = structlog.get_logger("streamsvc.manage")
 
@@ -40,14 +39,11 @@ class Manager:
         """Replay the operation ``caller`` would find by ``op_id`` (its id, or its
         userOperationId), when it ended FAIL or CANCELLED; the answer carries the operation
         as the retry left it (None: unknown to ``caller``)."""
-        try:
-            uuid.UUID(op_id)
-        except ValueError:
+        scoped = lookup(op_id, caller)
+        if scoped is None:
             return Retried("unknown")
-        owner, looker = scope(caller)
+        owner, looker = scoped
         result = await self.store.retry(op_id, owner=owner, looker=looker)
-        if result.verdict != "unknown":  # read before a flusher can take it: as replayed
-            result.view = await self.store.get(op_id, owner=owner, looker=looker)
         if result.verdict == "replayed":
             metrics.replayed.inc()
             await self._put(result.ready)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -210,3 +211,13 @@ def scope(caller: Caller | None) -> tuple[str | None, str | None]:
     owner = None if caller is None or caller.admin else caller.name
     looker = caller.name if caller is not None else None
     return owner, looker
+
+
+def lookup(op_id: str, caller: Caller | None) -> tuple[str | None, str | None] | None:
+    """``scope(caller)`` for looking ``op_id`` up (an id or a userOperationId), or None
+    when it is not a UUID: no operation has it, and PostgreSQL must not be asked."""
+    try:
+        uuid.UUID(op_id)
+    except ValueError:
+        return None
+    return scope(caller)

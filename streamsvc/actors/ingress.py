@@ -49,7 +49,7 @@ from streamsvc.model import (
     work_encoder,
 )
 from streamsvc.store import Cancelled, NewOperation, Store
-from streamsvc.validate import ANONYMOUS, Caller, UnknownToCatalog, scope, validate
+from streamsvc.validate import ANONYMOUS, Caller, UnknownToCatalog, lookup, scope, validate
 
 log = structlog.get_logger("streamsvc.ingress")
 
@@ -156,11 +156,10 @@ class Ingress:
         it stands; None when unknown. ``caller`` sees only its own operations unless it is an
         admin: another caller's answers None, exactly as an unknown id (None: the service
         itself, which sees all)."""
-        try:
-            uuid.UUID(op_id)
-        except ValueError:
+        scoped = lookup(op_id, caller)
+        if scoped is None:
             return None
-        owner, looker = scope(caller)
+        owner, looker = scoped
         return await self.store.get(op_id, owner=owner, looker=looker)
 
     async def list_operations(
@@ -184,11 +183,10 @@ class Ingress:
         """Cancel the operation ``get`` would find for ``caller``, unless it has finished;
         a cancelled operation's outcome goes to the notifier as any final status does. The
         answer carries the operation as it stands after (None: unknown to ``caller``)."""
-        try:
-            uuid.UUID(op_id)
-        except ValueError:
+        scoped = lookup(op_id, caller)
+        if scoped is None:
             return Cancelled("unknown")
-        owner, looker = scope(caller)
+        owner, looker = scoped
         result = await self.store.cancel(op_id, owner=owner, looker=looker)
         adds = rs.work_entries(self.streams.names, result.released, self.chunk)
         if result.outcome is not None:

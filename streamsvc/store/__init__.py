@@ -101,7 +101,8 @@ class Store(Protocol):
         others stay as they are), keeping their id, attempts and earlier endings."""
 
     async def retry(self, op_id: str, *, owner: str | None, looker: str | None) -> Retried:
-        """Replay the operation ``get`` would find, when it ended FAIL or CANCELLED."""
+        """Replay the operation ``get`` would find, when it ended FAIL or CANCELLED; the
+        answer carries it as the retry left it."""
 
     async def replayable(self, selection: Selection, limit: int) -> list[str]:
         """The ids of up to ``limit`` operations ``selection`` takes, earliest ended first."""

@@ -337,8 +337,10 @@ class MemoryStore:
             return Retried("unknown")
         replayed = await self.replay([row.id])
         if replayed.ids:
-            return Retried("replayed", ready=replayed.ready)
-        return Retried("succeeded" if row.status is Status.SUCCESS else "pending")
+            return Retried("replayed", view=row.view(), ready=replayed.ready)
+        if row.status is Status.SUCCESS:
+            return Retried("succeeded", view=row.view())
+        return Retried("pending", view=row.view())
 
     async def replayable(self, selection: Selection, limit: int) -> list[str]:
         return [r.id for r in self._selected(selection)[:limit]]

@@ -217,7 +217,7 @@ class PgStore:
 
     # -- queue management ------------------------------------------------------------------
     async def replay(self, ids: Sequence[str]) -> Replayed:
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn:  # one statement: its own transaction
             rows = await conn.fetch(QUERIES["replay"], list(ids))
         return _replayed(rows)
 
@@ -226,14 +226,12 @@ class PgStore:
             found = await conn.fetchrow(QUERIES["find"], op_id, owner, looker)
             if found is None:
                 return Retried("unknown")
-            async with conn.transaction():
-                replayed = _replayed(await conn.fetch(QUERIES["replay"], [found["id"]]))
-            if replayed.ids:
-                return Retried("replayed", ready=replayed.ready)
-            state = _state((await conn.fetch(QUERIES["states"], [found["id"]]))[0])
-        if state.status is Status.SUCCESS:
-            return Retried("succeeded")
-        return Retried("pending")
+            replayed = _replayed(await conn.fetch(QUERIES["replay"], [found["id"]]))
+            # As the replay left it, read before a flusher can take it.
+            view = _view(await conn.fetchrow(QUERIES["get_operation"], found["id"], None, None))
+        if replayed.ids:
+            return Retried("replayed", view=view, ready=replayed.ready)
+        return Retried("succeeded" if view.status is Status.SUCCESS else "pending", view=view)
 
     async def replayable(self, selection: Selection, limit: int) -> list[str]:
         async with self.pool.acquire() as conn:
