@@ -6,7 +6,6 @@ import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import redis.exceptions
 from rich.console import Group
 from rich.table import Table
 
@@ -51,13 +50,8 @@ async def gather(
         for p, work in zip(rs.PRIORITIES, names.work_streams, strict=True)
     ]
     for label, stream, group in watched:
-        try:
-            consumers = await streams.redis.xinfo_consumers(stream, group)
-        except redis.exceptions.ResponseError:  # no such stream or group yet
-            continue
-        for c in consumers:
-            name = c["name"].decode() if isinstance(c["name"], bytes) else str(c["name"])
-            snap.consumers.append((label, name, int(c["pending"]), int(c["idle"])))
+        for c in await streams.consumers(stream, group):
+            snap.consumers.append((label, c.name, c.pending, c.idle_ms))
     summary = await store.summary(failures=failures, window_s=WINDOW_S)
     snap.statuses = summary.statuses
     snap.finished_per_s = summary.finished_per_s

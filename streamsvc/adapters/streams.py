@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -35,6 +35,16 @@ CONNECTION_EXCEPTIONS: tuple[type[BaseException], ...] = (
 NOT_TAKEN: tuple[type[BaseException], ...] = (*CONNECTION_EXCEPTIONS, redis.exceptions.RedisError)
 
 Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+class Consumer(NamedTuple):
+    """One consumer of a group, as XINFO CONSUMERS tells it."""
+
+    name: str
+    pending: int  # entries delivered to it and not acked
+    idle_ms: int  # since it last read or claimed
+
+
 Taken = tuple[str, Entry]  # an entry and the stream it was taken from
 
 
@@ -379,7 +389,7 @@ class Streams:
         for as long. A consumer named without its process is never among them."""
         dead: list[tuple[str, int]] = []
         alive: dict[str, bool] = {}
-        for name, pending in await self.consumers(stream, group):
+        for name, pending, _ in await self.consumers(stream, group):
             process = process_of(name)
             if process is None:
                 continue
@@ -414,29 +424,25 @@ class Streams:
             claimed += await self.claim(stream, group, consumer, min_idle_ms=min_idle_ms, ids=ids)
         return claimed
 
-    async def consumers(self, stream: str, group: str) -> list[tuple[str, int]]:
-        """(name, entries pending) of each consumer of ``group`` (none: no stream or group)."""
+    async def consumers(self, stream: str, group: str) -> list[Consumer]:
+        """Each consumer of ``group`` (none: no stream or group yet)."""
         try:
             found = await self.redis.xinfo_consumers(stream, group)
         except redis.exceptions.ResponseError:
             return []
-        return [(_text(c["name"]), int(c["pending"])) for c in found]
+        return [Consumer(_text(c["name"]), int(c["pending"]), int(c["idle"])) for c in found]
 
     async def drop_consumer(self, stream: str, group: str, consumer: str) -> None:
         """Forget ``consumer``, when it holds nothing (an entry it holds would be lost)."""
-        if dict(await self.consumers(stream, group)).get(consumer) == 0:
+        if any(c.name == consumer and not c.pending for c in await self.consumers(stream, group)):
             await self.redis.xgroup_delconsumer(stream, group, consumer)
 
     async def drop_idle_consumers(self, stream: str, group: str, *, min_idle_ms: int) -> int:
         """Forget consumers that hold nothing and have not read for a long while."""
-        try:
-            consumers = await self.redis.xinfo_consumers(stream, group)
-        except redis.exceptions.ResponseError:
-            return 0
         dropped = 0
-        for c in consumers:
-            if int(c["pending"]) == 0 and int(c["idle"]) >= min_idle_ms:
-                await self.redis.xgroup_delconsumer(stream, group, c["name"])
+        for c in await self.consumers(stream, group):
+            if not c.pending and c.idle_ms >= min_idle_ms:
+                await self.redis.xgroup_delconsumer(stream, group, c.name)
                 dropped += 1
         return dropped
 

@@ -54,7 +54,7 @@ async def held_by(redis: aioredis.Redis, names: rs.Names, pid: int) -> dict[byte
     streams = rs.Streams(redis, names)
     held: dict[bytes, list[str]] = {}
     for stream in names.work_streams:
-        for name, pending in await streams.consumers(stream, rs.FLUSHER_GROUP):
+        for name, pending, _ in await streams.consumers(stream, rs.FLUSHER_GROUP):
             if f"-{pid}-" not in name or not pending:
                 continue
             entries = await streams.idle_pending(

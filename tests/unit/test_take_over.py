@@ -37,7 +37,10 @@ async def test_a_dead_process_s_entries_are_taken_over_and_its_consumer_dropped(
     await anyio.sleep(0.05)
     report = await rig.sweeper.take_over()
     assert report.taken_over_from == [f"{DEAD}/flusher-0"]
-    consumers = dict(await rig.streams.consumers(rig.streams.names.work, rs.FLUSHER_GROUP))
+    consumers = {
+        c.name: c.pending
+        for c in await rig.streams.consumers(rig.streams.names.work, rs.FLUSHER_GROUP)
+    }
     assert f"{DEAD}/flusher-0" not in consumers, "the dead process's consumer is dropped"
     assert consumers[f"{LIVE}/flusher-0"] == 1, "the live one keeps what it holds"
     await rig.flusher.run(burst=True)
