@@ -352,9 +352,7 @@ def create_app(
         if view is None:
             raise _not_found(operation_id)
         if result.verdict != "replayed":
-            why = "it succeeded and is never applied twice"
-            if result.verdict == "pending":
-                why = f"it is {view.status.value}: not finished, nothing to retry"
+            why = result.why_not
             detail = f"operation {operation_id!r} cannot be retried: {why}"
             raise ProblemError(
                 Problem(

@@ -65,11 +65,8 @@ _TOO_DEEP = f"nested deeper than {MAX_DEPTH} levels"
 _NAMESPACE = uuid.UUID("0b7d3f4e-58a4-4d1b-9a3e-2f7c5d1e9a60")
 
 
-# Why a retry changed nothing: (errorCode, message).
-_NOT_RETRIED = {
-    "succeeded": ("SUCCEEDED", "Operation succeeded: it is never applied twice"),
-    "pending": ("NOT_FINISHED", "Operation has not finished: nothing to retry"),
-}
+# Why a retry changed nothing, as an errorCode.
+_NOT_RETRIED = {"succeeded": "SUCCEEDED", "pending": "NOT_FINISHED"}
 
 
 class Unavailable(Exception):
@@ -322,9 +319,13 @@ class RpcServer:
             return nestjs.not_found()
         if result.verdict == "replayed":
             return nestjs.IResponse(status=True, message="Operation replayed", data=view)
-        code, message = _NOT_RETRIED[result.verdict]
+        message = f"Operation cannot be retried: {result.why_not}"
         return nestjs.IResponse(
-            status=False, message=message, error=message, data=view, error_code=code
+            status=False,
+            message=message,
+            error=message,
+            data=view,
+            error_code=_NOT_RETRIED[result.verdict],
         )
 
     async def list_operations(

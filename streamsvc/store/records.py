@@ -132,6 +132,14 @@ class Retried(msgspec.Struct):
     view: OperationView | None = None
     ready: list[WorkOp] = msgspec.field(default_factory=list)
 
+    @property
+    def why_not(self) -> str:
+        """Why a found operation was not replayed, as every door words it."""
+        if self.verdict == "succeeded":
+            return "it succeeded and is never applied twice"
+        status = self.view.status.value if self.view is not None else "pending"
+        return f"it is {status}: not finished, nothing to retry"
+
 
 class Selection(msgspec.Struct, frozen=True, kw_only=True):
     """Which finished operations a replay takes: ended with one of ``statuses``, of
