@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import asyncpg
 import httpx
 import pytest
@@ -22,7 +23,7 @@ from streamsvc.supervisor import Service
 from streamsvc.validate import Caller
 from tests.conftest import keyed_settings
 from tests.nest import NestClient
-from tests.pipeline import order, served_with_clients, until_applied
+from tests.pipeline import eventually, order, served_with_clients, until_applied
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -199,3 +200,33 @@ async def test_redis_away_admits_and_says_so() -> None:
         assert logs[0]["next"] == "admitted without counting until Redis answers"
     finally:
         await client.aclose()
+
+
+async def test_retries_count_against_the_key_s_rate(door: Door) -> None:
+    """A key retrying its own failing operation as fast as it can is held to its rate like
+    any submission: over it, 429 naming the field, and nothing replayed."""
+    headers = {"x-api-key": door.keys["slow"]}
+    bad = order(1, values={"id": 1, "customer": "c", "amount": -1})
+    op_id = (await door.http.post("/api/operations", json=bad, headers=headers)).json()["id"]
+
+    async def failed() -> bool:
+        status = await door.db.fetchval(
+            'SELECT status FROM "BatchOperations" WHERE id = $1::uuid', op_id
+        )
+        return bool(status == "FAIL")
+
+    await eventually(failed)
+    await anyio.sleep(1.1)  # a fresh second's budget
+    answers = [
+        await door.http.post(f"/api/operations/{op_id}/retry", headers=headers)
+        for _ in range(SLOW_RATE + 1)
+    ]
+    codes = [a.status_code for a in answers]
+    assert codes[0] == 200 and codes[-1] == 429 and 429 not in codes[:-1], codes
+    assert answers[-1].json()["errors"][0]["field"] == "rate"
+    history = await door.db.fetchval(
+        'SELECT jsonb_array_length(history) FROM "BatchOperations" WHERE id = $1::uuid', op_id
+    )
+    # Each admitted retry replayed it (it fails again at once, so the next one may too);
+    # the refused one changed nothing.
+    assert history == codes.count(200), (history, codes)
