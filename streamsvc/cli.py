@@ -197,13 +197,18 @@ async def _store(config: Settings) -> AsyncIterator[PgStore]:
 async def _manager(config: Settings) -> AsyncIterator[Manager]:
     """The store and the work streams, for one command."""
     async with _store(config) as store:
-        client = rs.connect(config.redis_url)
+        streams = rs.open_streams(
+            config.redis_url,
+            config.redis_prefix,
+            shards=config.shards,
+            cluster=config.cluster_on,
+            maxlen=config.stream_maxlen,
+        )
         try:
-            names = rs.Names(config.redis_prefix)
-            streams = rs.Streams(client, names, maxlen=config.stream_maxlen)
+            await streams.open()
             yield Manager(store, streams, chunk=config.batch_limit)
         finally:
-            await client.aclose()
+            await streams.redis.aclose()
 
 
 async def _status(config: Settings, args: argparse.Namespace) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,7 @@ import anyio
 import redis.exceptions
 import structlog
 from limits import RateLimitItem, RateLimitItemPerSecond
-from limits.aio.storage import RedisStorage
+from limits.aio.storage import RedisClusterStorage, RedisStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
 from streamsvc.validate import Caller
@@ -53,15 +54,35 @@ class Refusal:
 
 
 class RateLimiter:
-    def __init__(self, client: Any, *, prefix: str, default_ops: int, timeout_s: float = 1.0):
-        """``client``: the process's redis.asyncio client, whose connections it shares."""
-        storage = RedisStorage(
-            "async+redis://",
-            implementation="redispy",
-            key_prefix=f"{prefix}:rate",
-            connection_pool=client.connection_pool,
-        )
+    def __init__(
+        self,
+        client: Any,
+        *,
+        prefix: str,
+        default_ops: int,
+        timeout_s: float = 1.0,
+        cluster_url: str | None = None,
+    ):
+        """``client``: the process's redis.asyncio client, whose connections it shares; in
+        cluster mode (``cluster_url``, a node's REDIS_URL) the library keeps a cluster
+        client of its own, and puts each key's two windows under one hash tag."""
+        storage: RedisStorage
+        if cluster_url is None:
+            storage = RedisStorage(
+                "async+redis://",
+                implementation="redispy",
+                key_prefix=f"{prefix}:rate",
+                connection_pool=client.connection_pool,
+            )
+        else:
+            storage = RedisClusterStorage(
+                _cluster_uri(cluster_url),
+                implementation="redispy",
+                key_prefix=f"{prefix}:rate",
+                ssl=cluster_url.startswith("rediss:"),
+            )
         self._limiter = SlidingWindowCounterRateLimiter(storage)
+        self._own = storage if cluster_url is not None else None
         self.default_ops = default_ops
         self.timeout_s = timeout_s
         self._items: dict[int, RateLimitItem] = {}
@@ -108,6 +129,13 @@ class RateLimiter:
         retry = max(1, math.ceil(stats.reset_time - time.time()))
         return some, Refusal(caller.name, refusal.limit, count - some, retry)
 
+    async def aclose(self) -> None:
+        """Close the cluster client the library made (``limits`` has no call for it: its
+        redis-py bridge keeps the client as ``storage``)."""
+        client = getattr(getattr(self._own, "bridge", None), "storage", None)
+        if client is not None:
+            await client.aclose()
+
     def _item(self, limit: int) -> RateLimitItem:
         item = self._items.get(limit)
         if item is None:
@@ -122,3 +150,10 @@ def _admitted_blind(caller: Caller, exc: BaseException) -> None:
         error=str(exc) or type(exc).__name__,
         next="admitted without counting until Redis answers",
     )
+
+
+def _cluster_uri(url: str) -> str:
+    """A REDIS_URL (``redis://[user:password@]host:port/db``) as `limits` names a cluster
+    node: ``async+redis+cluster://[user:password@]host:port``."""
+    netloc = urllib.parse.urlsplit(url).netloc
+    return f"async+redis+cluster://{netloc}"

@@ -56,6 +56,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     redis_prefix: str = msgspec.field(default="streamsvc", name="STREAMSVC_REDIS_PREFIX")
     auth: OnOff = msgspec.field(default="on", name="STREAMSVC_AUTH")
     redis_cluster: OnOff = msgspec.field(default="off", name="STREAMSVC_REDIS_CLUSTER")
+    # 0: one shard on one Redis, CLUSTER_SHARDS in cluster mode (streamsvc.adapters.streams)
+    redis_shards: Annotated[int, msgspec.Meta(ge=0, le=256)] = msgspec.field(
+        default=0, name="STREAMSVC_REDIS_SHARDS"
+    )
     allowed_tables: str = msgspec.field(default="", name="STREAMSVC_ALLOWED_TABLES")
     caller_role: RoleName = msgspec.field(default="streamsvc_caller", name="STREAMSVC_CALLER_ROLE")
     http_port: Port = msgspec.field(default=3000, name="STREAMSVC_HTTP_PORT")
@@ -153,13 +157,26 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         """NODE_ENV is ``production`` in any spelling (``Production``, `` PRODUCTION``)."""
         return self.node_env.strip().casefold() == "production"
 
+    @property
+    def cluster_on(self) -> bool:
+        return self.redis_cluster == "on"
+
+    @property
+    def shards(self) -> int:
+        """How many shards the work and outcome streams are spread over (README, Scaling
+        out): STREAMSVC_REDIS_SHARDS, or by default one on one Redis and
+        ``CLUSTER_SHARDS`` in cluster mode."""
+        if self.redis_shards:
+            return self.redis_shards
+        return CLUSTER_SHARDS if self.cluster_on else 1
+
     def check_redis(self) -> None:
-        """Cluster mode is named by the contract but not built yet: refused at start-up
-        rather than run against one node as if it were the cluster."""
-        if self.redis_cluster == "on":
+        """A prefix holding a brace would make its own hash tag, and put every shard's
+        keys in one slot of a cluster: refused in cluster mode."""
+        if self.cluster_on and ("{" in self.redis_prefix or "}" in self.redis_prefix):
             raise ConfigError(
-                "STREAMSVC_REDIS_CLUSTER: on is not supported yet; run one Redis (with a "
-                "replica for failover) and leave it off"
+                "STREAMSVC_REDIS_PREFIX: cannot hold { or } with STREAMSVC_REDIS_CLUSTER=on "
+                "(the service puts each shard's keys under a hash tag of its own)"
             )
 
     def check_auth(self) -> None:
@@ -171,6 +188,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
 
 MIN_SECRET_BYTES = 32
+CLUSTER_SHARDS = 3  # the smallest cluster's masters, one shard on each
 
 
 def check_secret(secret: str, why: str) -> None:
@@ -211,7 +229,13 @@ def load(environ: Mapping[str, str] | None = None, env_file: str | None = ".env"
     return settings
 
 
-_LOWERED = {"LOG_LEVEL", "STREAMSVC_AUTH", "STREAMSVC_NOTIFY_MODE", "STREAMSVC_RMQ_QUEUE_DURABLE"}
+_LOWERED = {
+    "LOG_LEVEL",
+    "STREAMSVC_AUTH",
+    "STREAMSVC_NOTIFY_MODE",
+    "STREAMSVC_REDIS_CLUSTER",
+    "STREAMSVC_RMQ_QUEUE_DURABLE",
+}
 
 
 def _explain(exc: msgspec.ValidationError) -> str:

@@ -37,18 +37,19 @@ async def gather(
 ) -> Snapshot:
     snap = Snapshot()
     names = streams.names
-    for label in ("inbox", "outcomes", "rejects", "dead"):
-        snap.streams[label] = await streams.length(getattr(names, label))
-    for priority, work in zip(rs.PRIORITIES, names.work_streams, strict=True):
-        snap.streams[f"work (priority {priority})"] = await streams.length(work)
-    watched = [
-        ("inbox", names.inbox, rs.INGRESS_GROUP),
-        ("outcomes", names.outcomes, rs.NOTIFIER_GROUP),
+    several = names.shard_count > 1
+    of = {n.shard: f" of shard {n.shard}" if several else "" for n in names.shards}
+    outcomes = [(f"outcomes{of[n.shard]}", n.outcomes, rs.NOTIFIER_GROUP) for n in names.shards]
+    work = [
+        (f"work (priority {p}){of[n.shard]}", stream, rs.FLUSHER_GROUP)
+        for n in names.shards
+        for p, stream in zip(rs.PRIORITIES, n.work_streams, strict=True)
     ]
-    watched += [
-        (f"work (priority {p})", work, rs.FLUSHER_GROUP)
-        for p, work in zip(rs.PRIORITIES, names.work_streams, strict=True)
-    ]
+    watched = [("inbox", names.inbox, rs.INGRESS_GROUP), *outcomes]
+    shown = [*watched, ("rejects", names.rejects, ""), ("dead", names.dead, ""), *work]
+    for label, stream, _ in shown:
+        snap.streams[label] = await streams.length(stream)
+    watched += work
     for label, stream, group in watched:
         for c in await streams.consumers(stream, group):
             snap.consumers.append((label, c.name, c.pending, c.idle_ms))

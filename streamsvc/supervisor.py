@@ -68,7 +68,7 @@ class Service:
     sweeper: Sweeper
     scheduler: Scheduler
     rpc: RpcServer
-    notifier: Notifier
+    notifiers: list[Notifier]  # one for each shard's outcome stream
     keys: KeyStore | None
     http: http.Server
     retention: Retention
@@ -81,7 +81,8 @@ class Service:
             flusher.stopping = True
         self.scheduler.stop()
         self.rpc.stop()
-        self.notifier.stop()
+        for notifier in self.notifiers:
+            notifier.stop()
         self.http.should_exit = True
         self.stopping.set()
 
@@ -97,8 +98,17 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
     settings.check_auth()
     settings.check_redis()
     pool = await postgres.create_pool(settings, flushing=role in ("all", "flusher"))
-    client = rs.connect(settings.redis_url)
+    streams = rs.open_streams(
+        settings.redis_url,
+        settings.redis_prefix,
+        shards=settings.shards,
+        cluster=settings.cluster_on,
+        maxlen=settings.stream_maxlen,
+    )
+    client = streams.redis
+    limiter: RateLimiter | None = None
     try:
+        await streams.open()
         async with pool.acquire() as conn:
             await postgres.check_migrated(conn)
             catalog = Catalog(settings.allow_list)
@@ -108,10 +118,12 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
                 keys = KeyStore(settings.api_key_secret, settings.allow_list)
                 await keys.load(conn)
         _warn_about_allow_list(catalog)
-        streams = rs.Streams(client, rs.Names(settings.redis_prefix), maxlen=settings.stream_maxlen)
         retry = retry_policy(settings)
         limiter = RateLimiter(
-            client, prefix=settings.redis_prefix, default_ops=settings.rate_limit_ops
+            client,
+            prefix=settings.redis_prefix,
+            default_ops=settings.rate_limit_ops,
+            cluster_url=settings.redis_url if settings.cluster_on else None,
         )
         auth = Authenticator(keys, limiter)
         base = process_name()  # consumers are named <process>/<actor> (actors.heartbeat)
@@ -129,16 +141,18 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
             readers=settings.inbox_readers,
             heartbeat_ms=settings.heartbeat_ms,
         )
+        # Every shard has flushers in every process that runs them (README, Scaling out).
+        shards = streams.names.shards
         flushers = [
             Flusher(
                 rs.consumer_name(base, f"flusher-{n}"),
                 store,
-                streams,
+                streams.on(shards[n % len(shards)]),
                 retry,
                 limit=settings.batch_limit,
                 keep_claimed_s=settings.claim_idle_ms / 3000,
             )
-            for n in range(settings.flushers)
+            for n in range(max(settings.flushers, len(shards)))
         ]
         sweeper = Sweeper(
             rs.consumer_name(base, "sweeper"),
@@ -176,18 +190,21 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
             max_body_bytes=settings.max_body_bytes,
             max_message_bytes=settings.amqp_max_message_bytes,
         )
-        notifier = Notifier(
-            rs.consumer_name(base, "notifier"),
-            streams,
-            retry,
-            url=settings.rmq_url,
-            exchange=settings.events_exchange,
-            routes=settings.notify_routes,
-            mode=settings.notify_mode,
-            durable_queues=settings.rmq_queue_durable,
-            max_message_bytes=settings.amqp_max_message_bytes,
-            heartbeat_ms=settings.heartbeat_ms,
-        )
+        notifiers = [
+            Notifier(
+                rs.consumer_name(base, "notifier" if shard.shard == 0 else f"notifier-{n}"),
+                streams.on(shard),
+                retry,
+                url=settings.rmq_url,
+                exchange=settings.events_exchange,
+                routes=settings.notify_routes,
+                mode=settings.notify_mode,
+                durable_queues=settings.rmq_queue_durable,
+                max_message_bytes=settings.amqp_max_message_bytes,
+                heartbeat_ms=settings.heartbeat_ms,
+            )
+            for n, shard in enumerate(shards)
+        ]
 
         async def ready() -> list[str]:
             return await unavailable(pool, client)
@@ -211,7 +228,7 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
             sweeper,
             scheduler,
             rpc,
-            notifier,
+            notifiers,
             keys,
             web,
             Retention(
@@ -224,6 +241,8 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
             Heartbeat(client, streams.names, base, every_ms=settings.heartbeat_ms),
         )
     finally:
+        if limiter is not None:
+            await limiter.aclose()
         await client.aclose()
         await pool.close()
 
@@ -309,7 +328,8 @@ async def _run(settings: Settings, role: Role) -> None:
                 claimers.start_soon(service.inbox.run)
                 claimers.start_soon(service.rpc.run)
             if role in ("all", "notifier"):
-                claimers.start_soon(service.notifier.run)
+                for notifier in service.notifiers:
+                    claimers.start_soon(notifier.run)
             if role in ("all", "flusher"):
                 for flusher in service.flushers:
                     claimers.start_soon(flusher.run)

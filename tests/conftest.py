@@ -6,7 +6,7 @@ service's own variables."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import aio_pika
 import asyncpg
@@ -22,6 +22,7 @@ from streamsvc.adapters import caller_role, postgres
 from streamsvc.adapters import streams as rs
 from streamsvc.allowlist import AllowList
 from streamsvc.settings import Settings
+from tests import cluster
 from tests.pipeline import Served, served_with_clients
 
 ALLOWED = f"{workload.ALLOWED}, profiles(id, name)"
@@ -102,6 +103,7 @@ async def prefix() -> AsyncIterator[str]:
     client = rs.connect(REDIS_URL)
     try:
         keys = [k async for k in client.scan_iter(match=f"{value}:*")]
+        keys += [k async for k in client.scan_iter(match=f"{{{value}:*")]  # shards' keys
         if keys:
             await client.delete(*keys)
     finally:
@@ -111,6 +113,13 @@ async def prefix() -> AsyncIterator[str]:
         channel = await connection.channel()
         await channel.queue_delete(f"{value}-rpc")
         await channel.exchange_delete(f"{value}-events")
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.Cluster]:
+    """A Redis Cluster of three masters of the module's own (tests.cluster)."""
+    with cluster.started(tmp_path_factory.mktemp("redis-cluster")) as made:
+        yield made
 
 
 @pytest.fixture

@@ -81,7 +81,8 @@ async def serving(settings: Settings) -> AsyncIterator[Service]:
     async with open_service(settings) as service, anyio.create_task_group() as tg:
         tg.start_soon(service.ingress.run)
         tg.start_soon(service.rpc.run)
-        tg.start_soon(service.notifier.run)
+        for notifier in service.notifiers:
+            tg.start_soon(notifier.run)
         tg.start_soon(service.scheduler.run)
         http_done = anyio.Event()
 

@@ -188,10 +188,10 @@ class Ingress:
             return Cancelled("unknown")
         owner, looker = scoped
         result = await self.store.cancel(op_id, owner=owner, looker=looker)
-        adds = rs.work_entries(self.streams.names, result.released, self.chunk)
+        adds = self.streams.spread(result.released, self.chunk)
         if result.outcome is not None:
             outcome = {"o": work_encoder.encode([result.outcome])}
-            adds.append((self.streams.names.outcomes, outcome))
+            adds.append((self.streams.next_shard().outcomes, outcome))
             metrics.cancelled.inc()
         try:
             await self.streams.add_each(adds)

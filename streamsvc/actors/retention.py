@@ -72,10 +72,10 @@ class Retention:
         """Trim the streams, then delete old rows until none is left (or a lock is busy)."""
         report = RetentionReport()
         age_ms = round(self.older_than_s * 1000)
-        for label, stream in self.streams.names.trimmed.items():
+        for label, stream in self.streams.names.trimmed:
             trimmed = await self.streams.trim(stream, age_ms=age_ms)
             if trimmed:
-                report.trimmed[label] = trimmed
+                report.trimmed[label] = report.trimmed.get(label, 0) + trimmed
                 metrics.stream_trimmed.labels(label).inc(trimmed)
         if self.older_than_s > 0:
             await self._expire(report)

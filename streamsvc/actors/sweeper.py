@@ -81,20 +81,22 @@ class Sweeper:
     async def sweep(self) -> SweepReport:
         report = SweepReport()
         names = self.streams.names
-        for label in ("inbox", "outcomes", "dead"):
+        for label in ("inbox", "dead"):
             metrics.stream_pending.labels(label).set(
                 await self.streams.length(getattr(names, label))
             )
+        outcomes = [await self.streams.length(shard.outcomes) for shard in names.shards]
+        metrics.stream_pending.labels("outcomes").set(sum(outcomes))
         waiting = 0
-        for work in names.work_streams:
+        for shard, work in _work_streams(names):
             waiting += await self.streams.length(work)
-            await self._stuck_entries(work, report, min_idle_ms=self.claim_idle_ms)
+            await self._stuck_entries(shard, work, report, min_idle_ms=self.claim_idle_ms)
         metrics.stream_pending.labels("work").set(waiting)
         await self._stale_rows(report)
         await self._stuck_keys(report)
         await self.manage.paused_types()  # the gauge
         report.released_paused = await self.manage.let_go(None)
-        for work in names.work_streams:
+        for _, work in _work_streams(names):
             await self.streams.drop_idle_consumers(
                 work, rs.FLUSHER_GROUP, min_idle_ms=10 * self.claim_idle_ms
             )
@@ -113,14 +115,18 @@ class Sweeper:
         report = SweepReport()
         names = self.streams.names
         idle_ms = abandoned_after_ms(self.heartbeat_ms)
-        for work in names.work_streams:
+        for shard, work in _work_streams(names):
             for consumer, pending in await self.streams.dead_consumers(work, rs.FLUSHER_GROUP):
                 if pending:
-                    await self._stuck_entries(work, report, min_idle_ms=idle_ms, consumer=consumer)
+                    await self._stuck_entries(
+                        shard, work, report, min_idle_ms=idle_ms, consumer=consumer
+                    )
                     report.taken_over_from.append(consumer)
                 await self.streams.drop_consumer(work, rs.FLUSHER_GROUP, consumer)
         # The inbox readers and notifiers take their dead peers' entries over themselves.
-        for stream, group in ((names.inbox, rs.INGRESS_GROUP), (names.outcomes, rs.NOTIFIER_GROUP)):
+        others = [(names.inbox, rs.INGRESS_GROUP)]
+        others += [(shard.outcomes, rs.NOTIFIER_GROUP) for shard in names.shards]
+        for stream, group in others:
             for consumer, pending in await self.streams.dead_consumers(stream, group):
                 if not pending:
                     await self.streams.drop_consumer(stream, group, consumer)
@@ -128,8 +134,16 @@ class Sweeper:
 
     # -- 1. entries a flusher took and never acked -----------------------------------------
     async def _stuck_entries(
-        self, work: str, report: SweepReport, *, min_idle_ms: int, consumer: str | None = None
+        self,
+        shard: rs.Names,
+        work: str,
+        report: SweepReport,
+        *,
+        min_idle_ms: int,
+        consumer: str | None = None,
     ) -> None:
+        """The entries of ``work`` (a stream of ``shard``) unacked for ``min_idle_ms`` (by
+        ``consumer``, when given), put back, split, or dead-lettered."""
         idle = await self.streams.idle_pending(
             work, rs.FLUSHER_GROUP, min_idle_ms=min_idle_ms, count=self.page, consumer=consumer
         )
@@ -147,7 +161,7 @@ class Sweeper:
                 items = work_decoder.decode(fields[b"ops"])
             except Exception as exc:
                 reason = f"undecodable work entry: {exc}"
-                await self._dead_letter(work, entry_id, fields, reason, [])
+                await self._dead_letter(shard, work, entry_id, fields, reason, [])
                 report.dead_lettered += 1
                 continue
             action = stuck_entry(
@@ -155,7 +169,7 @@ class Sweeper:
             )
             if action is StuckAction.DEAD_LETTER:
                 reason = f"dead-lettered after {deliveries} deliveries without an ack"
-                await self._dead_letter(work, entry_id, fields, reason, items)
+                await self._dead_letter(shard, work, entry_id, fields, reason, items)
                 report.dead_lettered += len(items)
                 continue
             parts = [items]
@@ -178,26 +192,27 @@ class Sweeper:
 
     async def _dead_letter(
         self,
+        shard: rs.Names,
         work: str,
         entry_id: bytes,
         fields: dict[bytes, bytes],
         reason: str,
         items: list[WorkOp],
     ) -> None:
-        """FAIL the entry's pending operations, report them, and park the entry."""
-        names = self.streams.names
+        """FAIL the entry's pending operations, report them (on ``shard``'s streams, in the
+        ack's transaction), and park the entry."""
         adds: list[tuple[str, dict[Any, Any]]] = []
         if items:
             ended = await self.store.fail_pending([i.id for i in items], reason)
             if ended.outcomes:
-                adds.append((names.outcomes, {"o": work_encoder.encode(ended.outcomes)}))
-            adds.extend(rs.work_entries(names, ended.released, self.chunk))
+                adds.append((shard.outcomes, {"o": work_encoder.encode(ended.outcomes)}))
+            adds.extend(rs.work_entries(shard, ended.released, self.chunk))
         dead = {
             "entry": entry_id,
             "ops": msgspec.json.encode(items) if items else fields.get(b"ops", b""),
             "reason": reason,
         }
-        adds.append((names.dead, dead))
+        adds.append((shard.dead, dead))
         await self.streams.ack_adding(rs.FLUSHER_GROUP, {work: [entry_id]}, adds)
         metrics.dead_lettered.inc(max(1, len(items)))
         log.warning(
@@ -210,16 +225,15 @@ class Sweeper:
 
     # -- 2. pending rows no stream holds --------------------------------------------------
     async def _stale_rows(self, report: SweepReport) -> None:
-        names = self.streams.names
         now_ms = await self.streams.now_ms()
-        oldest = [await self.streams.oldest_ms(work) for work in names.work_streams]
+        oldest = [await self.streams.oldest_ms(w) for _, w in _work_streams(self.streams.names)]
         horizon_ms = min([now_ms, *(ms for ms in oldest if ms is not None)]) - self.interval_ms
         cutoff = dt.datetime.fromtimestamp(horizon_ms / 1000, dt.UTC)
         while True:
             items = await self.store.stale(cutoff, self.page)
             if not items:
                 return
-            await self.streams.add_each(rs.work_entries(names, items, self.chunk))
+            await self.streams.add_each(self.streams.spread(items, self.chunk))
             report.reenqueued_rows += len(items)
             metrics.reenqueued.inc(len(items))
             log.info("sweep.rows_reenqueued", operations=len(items))
@@ -229,6 +243,11 @@ class Sweeper:
     async def _stuck_keys(self, report: SweepReport) -> None:
         released = await self.store.release_stuck(self.page)
         if released:
-            await self.streams.add_each(rs.work_entries(self.streams.names, released, self.chunk))
+            await self.streams.add_each(self.streams.spread(released, self.chunk))
             report.released_keys += len(released)
             log.info("sweep.keys_released", operations=len(released))
+
+
+def _work_streams(names: rs.Names) -> list[tuple[rs.Names, str]]:
+    """Every shard's work streams, each with its shard."""
+    return [(shard, work) for shard in names.shards for work in shard.work_streams]

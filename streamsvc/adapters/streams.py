@@ -15,12 +15,17 @@ stored or not yet applied.
 
 from __future__ import annotations
 
+import copy
+import functools
+import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 
 from streamsvc.model import WorkOp, work_encoder
 
@@ -50,9 +55,38 @@ Taken = tuple[str, Entry]  # an entry and the stream it was taken from
 
 @dataclass(frozen=True, slots=True)
 class Names:
-    """Every Redis key the service uses, under one prefix."""
+    """Every Redis key the service uses, under one prefix, as one shard sees them.
+
+    The work streams (one per priority band) and the outcome stream belong to a shard: a
+    flusher acks its work entries and adds their outcomes (and the operations released
+    behind them) in one Redis transaction, so they share a slot. On one Redis with one
+    shard they are ``<prefix>:work`` and ``<prefix>:outcomes``. With several shards, or in
+    cluster mode, each shard's keys carry a hash tag, ``{<prefix>:<n>}:work``, and the tags
+    are chosen so the shards' slots are spread evenly over the slot space (``shard_tag``):
+    the masters of a cluster whose slots are split evenly hold a like share of them. The
+    inbox, rejects, dead letters and liveness keys are the deployment's, one of each.
+    """
 
     prefix: str
+    shard: int = 0
+    shard_count: int = 1
+    tagged: bool = False
+
+    @classmethod
+    def layout(cls, prefix: str, *, shards: int = 1, cluster: bool = False) -> Names:
+        """The names of shard 0 of a deployment (``shards`` lists them all)."""
+        return cls(prefix, 0, shards, tagged=cluster or shards > 1)
+
+    @property
+    def shards(self) -> tuple[Names, ...]:
+        """Every shard's names, shard 0 first."""
+        return tuple(replace(self, shard=n) for n in range(self.shard_count))
+
+    @property
+    def _base(self) -> str:
+        if not self.tagged:
+            return self.prefix
+        return "{" + shard_tag(self.prefix, self.shard, self.shard_count) + "}"
 
     @property
     def inbox(self) -> str:
@@ -68,22 +102,23 @@ class Names:
 
     @property
     def work(self) -> str:
-        """The work stream of priority 0 (see ``work_of``)."""
-        return f"{self.prefix}:work"
+        """The shard's work stream of priority 0 (see ``work_of``)."""
+        return f"{self._base}:work"
 
     def work_of(self, priority: int) -> str:
-        """The work stream of one priority band: ``<prefix>:work`` for 0, ``<prefix>:work:N``
-        for 1 to 9."""
-        return self.work if priority == 0 else f"{self.prefix}:work:{priority}"
+        """The shard's work stream of one priority band: ``<base>:work`` for 0,
+        ``<base>:work:N`` for 1 to 9."""
+        return self.work if priority == 0 else f"{self._base}:work:{priority}"
 
     @property
     def work_streams(self) -> tuple[str, ...]:
-        """Every band's work stream, highest priority first."""
+        """Every band's work stream of the shard, highest priority first."""
         return tuple(self.work_of(p) for p in PRIORITIES)
 
     @property
     def outcomes(self) -> str:
-        return f"{self.prefix}:outcomes"
+        """The shard's outcome stream."""
+        return f"{self._base}:outcomes"
 
     def alive(self, process: str) -> str:
         """A process's liveness key, refreshed while it runs (streamsvc.actors.heartbeat)."""
@@ -96,10 +131,27 @@ class Names:
         return frozenset((self.rejects,))
 
     @property
-    def trimmed(self) -> dict[str, str]:
-        """The streams retention trims (``Streams.trim``), by the label of their metric;
-        never the inbox or a work stream."""
-        return {"rejects": self.rejects, "dead": self.dead, "outcomes": self.outcomes}
+    def trimmed(self) -> list[tuple[str, str]]:
+        """The streams retention trims (``Streams.trim``), each with the label of its
+        metric: every shard's outcome stream, never the inbox or a work stream."""
+        outcomes = [("outcomes", shard.outcomes) for shard in self.shards]
+        return [("rejects", self.rejects), ("dead", self.dead), *outcomes]
+
+
+SLOTS = 16384  # Redis Cluster's hash slots
+
+
+@functools.cache
+def shard_tag(prefix: str, shard: int, shards: int) -> str:
+    """The hash tag of shard ``shard`` of ``shards``: ``<prefix>:<n>`` for the smallest
+    ``n`` whose slot lies in the shard's even part of the slot space, so that every
+    process names the same keys and the shards' slots are evenly spread."""
+    low, high = shard * SLOTS // shards, (shard + 1) * SLOTS // shards
+    for n in itertools.count():
+        tag = f"{prefix}:{n}"
+        if low <= key_slot(tag.encode()) < high:
+            return tag
+    raise AssertionError("unreachable")  # pragma: no cover - itertools.count never ends
 
 
 PRIORITIES = tuple(range(9, -1, -1))  # 9 (first) down to 0
@@ -113,33 +165,80 @@ def work_entries(
     names: Names, items: Sequence[WorkOp], chunk: int
 ) -> list[tuple[str, dict[Any, Any]]]:
     """``items`` as work-stream entries of at most ``chunk`` operations each, every one on
-    its priority band's stream, in their order within a band."""
+    its priority band's stream of ``names``' shard, in their order within a band."""
+    return [
+        (names.work_of(p), {"ops": work_encoder.encode(part)}) for p, part in _parts(items, chunk)
+    ]
+
+
+def _parts(items: Sequence[WorkOp], chunk: int) -> list[tuple[int, Sequence[WorkOp]]]:
+    """``items`` by priority band, in parts of at most ``chunk``, in their order."""
     bands: dict[int, list[WorkOp]] = {}
     for item in items:
         bands.setdefault(item.op.priority, []).append(item)
     return [
-        (names.work_of(priority), {"ops": work_encoder.encode(band[i : i + chunk])})
+        (priority, band[i : i + chunk])
         for priority, band in bands.items()
         for i in range(0, len(band), chunk)
     ]
 
 
-def connect(url: str) -> aioredis.Redis:
+def connect(url: str, *, cluster: bool = False) -> Any:
+    """A client of one Redis, or (``cluster``) of the Redis Cluster ``url`` is a node of."""
+    if cluster:
+        return RedisCluster.from_url(url, decode_responses=False, health_check_interval=30)
     return aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=30)
 
 
-class Streams:
-    """Thin, typed wrappers over the stream commands the actors use."""
+def open_streams(
+    url: str, prefix: str, *, shards: int = 1, cluster: bool = False, maxlen: int = 100_000
+) -> Streams:
+    """Streams on a new client of ``url``'s Redis (or cluster), laid out in ``shards``
+    shards under ``prefix``; the caller closes the client (``streams.redis.aclose()``)."""
+    names = Names.layout(prefix, shards=shards, cluster=cluster)
+    return Streams(connect(url, cluster=cluster), names, maxlen=maxlen)
 
-    def __init__(self, client: aioredis.Redis, names: Names, *, maxlen: int = 100_000) -> None:
+
+class Streams:
+    """Thin, typed wrappers over the stream commands the actors use, for one shard's
+    streams (``names``); ``on`` gives another shard's, ``enqueue`` spreads new work over
+    all of them."""
+
+    def __init__(self, client: Any, names: Names, *, maxlen: int = 100_000) -> None:
         # redis-py's reply types are unions of every protocol's shapes; this class is where
         # replies get their real types, so the client is used untyped here.
         self.redis: Any = client
         self.names = names
         self.maxlen = maxlen
+        self.cluster = isinstance(client, RedisCluster)
         self._capped = names.capped
         self._take = self.redis.register_script(_TAKE)
         self._trim = self.redis.register_script(_TRIM)
+        self._turn = itertools.count()
+
+    async def open(self) -> None:
+        """In cluster mode, learn the cluster's nodes and slots now: redis-py's cluster
+        client does so on first use, and first uses from many tasks at once race."""
+        if self.cluster:
+            await self.redis.initialize()
+
+    def on(self, shard: Names) -> Streams:
+        """The same client and scripts, on ``shard``'s streams."""
+        other = copy.copy(self)
+        other.names = shard
+        return other
+
+    def next_shard(self) -> Names:
+        """The shard new work goes to: each in turn, so that every shard gets its share."""
+        shards = self.names.shards
+        return shards[next(self._turn) % len(shards)]
+
+    def spread(self, items: Sequence[WorkOp], chunk: int) -> list[tuple[str, dict[Any, Any]]]:
+        """``items`` as work entries (``work_entries``), each on the next shard in turn."""
+        return [
+            (self.next_shard().work_of(p), {"ops": work_encoder.encode(part)})
+            for p, part in _parts(items, chunk)
+        ]
 
     def _xadd(self, pipe: Any, stream: str, fields: dict[Any, Any]) -> None:
         if stream in self._capped:
@@ -206,11 +305,12 @@ class Streams:
         await self.ack_adding(group, {stream: ids}, [(then, fields) for fields in entries])
 
     async def enqueue(self, items: Sequence[WorkOp], chunk: int, *, log: Any, event: str) -> bool:
-        """Put ``items`` on their priority bands' work streams. When Redis cannot take them
+        """Put ``items`` on their priority bands' work streams, each entry on the next shard
+        in turn (``spread``). When Redis cannot take them
         (away, or refusing writes), log ``event`` and return False: they are stored and
         pending, so the sweeper re-enqueues them from PostgreSQL."""
         try:
-            await self.add_each(work_entries(self.names, items, chunk))
+            await self.add_each(self.spread(items, chunk))
         except NOT_TAKEN as exc:
             log.warning(
                 event,
@@ -237,7 +337,18 @@ class Streams:
         adds: Sequence[tuple[str, dict[Any, Any]]],
     ) -> None:
         """Atomically add each of ``adds`` to its stream and ack (and delete) ``acks``'
-        entries of each stream."""
+        entries of each stream.
+
+        In a Redis Cluster one transaction holds the keys of one slot only: the adds to
+        streams of other slots (the deployment's dead letters, beside a shard's streams)
+        are made first, on their own, and the rest atomically after. A crash in between
+        leaves those added and the entries unacked, to be handled again: at least once,
+        never lost."""
+        if self.cluster and acks:
+            slot = key_slot(next(iter(acks)).encode())
+            elsewhere = [(k, f) for k, f in adds if key_slot(k.encode()) != slot]
+            await self.add_each(elsewhere)
+            adds = [(k, f) for k, f in adds if key_slot(k.encode()) == slot]
         async with self.redis.pipeline(transaction=True) as pipe:
             for stream, fields in adds:
                 self._xadd(pipe, stream, fields)

@@ -26,11 +26,12 @@ import asyncpg
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from redis.crc import key_slot
 
 from benchmarks import workload as mixed
 from benchmarks.harness import PG, RMQ_URL, ServiceProcess, producer
 from streamsvc.adapters import streams as rs
-from tests import checker, servers
+from tests import checker, cluster, servers
 from tests.conftest import settings_env
 from tests.pipeline import eventually
 
@@ -97,18 +98,45 @@ class Fleet:
         return [await process.terminate() for _, process in self.processes]
 
 
+FLEET = {
+    "STREAMSVC_CLAIM_IDLE_MS": "30000",  # the heartbeat, not the idle rule, takes over
+    "BATCH_PROCESS_OPERATION_LIMIT": "500",
+    "BATCH_PROCESS_OPERATION_INTERVAL": "1000",
+}
+
+
 @pytest.fixture
 def fleet(database: str, prefix: str, tmp_path: Path) -> Iterator[Fleet]:
+    made = Fleet(database, prefix, tmp_path, **FLEET)
+    yield made
+    made.stop()
+
+
+@pytest.fixture
+def cluster_fleet(
+    database: str, prefix: str, tmp_path: Path, redis_cluster: cluster.Cluster
+) -> Iterator[Fleet]:
+    """A fleet in cluster mode, on the module's three-master Redis Cluster."""
     made = Fleet(
         database,
         prefix,
         tmp_path,
-        STREAMSVC_CLAIM_IDLE_MS="30000",  # the heartbeat, not the idle rule, takes over
-        BATCH_PROCESS_OPERATION_LIMIT="500",
-        BATCH_PROCESS_OPERATION_INTERVAL="1000",
+        REDIS_URL=redis_cluster.url,
+        STREAMSVC_REDIS_CLUSTER="on",
+        **FLEET,
     )
     yield made
     made.stop()
+
+
+@pytest.fixture
+async def inbox_node(redis_cluster: cluster.Cluster, prefix: str) -> AsyncIterator[aioredis.Redis]:
+    """A client of the master that holds the inbox's slot (the producers' connection)."""
+    inbox = rs.Names(prefix).inbox
+    port = redis_cluster.owner(key_slot(inbox.encode()))
+    client = rs.connect(f"redis://127.0.0.1:{port}/0")
+    yield client
+    await client.aclose()
 
 
 async def submit(
@@ -197,7 +225,44 @@ async def while_submitting(
 async def test_sigkill_of_random_processes_at_random_instants(
     fleet: Fleet, conn: asyncpg.Connection, redis: aioredis.Redis, shape: str
 ) -> None:
-    scenario = f"sigkill-{shape}"
+    await sigkills(fleet, conn, redis, f"sigkill-{shape}", shape)
+
+
+async def test_sigkill_on_a_redis_cluster(
+    cluster_fleet: Fleet, conn: asyncpg.Connection, inbox_node: aioredis.Redis
+) -> None:
+    """The same kills, roles split, in cluster mode: three shards on three masters."""
+    await sigkills(cluster_fleet, conn, inbox_node, "sigkill-cluster", "split")
+
+
+async def test_a_slot_moved_between_masters_mid_run(
+    cluster_fleet: Fleet,
+    conn: asyncpg.Connection,
+    inbox_node: aioredis.Redis,
+    redis_cluster: cluster.Cluster,
+) -> None:
+    """Each shard's slot moves to the next master while two processes work (resharding as
+    `redis-cli --cluster reshard` does it): nothing is lost or applied twice."""
+    shards = rs.Names.layout(cluster_fleet.prefix, shards=3, cluster=True).shards
+    moved: list[int] = []
+
+    async def reshard() -> None:
+        for shard in shards * (3 if FULL else 1):
+            await anyio.sleep(0.5)
+            slot = key_slot(shard.work.encode())
+            ports = redis_cluster.ports
+            to = ports[(ports.index(redis_cluster.owner(slot)) + 1) % len(ports)]
+            moved.append(await anyio.to_thread.run_sync(redis_cluster.move_slot, slot, to))
+
+    await two_processes_under(cluster_fleet, conn, inbox_node, "cluster-reshard", reshard)
+    assert len(moved) >= 3 and all(moved), f"keys moved with each slot: {moved}"
+
+
+async def sigkills(
+    fleet: Fleet, conn: asyncpg.Connection, redis: aioredis.Redis, scenario: str, shape: str
+) -> None:
+    """Processes (``shape``: roles split, or three ``--role all``) killed at random instants
+    and started again, while the scenario's workload is submitted; the checker's verdict."""
     roles = SPLIT if shape == "split" else ("all", "all", "all")
     async with stage(conn, fleet, scenario) as events:
         await fleet.start(*roles)

@@ -84,10 +84,26 @@ def test_production_in_any_spelling_refuses_auth_off(spelling: str) -> None:
         s.check_auth()
 
 
-def test_redis_cluster_mode_is_refused_until_it_is_built() -> None:
-    settings.load({}, env_file=None).check_redis()
-    s = settings.load({"STREAMSVC_REDIS_CLUSTER": "on"}, env_file=None)
-    with pytest.raises(ConfigError, match=r"^STREAMSVC_REDIS_CLUSTER: on is not supported yet"):
+def test_shards_default_to_one_on_one_redis_and_three_in_cluster_mode() -> None:
+    assert settings.load({}, env_file=None).shards == 1
+    on = settings.load({"STREAMSVC_REDIS_CLUSTER": "On"}, env_file=None)
+    assert on.cluster_on and on.shards == 3
+    six = {"STREAMSVC_REDIS_CLUSTER": "on", "STREAMSVC_REDIS_SHARDS": "6"}
+    assert settings.load(six, env_file=None).shards == 6
+
+
+@pytest.mark.parametrize("shards", ["-1", "257", "two"])
+def test_a_bad_shard_count_names_the_variable(shards: str) -> None:
+    with pytest.raises(ConfigError, match=r"^STREAMSVC_REDIS_SHARDS: "):
+        settings.load({"STREAMSVC_REDIS_SHARDS": shards}, env_file=None)
+
+
+def test_cluster_mode_refuses_a_prefix_with_a_hash_tag_of_its_own() -> None:
+    settings.load({"STREAMSVC_REDIS_PREFIX": "{a}"}, env_file=None).check_redis()
+    s = settings.load(
+        {"STREAMSVC_REDIS_CLUSTER": "on", "STREAMSVC_REDIS_PREFIX": "{a}"}, env_file=None
+    )
+    with pytest.raises(ConfigError, match=r"^STREAMSVC_REDIS_PREFIX: cannot hold \{ or \}"):
         s.check_redis()
 
 
