@@ -82,9 +82,12 @@ async def test_every_door_lands_once_and_is_announced_with_the_work_spread_over_
             await eventually(announced, within=60, every=0.2)
             tally = await checker.check(conn, "cluster", N, events)
             assert tally.clean, (tally, await checker.troubles(conn, "cluster", N))
-            shards = served.service.streams.names.shards
+            service = served.service
+            shards = service.streams.names.shards
             read = [await entries_read(client, shard) for shard in shards]
             assert len(shards) == 3 and all(read), f"each shard took work: {read}"
+            assert [f.streams.names for f in service.flushers] == list(shards)
+            assert [n.streams.names for n in service.notifiers] == list(shards)
     finally:
         await client.aclose()
 
