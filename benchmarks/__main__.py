@@ -46,11 +46,15 @@ from benchmarks import (
     rpc_ceiling,
     scenarios,
     scheduling,
+    sweep,
     tracing,
     workload,
 )
 from benchmarks.stage import (
+    batch_sizes,
+    cpu_per_op,
     cpu_times,
+    cpu_used,
     finished,
     rss_mb,
     sample_rss,
@@ -70,8 +74,17 @@ BASELINES: dict[str, Callable[[workload.Workload], Awaitable[dict[str, Any]]]] =
 PER_OPERATION = ("naive", "pgqueuer")  # a few hundred to a few thousand ops/s: --n-baseline
 OLD_CAP, BROKER = "old-cap", "broker"  # --only names of "old design cap", "broker ceiling"
 PRIORITY, DELAYED, HOT_KEYS = FEATURES = ("priority", "delayed", "hot-keys")
-RETENTION, TRACING = "retention", "tracing"
-SCENARIOS = (*scenarios.INGRESSES, *FEATURES, *BASELINES, OLD_CAP, BROKER, RETENTION, TRACING)
+RETENTION, TRACING, SWEEP = "retention", "tracing", "sweep"
+SCENARIOS = (
+    *scenarios.INGRESSES,
+    *FEATURES,
+    *BASELINES,
+    OLD_CAP,
+    BROKER,
+    SWEEP,
+    RETENTION,
+    TRACING,
+)
 # Left out of a run without --only: a million rows to seed each time; six inbox runs.
 OPT_IN = (RETENTION, TRACING)
 TRACING_ROUNDS = 3  # tracing: off and on, alternated, this many times each
@@ -102,6 +115,7 @@ class Options:
     hot_keys: int = 100  # hot-keys: orderingKeys
     n_old: int = 1_000_000  # retention: old finished operations to delete
     n_retention: int = 200_000  # retention: operations of the workload beside them
+    sweep_rates: tuple[int, ...] = sweep.RATES  # sweep: offered rates below the maximum
 
     def count(self, name: str) -> int:
         if name == "rpc-single":
@@ -133,7 +147,7 @@ async def throughput(
     async with stage(w, opts.flushers, opts.limit, opts.roles, env=env) as st:
         update = progress.task(f"{label}: {n:,} operations", n)
         async with scenarios.connect(name, **st.ingress()) as ingress:
-            started = time.perf_counter()
+            cpu_before, started = cpu_used(st), time.perf_counter()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(watch, st, update)
                 tg.start_soon(sample_rss, st.pids, rss, started)
@@ -142,7 +156,9 @@ async def throughput(
                 await finished(st, inbox=name == "inbox")
                 elapsed = time.perf_counter() - started
                 tg.cancel_scope.cancel()
+            cpu_us = cpu_per_op(cpu_before, cpu_used(st), n)
             rss.append([round(elapsed, 2), rss_mb(st.pids)])
+            stage_batches = await batch_sizes(st)
         update(n)
         await workload.verify(st.conn, w)
         await workload.verify_statuses(st.conn, w)
@@ -161,6 +177,8 @@ async def throughput(
         "batches": batches,
         "mean_batch": round(n / max(1, batches), 1),
         "rss_mb": rss,
+        "cpu_us": cpu_us,
+        "mean_batches": stage_batches,
     }
 
 
@@ -384,7 +402,30 @@ async def broker_ceiling(requests: int, progress: report.Progress) -> Result:
     }
 
 
-async def run_scenario(name: str, opts: Options, progress: report.Progress) -> list[Result]:
+async def rate_sweep(
+    opts: Options, progress: report.Progress, earlier: list[Result]
+) -> list[Result]:
+    """benchmarks.sweep at this run's maxima (measured now for an ingress the run left out),
+    each rate for ``latency_s`` seconds (4 when latency is off)."""
+
+    async def measure(name: str) -> Result:
+        return await throughput(name, opts.count(name), opts, progress)
+
+    return await sweep.sweep(
+        await sweep.maxima_of(earlier, measure),
+        seconds=opts.latency_s or 4.0,
+        flushers=opts.flushers,
+        limit=opts.limit,
+        roles=opts.roles,
+        progress=progress.task,
+        rates=opts.sweep_rates,
+    )
+
+
+async def run_scenario(
+    name: str, opts: Options, progress: report.Progress, earlier: list[Result]
+) -> list[Result]:
+    """Scenario ``name``'s results (``earlier``: the run's results so far)."""
     if name in scenarios.INGRESSES:
         return [await ingress(name, opts, progress)]
     if name == PRIORITY:
@@ -403,15 +444,17 @@ async def run_scenario(name: str, opts: Options, progress: report.Progress) -> l
         return await retention_load(opts, progress)
     if name == TRACING:
         return await tracing_cost(opts, progress)
+    if name == SWEEP:
+        return await rate_sweep(opts, progress, earlier)
     raise ValueError(f"unknown scenario {name!r}; expected one of {', '.join(SCENARIOS)}")
 
 
 async def bench(opts: Options, progress: report.Progress) -> list[Result]:
     """Every scenario of ``opts``, one after another, in SCENARIOS order."""
-    results = []
+    results: list[Result] = []
     for name in [s for s in SCENARIOS if s in opts.names]:
         before = cpu_times()
-        found = await run_scenario(name, opts, progress)
+        found = await run_scenario(name, opts, progress, results)
         steal = steal_percent(before, cpu_times())
         for result in found:
             result["steal_pct"] = steal
@@ -466,6 +509,11 @@ def parse(argv: list[str] | None = None) -> tuple[Options, Path | None]:
     parser.add_argument(
         "--n-retention", type=int, default=200_000, help="retention: operations beside them"
     )
+    parser.add_argument(
+        "--sweep-rates",
+        default=",".join(map(str, sweep.RATES)),
+        help="sweep: offered rates (ops/s), each run when below the ingress's maximum",
+    )
     parser.add_argument("--flushers", type=int, default=2, help="STREAMSVC_FLUSHERS")
     parser.add_argument("--limit", type=int, default=1000, help="BATCH_PROCESS_OPERATION_LIMIT")
     parser.add_argument(
@@ -501,6 +549,7 @@ def parse(argv: list[str] | None = None) -> tuple[Options, Path | None]:
         hot_keys=args.hot_keys,
         n_old=args.n_old,
         n_retention=args.n_retention,
+        sweep_rates=tuple(int(r) for r in args.sweep_rates.split(",")),
     )
     return opts, None if args.no_save else args.out
 
@@ -514,6 +563,8 @@ def main() -> None:
     console.print(report.table(results))
     if (legs := report.latency_table(results)) is not None:
         console.print(legs)
+    if points := sweep.points_of(results):
+        console.print(sweep.table(points))
     console.print(f"took {time.perf_counter() - started:.0f} s")
     if out is not None:
         for path in report.save(results, machine(opts), out):

@@ -29,9 +29,20 @@ from aio_pika.abc import AbstractIncomingMessage
 from benchmarks import scenarios, workload
 from benchmarks.harness import RMQ_URL
 from benchmarks.scenarios import Ingress, Op
-from benchmarks.stage import cpu_share, cpu_used, finished, stage, watch
+from benchmarks.stage import (
+    batch_sizes,
+    cpu_per_op,
+    cpu_share,
+    cpu_used,
+    finished,
+    stage,
+    watch,
+)
 
 _events = msgspec.json.Decoder()
+
+# The legs of an operation's way (see `stages`), as the tables name them.
+LEGS = {"stored": "submit→stored", "claimed": "stored→claimed", "event": "claimed→event"}
 
 
 TICK_S = 0.005
@@ -84,8 +95,10 @@ async def measure(
 ) -> dict[str, Any]:
     """Offer ingress ``name`` ``rate`` operations a second for ``seconds`` on a fresh stage;
     {"rate", "p50", "p95", "p99"} of submit -> SUCCESS in ms, with "stages" (the same
-    percentiles of each leg, see `stages`) and "cpu" (percent of one core each process
-    used meanwhile: the service's, the servers' and this bench's)."""
+    percentiles of each leg, see `stages`), "cpu" (percent of one core each process used
+    meanwhile: the service's, the servers' and this bench's), "cpu_us" (the same in
+    microseconds per operation, see `stage.cpu_per_op`) and "mean_batches" (the mean
+    operations per intake, flush and relay, see `stage.batch_sizes`)."""
     w = workload.build(max(2, round(rate * seconds)))
     ops = [{**op, "userOperationId": str(uuid.uuid4())} for op in w.ops]
     async with stage(w, flushers, limit, roles) as st:
@@ -102,7 +115,10 @@ async def measure(
             await finished(st, inbox=name == "inbox")
             with anyio.move_on_after(30):  # the last events are still on their way
                 await arrivals.complete.wait()
-            cpu = cpu_share(cpu_before, cpu_used(st), time.perf_counter() - started)
+            cpu_after = cpu_used(st)
+            cpu = cpu_share(cpu_before, cpu_after, time.perf_counter() - started)
+            cpu_us = cpu_per_op(cpu_before, cpu_after, len(ops))
+            batches = await batch_sizes(st)
             tg.cancel_scope.cancel()
         update(len(ops))
         await workload.verify(st.conn, w)
@@ -112,7 +128,14 @@ async def measure(
     assert len(arrived) == expected, f"{expected - len(arrived)} outcome events never came"
     ms = [(arrived[op_id] - submitted[op_id]) * 1000 for op_id in arrived]
     legs = stages(submitted, {op_id: (s, c) for op_id, s, c in stored}, arrived)
-    return {"rate": round(rate), **percentiles(ms), "stages": legs, "cpu": cpu}
+    return {
+        "rate": round(rate),
+        **percentiles(ms),
+        "stages": legs,
+        "cpu": cpu,
+        "cpu_us": cpu_us,
+        "mean_batches": batches,
+    }
 
 
 # When each operation was stored (the intake transaction's start) and claimed (inside the

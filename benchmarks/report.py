@@ -30,6 +30,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from benchmarks import sweep
+from benchmarks.latency import LEGS
+
 NAIVE = "naive"  # the scenario ratios are taken against
 CEILING = "copy+update"  # the ceiling ratios are taken against
 RATIOS = {"x_naive": NAIVE, "x_ceiling": CEILING}
@@ -63,6 +66,12 @@ def ratios(results: list[Result]) -> list[Result]:
     return out
 
 
+def main_rows(results: list[Result]) -> list[Result]:
+    """The results but the rate sweep's points, which have a table and a chart of their
+    own (benchmarks.sweep)."""
+    return [r for r in results if r.get("kind") != sweep.KIND]
+
+
 def table(results: list[Result]) -> Table:
     """One row per result, ratios beside the throughput; missing figures show as a dash."""
     grid = Table(title="streamsvc bench", header_style="bold")
@@ -74,7 +83,7 @@ def table(results: list[Result]) -> Table:
     grid.add_column("RSS MB start→end", justify="right")
     grid.add_column("steal %", justify="right")
     grid.add_column("note", style="dim")
-    for r in ratios(results):
+    for r in ratios(main_rows(results)):
         kind = r.get("kind", "")
         grid.add_row(
             r["scenario"],
@@ -93,13 +102,10 @@ def table(results: list[Result]) -> Table:
     return grid
 
 
-LEGS = {"stored": "submit→stored", "claimed": "stored→claimed", "event": "claimed→event"}
-
-
 def latency_table(results: list[Result]) -> Table | None:
     """Where each latency run's time went: p50/p95/p99 of each leg, and the CPU each
     process took meanwhile (percent of one core); None when no run has them."""
-    runs = [r for r in results if "stages" in r.get("latency_ms", {})]
+    runs = [r for r in main_rows(results) if "stages" in r.get("latency_ms", {})]
     if not runs:
         return None
     grid = Table(title="where the latency goes", header_style="bold")
@@ -146,7 +152,8 @@ def save(
     results: list[Result], machine: dict[str, Any], directory: Path, *, stamp: str | None = None
 ) -> tuple[Path, Path]:
     """Write bench-<stamp>.json ({"machine", "results" with ratios}) and bench-<stamp>.png
-    into directory; returns both paths."""
+    into directory, and sweep-<stamp>.png when the run swept rates; returns the first
+    two paths."""
     stamp = stamp or time.strftime("%Y%m%dT%H%M%S")
     directory.mkdir(parents=True, exist_ok=True)
     data = directory / f"bench-{stamp}.json"
@@ -154,6 +161,8 @@ def save(
     picture = directory / f"bench-{stamp}.png"
     setup = textwrap.fill("  ".join(f"{k}={_plain(v)}" for k, v in machine.items()), 120)
     chart(results, picture, title=f"streamsvc bench {stamp}\n{setup}")
+    if points := sweep.points_of(results):
+        sweep.chart(points, directory / f"sweep-{stamp}.png", title=f"rate sweep {stamp}")
     return data, picture
 
 
@@ -164,7 +173,7 @@ def _plain(value: Any) -> str:
 def chart(results: list[Result], path: Path, *, title: str) -> None:
     """A PNG with throughput bars for every result, then latency percentiles and RSS over
     time for the results that measured them (panels without data are left out)."""
-    results = ratios(results)
+    results = ratios(main_rows(results))
     latency = [r for r in results if r.get("latency_ms")]
     rss = [r for r in results if r.get("rss_mb")]
     heights = [1.0 + 0.45 * len(results)] + [3.2] * (bool(latency) + bool(rss))

@@ -21,6 +21,8 @@ from typing import Any
 import aio_pika
 import anyio
 import asyncpg
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import baselines, workload
 from benchmarks.harness import PG, REDIS_URL, RMQ_URL, ServiceProcess, free_port
@@ -222,6 +224,52 @@ def cpu_share(
         used = sum(t - then.get(pid, 0.0) for pid, t in now.items())
         share[name] = round(100 * used / seconds, 1)
     return share
+
+
+def cpu_per_op(
+    before: dict[str, dict[int, float]], after: dict[str, dict[int, float]], operations: int
+) -> dict[str, float]:
+    """Each group's CPU between two `cpu_used`, in microseconds per operation, and
+    "service+servers": every group's but the bench's own (the load it offers)."""
+    per_op = {}
+    for name, now in after.items():
+        then = before.get(name, {})
+        used = sum(t - then.get(pid, 0.0) for pid, t in now.items())
+        per_op[name] = round(1e6 * used / max(1, operations), 1)
+    per_op[SERVICE_AND_SERVERS] = round(
+        sum(us for name, us in per_op.items() if name != "bench"), 1
+    )
+    return per_op
+
+
+SERVICE_AND_SERVERS = "service+servers"
+
+# Operations (outcomes, for the relay) per unit of work of each stage, from the services'
+# own histograms: an intake transaction, a batch transaction, a relay of outcomes.
+BATCH_METRICS = {
+    "intake": "streamsvc_intake_size_operations",
+    "flush": "streamsvc_flush_size_operations",
+    "relay": "streamsvc_relay_size_outcomes",
+}
+
+
+async def batch_sizes(st: Stage) -> dict[str, float]:
+    """The mean of each of BATCH_METRICS over every service process of ``st`` (their
+    /metrics); a stage whose processes did none of it is left out."""
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    async with httpx.AsyncClient(timeout=5) as http:
+        for _, service in st.services:
+            port = service.env["STREAMSVC_HTTP_PORT"]
+            text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    for stage_name, metric in BATCH_METRICS.items():
+                        if sample.name == f"{metric}_sum":
+                            sums[stage_name] = sums.get(stage_name, 0.0) + sample.value
+                        elif sample.name == f"{metric}_count":
+                            counts[stage_name] = counts.get(stage_name, 0.0) + sample.value
+    return {name: round(sums[name] / counts[name], 1) for name in counts if counts[name]}
 
 
 def cpu_times() -> list[int]:

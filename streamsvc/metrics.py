@@ -41,10 +41,19 @@ flush_seconds = Histogram(
     "Time to apply one batch in one transaction",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+SIZES = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)
 flush_size = Histogram(
-    f"{PREFIX}_flush_size_operations",
-    "Operations per batch transaction",
-    buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000),
+    f"{PREFIX}_flush_size_operations", "Operations per batch transaction", buckets=SIZES
+)
+intake_size = Histogram(
+    f"{PREFIX}_intake_size_operations",
+    "Operations per intake transaction (the ingress's group commit)",
+    buckets=SIZES,
+)
+relay_size = Histogram(
+    f"{PREFIX}_relay_size_outcomes",
+    "Outcomes per relay: read from an outcome stream, published and confirmed together",
+    buckets=SIZES,
 )
 latency_seconds = Histogram(
     f"{PREFIX}_end_to_end_latency_seconds",

@@ -258,6 +258,7 @@ class Ingress:
                     continue
                 rows.append(NewOperation(op_id, op, ticket.source, ticket.caller, run_at))
                 places.append((t, j))
+        metrics.intake_size.observe(len(rows))
         try:
             stored = await self.store.intake(rows)
             if stored.ready:

@@ -331,6 +331,7 @@ class Notifier:
                 )
                 why = f"undecodable outcome entry: {exc}"
                 dead.append({"entry": entry_id, "o": fields.get(b"o", b""), "reason": why})
+        metrics.relay_size.observe(len(outcomes))
         # Every entry read together aggregates into the same messages: a notifier that
         # fell behind catches up with fewer, larger ones.
         budget = min(AGGREGATE_BUDGET_BYTES, self.max_message_bytes // 4)

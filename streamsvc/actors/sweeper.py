@@ -15,6 +15,8 @@
    between a cancel and its release) is released, and so are rows still held for an
    operationType that is no longer paused (a resume stopped half way).
 Re-enqueueing something a flusher still holds is harmless: flushers apply only pending rows.
+3. Outcomes Redis lost before they were relayed are put on the outcome streams again
+   (streamsvc.actors.announcements).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import structlog
 
 from streamsvc import metrics
 from streamsvc.actors import periodic
+from streamsvc.actors.announcements import Announcements
 from streamsvc.actors.heartbeat import abandoned_after_ms
 from streamsvc.adapters import streams as rs
 from streamsvc.manage import Manager
@@ -46,6 +49,7 @@ class SweepReport:
     reenqueued_rows: int = 0
     released_keys: int = 0
     released_paused: int = 0
+    reannounced: int = 0
     taken_over_from: list[str] = field(default_factory=list)  # consumers of dead processes
 
 
@@ -73,6 +77,7 @@ class Sweeper:
         self.heartbeat_ms = heartbeat_ms
         self.page = page
         self.manage = Manager(store, streams, chunk=chunk)
+        self.announcements = Announcements(store, streams, interval_ms=interval_ms, chunk=chunk)
 
     async def run(self) -> None:
         """Sweep every interval; a failed sweep is logged and tried again next time."""
@@ -94,6 +99,7 @@ class Sweeper:
         metrics.stream_pending.labels("work").set(waiting)
         await self._stale_rows(report)
         await self._stuck_keys(report)
+        report.reannounced = await self.announcements.keep()
         await self.manage.paused_types()  # the gauge
         report.released_paused = await self.manage.let_go(None)
         for _, work in _work_streams(names):

@@ -120,6 +120,12 @@ class Names:
         """The shard's outcome stream."""
         return f"{self._base}:outcomes"
 
+    @property
+    def epoch(self) -> str:
+        """A key in the shard's slot that names the data it was set on: gone, that Redis
+        lost its data (streamsvc.actors.announcements)."""
+        return f"{self._base}:epoch"
+
     def alive(self, process: str) -> str:
         """A process's liveness key, refreshed while it runs (streamsvc.actors.heartbeat)."""
         return f"{self.prefix}:alive:{process}"
@@ -483,6 +489,19 @@ class Streams:
     async def now_ms(self) -> int:
         seconds, micros = await self.redis.time()
         return int(seconds) * 1000 + int(micros) // 1000
+
+    async def started_ms(self, key: str) -> int | None:
+        """When the Redis that holds ``key`` started, in milliseconds by its own clock; None
+        when it will not say (INFO renamed away, as some hosted ones do)."""
+        at: dict[str, Any] = {}
+        if self.cluster:
+            at["target_nodes"] = self.redis.get_node_from_key(key)
+        try:
+            info = await self.redis.info("server", **at)
+        except redis.exceptions.ResponseError:
+            return None
+        seconds, micros = await self.redis.time(**at)
+        return int(seconds) * 1000 + int(micros) // 1000 - int(info["uptime_in_seconds"]) * 1000
 
     async def length(self, stream: str) -> int:
         return int(await self.redis.xlen(stream))

@@ -360,3 +360,26 @@ WITH gone AS (
     RETURNING 1
 )
 SELECT count(*) FROM gone
+
+-- name: announced
+-- How far the outcome events are known to be on their way (sql/008_announced.sql).
+SELECT before, seen FROM streamsvc_announced
+
+-- name: mark_announced
+-- Move both points forward, to $1 and $2 (never back).
+INSERT INTO streamsvc_announced AS a (before, seen) VALUES ($1, $2)
+ON CONFLICT (only_row) DO UPDATE
+SET before = GREATEST(a.before, EXCLUDED.before), seen = GREATEST(a.seen, EXCLUDED.seen)
+
+-- name: outcomes_since
+-- The outcomes of operations that finished at or after $1 (and at or before $4, when
+-- given), oldest first, after the (processed_at, id) of $1 and $2 (the last of the page
+-- before); the finished rows' index on processed_at.
+SELECT id::text AS id, operation_type, status, error, attempts, batch_id::text AS batch_id,
+       body -> 'meta' AS meta, (body ->> 'userOperationId') AS user_operation_id, processed_at
+FROM "BatchOperations"
+WHERE status IN ('SUCCESS', 'FAIL', 'CANCELLED') AND processed_at >= $1
+  AND (processed_at, id) > ($1, $2::uuid)
+  AND ($4::timestamptz IS NULL OR processed_at <= $4)
+ORDER BY processed_at, id
+LIMIT $3

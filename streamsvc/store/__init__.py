@@ -12,8 +12,16 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import Protocol
 
-from streamsvc.model import ListQuery, OperationCounts, OperationPage, OperationView, WorkOp
+from streamsvc.model import (
+    ListQuery,
+    OperationCounts,
+    OperationPage,
+    OperationView,
+    Outcome,
+    WorkOp,
+)
 from streamsvc.store.records import (
+    Announced,
     Applied,
     Cancelled,
     Due,
@@ -30,6 +38,7 @@ from streamsvc.store.records import (
 )
 
 __all__ = [
+    "Announced",
     "Applied",
     "Cancelled",
     "Due",
@@ -148,6 +157,19 @@ class Store(Protocol):
     async def throughput(self, minutes: int) -> list[Minute]:
         """Operations finished in each of the last ``minutes`` minutes, oldest first, the
         current minute (so far) last."""
+
+    async def announced(self) -> Announced | None:
+        """How far the outcome events are known to be on their way (None: never marked)."""
+
+    async def mark_announced(self, point: Announced) -> None:
+        """Move the point forward (each of its times only forward)."""
+
+    async def outcomes_since(
+        self, since: dt.datetime, after: str | None, until: dt.datetime | None, limit: int
+    ) -> list[tuple[dt.datetime, Outcome]]:
+        """At most ``limit`` operations that finished at or after ``since`` (after the one
+        with id ``after`` finished at ``since``, for the next page) and, when given, at or
+        before ``until``, oldest first: when each finished, and its outcome."""
 
     async def expire(self, older_than_s: float, limit: int) -> int:
         """Delete at most ``limit`` operations that finished (SUCCESS, FAIL, CANCELLED) more

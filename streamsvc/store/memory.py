@@ -28,6 +28,7 @@ from streamsvc.model import (
 from streamsvc.store import listing
 from streamsvc.store.records import (
     HISTORY_KEPT,
+    Announced,
     Applied,
     Cancelled,
     Due,
@@ -144,6 +145,7 @@ class MemoryStore:
         self.now = now
         self.ticks: dict[str, dt.datetime] = {}
         self.paused: dict[str, tuple[str, dt.datetime]] = {}  # operationType: (by, at)
+        self.point: Announced | None = None
         self._seq = 0
 
     # -- intake ------------------------------------------------------------------------
@@ -428,6 +430,28 @@ class MemoryStore:
                 if start in finished:
                     finished[start] += 1
         return [Minute(start, count) for start, count in finished.items()]
+
+    # -- announcements -----------------------------------------------------------------
+    async def announced(self) -> Announced | None:
+        return self.point
+
+    async def mark_announced(self, point: Announced) -> None:
+        old = self.point or point
+        self.point = Announced(max(old.before, point.before), max(old.seen, point.seen))
+
+    async def outcomes_since(
+        self, since: dt.datetime, after: str | None, until: dt.datetime | None, limit: int
+    ) -> list[tuple[dt.datetime, Outcome]]:
+        start = (since, after or "")
+        finished = sorted(
+            (r.processed_at, r.id)
+            for r in self.rows.values()
+            if r.status in FINAL
+            and r.processed_at is not None
+            and (r.processed_at, r.id) > start
+            and (until is None or r.processed_at <= until)
+        )
+        return [(at, self.rows[op_id].outcome()) for at, op_id in finished[:limit]]
 
     # -- retention -------------------------------------------------------------------------
     async def expire(self, older_than_s: float, limit: int) -> int:

@@ -28,6 +28,7 @@ from streamsvc.model import (
 from streamsvc.store import batch, listing
 from streamsvc.store.queries import QUERIES
 from streamsvc.store.records import (
+    Announced,
     Applied,
     Cancelled,
     Due,
@@ -317,6 +318,24 @@ class PgStore:
         return [Minute(row["start"], row["finished"]) for row in rows]
 
     # -- retention -------------------------------------------------------------------------
+    # -- announcements -----------------------------------------------------------------
+    async def announced(self) -> Announced | None:
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(QUERIES["announced"])
+        return None if row is None else Announced(row["before"], row["seen"])
+
+    async def mark_announced(self, point: Announced) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.execute(QUERIES["mark_announced"], point.before, point.seen)
+
+    async def outcomes_since(
+        self, since: dt.datetime, after: str | None, until: dt.datetime | None, limit: int
+    ) -> list[tuple[dt.datetime, Outcome]]:
+        after = after or "00000000-0000-0000-0000-000000000000"
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(QUERIES["outcomes_since"], since, after, limit, until)
+        return [(row["processed_at"], _finished(row)) for row in rows]
+
     async def expire(self, older_than_s: float, limit: int) -> int:
         try:
             async with self.pool.acquire() as conn, conn.transaction():
@@ -352,6 +371,19 @@ def _selected(s: Selection) -> tuple[Any, ...]:
 
 def _state(row: asyncpg.Record) -> State:
     return msgspec.convert(dict(row), State)
+
+
+def _finished(row: asyncpg.Record) -> Outcome:
+    return Outcome(
+        id=row["id"],
+        operation_type=row["operation_type"],
+        status=Status(row["status"]),
+        error=row["error"],
+        attempts=row["attempts"],
+        batch_id=row["batch_id"],
+        meta=row["meta"],
+        user_operation_id=row["user_operation_id"],
+    )
 
 
 def _ended(row: asyncpg.Record, status: Status, error: str | None) -> Outcome:

@@ -89,6 +89,15 @@ class Failure(msgspec.Struct, frozen=True):
     processed_at: dt.datetime | None
 
 
+class Announced(msgspec.Struct, frozen=True):
+    """How far the outcome events are known to be on their way (sql/008_announced.sql):
+    every operation that finished before ``before`` had its outcome relayed, and Redis was
+    seen holding the data this was measured on at ``seen``."""
+
+    before: dt.datetime
+    seen: dt.datetime
+
+
 class Summary(msgspec.Struct):
     """Counts for `streamsvc status`."""
 

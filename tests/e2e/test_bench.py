@@ -14,11 +14,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from rich.console import Console
 
 from benchmarks import report, rpc_ceiling, scenarios
-from benchmarks.__main__ import FEATURES, OPT_IN, SCENARIOS, bench, machine, parse
+from benchmarks.__main__ import FEATURES, OPT_IN, SCENARIOS, SWEEP, bench, machine, parse
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -76,7 +77,7 @@ async def test_every_ingress_runs_with_latency_and_memory(ingress: str, tmp_path
 
 
 async def test_baselines_and_ceilings_run(tmp_path: Path) -> None:
-    others = (*scenarios.INGRESSES, *FEATURES, *OPT_IN)
+    others = (*scenarios.INGRESSES, *FEATURES, *OPT_IN, SWEEP)
     names = [name for name in SCENARIOS if name not in others]
     assert set(names) == set(REFERENCES)
     results = await run_saved(names, tmp_path)
@@ -88,6 +89,34 @@ async def test_baselines_and_ceilings_run(tmp_path: Path) -> None:
     assert cap["ops_per_s"] == 200 and cap["note"] == "LIMIT 1000 / INTERVAL 5000 ms"
     broker = results[names.index("broker")]
     assert broker["note"] == f"request/reply, no work, 64 in flight, {broker['via']}"
+
+
+async def test_the_rate_sweep_gives_cpu_batch_sizes_and_latency_at_each_rate(
+    tmp_path: Path,
+) -> None:
+    """Without the ingresses' own runs in the same bench, the sweep measures their maxima
+    first; then each rate below the maximum, then the maximum."""
+    points = await run_saved([SWEEP], tmp_path, "--latency-s", "0.5", "--sweep-rates", "40,80")
+    offered = [(p["ingress"], p["offered"]) for p in points if not p.get("maximum")]
+    assert offered == [("inbox", 40), ("inbox", 80), ("rpc-single", 40), ("rpc-single", 80)]
+    assert [p["ingress"] for p in points if p.get("maximum")] == ["inbox", "rpc-single"]
+    for p in points:
+        assert p["kind"] == "sweep"
+        cpu = p["cpu_us"]
+        assert cpu["service+servers"] > 0 and cpu["flusher"] > 0 and cpu["postgres"] > 0, p
+        assert cpu["service+servers"] == pytest.approx(
+            sum(us for name, us in cpu.items() if name not in ("bench", "service+servers")),
+            abs=1,
+        )
+        batches = p["mean_batches"]
+        assert set(batches) == {"intake", "flush", "relay"}, p
+        assert all(size >= 1 for size in batches.values()), p
+        if not p.get("maximum"):
+            latency = p["latency_ms"]
+            assert 0 < latency["p50"] <= latency["p99"], p
+            assert set(latency["stages"]) == {"stored", "claimed", "event"}, p
+    charts = [path async for path in anyio.Path(tmp_path).glob("sweep-*.png")]
+    assert charts, "the sweep's chart is saved beside the bench's"
 
 
 async def test_python_broker_ceiling_without_node() -> None:

@@ -72,6 +72,7 @@ async def test_migrate_creates_only_its_own_tables_and_is_safe_to_rerun(
         "streamsvc_api_keys",
         "streamsvc_schedule_ticks",
         "streamsvc_paused_types",
+        "streamsvc_announced",
     }
 
 

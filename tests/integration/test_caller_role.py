@@ -466,6 +466,7 @@ async def login(conn: asyncpg.Connection) -> str:
         "streamsvc_api_keys",
         "streamsvc_schedule_ticks",
         "streamsvc_paused_types",
+        "streamsvc_announced",
     )
     for table in (*service_tables, *OWNED):
         await conn.execute(f'ALTER TABLE "{table}" OWNER TO "{LOGIN}"')

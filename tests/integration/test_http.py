@@ -163,6 +163,8 @@ async def test_metrics_move_by_what_happened(client: httpx.AsyncClient) -> None:
         "flush_ops": "streamsvc_flush_size_operations_sum",
         "flushes": "streamsvc_flush_size_operations_count",
         "latency": "streamsvc_end_to_end_latency_seconds_count",
+        "intake_ops": "streamsvc_intake_size_operations_sum",
+        "relayed": "streamsvc_relay_size_outcomes_sum",
     }
     text = (await client.get("/metrics")).text
     before = {k: value(text, v) for k, v in samples.items()}
@@ -175,8 +177,10 @@ async def test_metrics_move_by_what_happened(client: httpx.AsyncClient) -> None:
 
     async def flushed() -> bool:
         text = (await client.get("/metrics")).text
-        return value(text, samples["succeeded"]) + value(text, samples["failed"]) >= (
-            before["succeeded"] + before["failed"] + 3
+        ended = value(text, samples["succeeded"]) + value(text, samples["failed"])
+        relayed = value(text, samples["relayed"])
+        return ended >= before["succeeded"] + before["failed"] + 3 and (
+            relayed >= before["relayed"] + 3
         )
 
     await eventually(flushed, within=10)
@@ -186,6 +190,8 @@ async def test_metrics_move_by_what_happened(client: httpx.AsyncClient) -> None:
     assert (moved["succeeded"], moved["failed"]) == (2, 1)  # the duplicate key fails
     assert moved["flush_ops"] == 3 and moved["flushes"] >= 1
     assert moved["latency"] == 3
+    assert moved["intake_ops"] == 3, "the three valid ones went to one intake"
+    assert moved["relayed"] == 3, "each outcome relayed once"
 
 
 async def test_body_size_limit(database: str, prefix: str) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks import workload
 from streamsvc.adapters import streams as rs
-from streamsvc.model import Receipt
+from streamsvc.model import Receipt, outcomes_decoder
 from streamsvc.settings import Settings
 from streamsvc.supervisor import Service
 from streamsvc.validate import ANONYMOUS
@@ -192,6 +192,30 @@ async def test_redis_losing_everything_loses_nothing(
         await drain(service)
     await workload.verify(conn, w)
     assert await statuses(conn) == workload.expected_statuses(w)
+
+
+async def test_outcomes_redis_lost_before_they_were_relayed_are_announced_again(
+    database: str, prefix: str, conn: asyncpg.Connection
+) -> None:
+    """No notifier runs: every outcome waits on the outcome stream when Redis loses it."""
+    settings = make_settings(database, prefix, BATCH_PROCESS_OPERATION_LIMIT="100")
+    w = workload.build(250)
+    await workload.seed(conn, w)
+    async with running(settings) as service:
+        await service.ingress.submit(ops(w.ops), caller=ANONYMOUS, source="api")
+        await drain(service)
+        await service.sweeper.sweep()  # a new Redis: its data is named
+        await service.sweeper.sweep()  # the point, before the oldest outcome not relayed
+        await service.streams.redis.flushall()
+        report = await service.sweeper.sweep()
+        names = service.streams.names
+        entries = await service.streams.redis.xrange(names.outcomes)
+        again = await service.sweeper.sweep()
+    finished = {str(r[0]) for r in await conn.fetch('SELECT id FROM "BatchOperations"')}
+    announced = [o.id for _, f in entries for o in outcomes_decoder.decode(f[b"o"])]
+    assert report.reannounced == 250 and len(entries) == 3, "three pages of at most 100"
+    assert sorted(announced) == sorted(finished)
+    assert again.reannounced == 0
 
 
 async def test_entries_of_a_dead_flusher_are_handed_out_again(

@@ -143,3 +143,18 @@ async def test_a_keys_rate_is_counted_across_processes_on_the_cluster(
             await limiter.aclose()
         for client in clients:
             await client.aclose()
+
+
+async def test_each_shard_knows_when_its_master_started(
+    prefix: str, redis_cluster: Cluster
+) -> None:
+    """What bounds the outcomes a restarted master lost (streamsvc.actors.announcements)."""
+    streams = rs.open_streams(redis_cluster.url, prefix, shards=3, cluster=True)
+    try:
+        await streams.open()
+        now_ms = await streams.now_ms()
+        for shard in streams.names.shards:
+            started = await streams.started_ms(shard.epoch)
+            assert started is not None and now_ms - 3_600_000 < started <= now_ms + 1000
+    finally:
+        await streams.redis.aclose()

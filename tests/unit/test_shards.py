@@ -3,6 +3,8 @@ the sweeper watching every shard, over the memory store and fakeredis."""
 
 from __future__ import annotations
 
+import datetime as dt
+
 import anyio
 import fakeredis
 import pytest
@@ -93,3 +95,20 @@ async def test_a_dead_flusher_s_entries_on_any_shard_are_taken_over() -> None:
 class _Log:
     def warning(self, *args: object, **kwargs: object) -> None:
         raise AssertionError("Redis took every entry")
+
+
+async def test_a_shard_whose_master_lost_its_data_alone_is_noticed() -> None:
+    """Each shard's key sits in its outcome stream's slot, so it goes with that master."""
+    rig = Rig(age=dt.timedelta(0))
+    rig.streams = rs.Streams(fakeredis.FakeAsyncRedis(), rs.Names.layout("t", shards=3))
+    rig.sweeper.streams = rig.sweeper.announcements.streams = rig.streams
+    rig.flusher.streams = rig.streams.on(rig.streams.names.shards[1])
+    await rig.sweeper.sweep()  # names each shard's data
+    stored = await rig.store.intake([new(1), new(2)])
+    await rig.streams.add_each(rs.work_entries(rig.flusher.streams.names, stored.ready, 100))
+    await rig.flusher.run(burst=True)  # the outcomes wait on shard 1's stream
+    await rig.sweeper.sweep()
+    lost = rig.streams.names.shards[1]
+    assert slot(lost.epoch) == slot(lost.outcomes)
+    await rig.streams.redis.delete(lost.epoch, lost.outcomes)
+    assert (await rig.sweeper.sweep()).reannounced == 2

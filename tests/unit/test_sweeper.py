@@ -15,7 +15,7 @@ import pytest
 from streamsvc.actors.flusher import Flusher
 from streamsvc.actors.sweeper import Sweeper
 from streamsvc.adapters import streams as rs
-from streamsvc.model import Operation, Status, work_decoder
+from streamsvc.model import Operation, Status, outcomes_decoder, work_decoder
 from streamsvc.policy import RetryPolicy
 from streamsvc.store import NewOperation
 from streamsvc.store.memory import MemoryStore
@@ -127,3 +127,61 @@ async def test_a_key_whose_head_is_left_parked_is_released_by_the_sweep(
     assert rig.store.applied == ["op-2", "op-3"]
     assert rig.status("op-1") is Status.CANCELLED
     assert (await rig.sweeper.sweep()).released_keys == 0
+
+
+async def outcome_ids(rig: Rig) -> list[str]:
+    """The ids of every outcome on the outcome stream."""
+    ids: list[str] = []
+    for _, fields in await rig.streams.redis.xrange(rig.streams.names.outcomes):
+        ids += [o.id for o in outcomes_decoder.decode(fields[b"o"])]
+    return ids
+
+
+async def test_outcomes_redis_lost_before_they_were_relayed_are_put_back() -> None:
+    rig = Rig(age=dt.timedelta(0))
+    await rig.submit([new(n) for n in range(3)])
+    await rig.flusher.run(burst=True)  # applied; their outcomes wait on the outcome stream
+    assert (await rig.sweeper.sweep()).reannounced == 0  # a new Redis: nothing known yet
+    await rig.sweeper.sweep()  # the point: before the oldest outcome not yet relayed
+    marked = rig.store.point
+    assert marked is not None and marked.before <= rig.now + dt.timedelta(milliseconds=INTERVAL_MS)
+    await rig.streams.redis.flushall()
+    report = await rig.sweeper.sweep()
+    assert report.reannounced == 3
+    assert sorted(await outcome_ids(rig)) == ["op-0", "op-1", "op-2"]
+    assert (await rig.sweeper.sweep()).reannounced == 0, "once per loss"
+
+
+async def test_outcomes_relayed_long_before_the_loss_are_not_announced_again() -> None:
+    rig = Rig(age=dt.timedelta(minutes=10))  # finished ten minutes ago
+    await rig.submit([new(1)])
+    await rig.flusher.run(burst=True)
+    await rig.streams.redis.delete(rig.streams.names.outcomes)  # relayed (acked, deleted)
+    await rig.sweeper.sweep()
+    await rig.sweeper.sweep()  # the point: now, less the interval
+    await rig.streams.redis.flushall()
+    assert (await rig.sweeper.sweep()).reannounced == 0
+    assert await outcome_ids(rig) == []
+
+
+async def test_a_redis_restarted_empty_lost_nothing_that_finished_after_it_started() -> None:
+    """Outcomes written to the Redis that came back are there: only what finished before
+    it started again (and the interval after) is announced again."""
+    rig = Rig(age=dt.timedelta(0))
+    await rig.sweeper.sweep()  # names the data
+    await rig.submit([new(1)])
+    await rig.flusher.run(burst=True)
+    await rig.sweeper.sweep()  # the point: before op-1's outcome
+    await rig.streams.redis.flushall()
+    restarted = rig.now + dt.timedelta(seconds=5)
+    rig.now = restarted + dt.timedelta(seconds=30)  # op-2 finishes well after the restart
+    await rig.submit([new(2)])
+    await rig.flusher.run(burst=True)
+    await rig.streams.redis.delete(rig.streams.names.outcomes)  # op-2's was relayed
+
+    async def started_ms(key: str) -> int:
+        return round(restarted.timestamp() * 1000)
+
+    rig.streams.started_ms = started_ms  # type: ignore[method-assign]
+    assert (await rig.sweeper.sweep()).reannounced == 1
+    assert await outcome_ids(rig) == ["op-1"]
