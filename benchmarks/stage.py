@@ -115,8 +115,9 @@ async def stage(
         services: list[tuple[str, ServiceProcess]] = []
         st = Stage(name, prefix, conn, redis, services, {**env, "DB_NAME": name})
         try:
-            for role in roles:  # `all`, or a split such as ingress + flusher
-                await st.start(role)
+            async with anyio.create_task_group() as starting:  # each in its own time
+                for role in roles:  # `all`, or a split such as ingress + flusher
+                    starting.start_soon(st.start, role)
             yield st
         finally:
             for _, service in services:

@@ -73,8 +73,9 @@ class Fleet:
         return process
 
     async def start(self, *roles: str) -> None:
-        for role in roles:
-            await self.add(role).start("--role", role)
+        async with anyio.create_task_group() as starting:  # each in its own time
+            for role in roles:
+                starting.start_soon(self.add(role).start, "--role", role)
 
     def doors(self) -> list[str]:
         """The HTTP bases of the processes that take operations."""
