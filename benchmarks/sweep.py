@@ -131,18 +131,20 @@ def _pair(percentiles: dict[str, float]) -> str:
 
 
 def chart(points: list[Result], path: Path, *, title: str) -> None:
-    """CPU per operation against the offered rate, and p50/p99 submit -> event, a line per
-    ingress (log rate axis)."""
+    """CPU per operation against the offered rate, and p50/p99 submit -> event, a colour
+    per ingress (log axes for the rate and the cost)."""
     figure = Figure(figsize=(11, 7), layout="constrained")
     FigureCanvasAgg(figure)
     cost, wait = figure.subplots(2, 1, sharex=True)
     figure.suptitle(title, fontsize=10)
-    for name in dict.fromkeys(p["ingress"] for p in points):
+    for n, name in enumerate(dict.fromkeys(p["ingress"] for p in points)):
+        colour = f"C{n}"  # one colour per ingress in both panels
         mine = [p for p in points if p["ingress"] == name]
         cost.plot(
             [p["offered"] for p in mine],
             [p["cpu_us"][SERVICE_AND_SERVERS] for p in mine],
             marker="o",
+            color=colour,
             label=name,
         )
         timed = [p for p in mine if p.get("latency_ms")]
@@ -152,10 +154,12 @@ def chart(points: list[Result], path: Path, *, title: str) -> None:
                 [p["latency_ms"][percentile] for p in timed],
                 style,
                 marker="o",
+                color=colour,
                 label=f"{name} {percentile}",
             )
     cost.set_xscale("log")
-    cost.set_ylabel("CPU µs per operation\n(service + servers)")
+    cost.set_yscale("log")
+    cost.set_ylabel("CPU µs per operation\n(service + servers, log scale)")
     cost.set_title("cost per operation (the last point of each line: the maximum)", fontsize=10)
     wait.set_ylabel("ms")
     wait.set_xlabel("offered operations per second (log scale)")
