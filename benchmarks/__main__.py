@@ -118,7 +118,7 @@ class Options:
     sweep_rates: tuple[int, ...] = sweep.RATES  # sweep: offered rates below the maximum
 
     def count(self, name: str) -> int:
-        if name == "rpc-single":
+        if name.startswith("rpc-single"):
             return self.n_single
         return self.n_baseline if name in PER_OPERATION else self.n
 
@@ -147,6 +147,7 @@ async def throughput(
     async with stage(w, opts.flushers, opts.limit, opts.roles, env=env) as st:
         update = progress.task(f"{label}: {n:,} operations", n)
         async with scenarios.connect(name, **st.ingress()) as ingress:
+            via = ingress.via
             cpu_before, started = cpu_used(st), time.perf_counter()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(watch, st, update)
@@ -179,6 +180,7 @@ async def throughput(
         "rss_mb": rss,
         "cpu_us": cpu_us,
         "mean_batches": stage_batches,
+        **({"note": f"via {via}"} if via else {}),
     }
 
 

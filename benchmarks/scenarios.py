@@ -1,5 +1,9 @@
 """The ingresses a benchmark submits through, as a caller would use each one.
 
+rpc-single is sent by the callers' own client where node and tests/nestjs's packages are
+installed: a NestJS ClientRMQ (tests/nestjs/rpc_client.js, fed over a pipe), else by
+aio-pika as ClientRMQ does it; rpc-single-py is always the aio-pika one, the second row.
+
 An `Ingress` is one kind of request (an inbox pipeline, an RPC call, an HTTP POST) and how
 many operations it carries. `drive` submits closed-loop: a few requests outstanding, the
 next sent as soon as one is answered. `benchmarks.latency` submits the same requests
@@ -9,10 +13,15 @@ handed over (inbox); the caller then waits until no operation is pending.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import os
+import shutil
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -20,10 +29,13 @@ import anyio
 import httpx
 import msgspec
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 from benchmarks.harness import RMQ_URL, producer
 
-INGRESSES = ("inbox", "rpc-single", "rpc-bulk", "http-bulk")
+INGRESSES = ("inbox", "rpc-single", "rpc-single-py", "rpc-bulk", "http-bulk")
+NESTJS = Path(__file__).parent.parent / "tests" / "nestjs"
+NEST_CLIENT = NESTJS / "rpc_client.js"
 BULK = 100  # operations in one create_operations / POST /api/operations/batch
 JSON = {"content-type": "application/json"}
 
@@ -40,6 +52,7 @@ class Ingress:
     in_flight: int  # requests outstanding in a closed-loop run
     request: Callable[[list[Op]], Coroutine[Any, Any, None]]
     coalesce: bool = False  # requests due together may be merged into one (inbox pipeline)
+    via: str = ""  # the client, where there is a choice
 
 
 def chunks(ops: list[Op], size: int) -> Iterator[list[Op]]:
@@ -67,14 +80,22 @@ async def connect(
     if name == "inbox":
         async with producer(redis, inbox) as send:
             yield Ingress(name, size=1000, in_flight=1, request=send, coalesce=True)
-    elif name in ("rpc-single", "rpc-bulk"):
+    elif name == "rpc-single" and nest_available():
+        async with nest_client(queue) as nest_send:
+
+            async def nest_one(ops: list[Op]) -> None:
+                if not await nest_send(ops[0]):
+                    raise AssertionError(f"{name}: the service refused a request")
+
+            yield Ingress(name, size=1, in_flight=64, request=nest_one, via="NestJS ClientRMQ")
+    elif name in ("rpc-single", "rpc-single-py", "rpc-bulk"):
         async with rpc_client(RMQ_URL, queue) as client:
-            if name == "rpc-single":
+            if name != "rpc-bulk":
 
                 async def one(ops: list[Op]) -> None:
                     await client.send("createOperation", ops[0])
 
-                yield Ingress(name, size=1, in_flight=64, request=one)
+                yield Ingress(name, size=1, in_flight=64, request=one, via="aio-pika")
             else:
 
                 async def bulk(ops: list[Op]) -> None:
@@ -134,3 +155,52 @@ async def rpc_client(url: str, queue: str) -> AsyncIterator[RpcClient]:
         client = RpcClient(channel, queue, replies.name)
         await replies.consume(client.on_reply, no_ack=True)
         yield client
+
+
+def nest_available() -> bool:
+    return shutil.which("node") is not None and (NESTJS / "node_modules" / "@nestjs").is_dir()
+
+
+@asynccontextmanager
+async def nest_client(queue: str) -> AsyncIterator[Callable[[Op], Awaitable[bool]]]:
+    """A NestJS ClientRMQ in a node process (tests/nestjs/rpc_client.js): yields
+    ``send(op)``, which sends createOperation and returns whether it was accepted. Its
+    requests are lines on the process's stdin, its answers lines on its stdout."""
+    env = {**os.environ, "RMQ_URL": RMQ_URL, "RPC_QUEUE": queue}
+    node = shutil.which("node") or "node"
+    async with await anyio.open_process([node, str(NEST_CLIENT)], env=env, stderr=None) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        stdin, lines = proc.stdin, BufferedByteReceiveStream(proc.stdout)
+        ready = msgspec.json.decode(await lines.receive_until(b"\n", 1 << 20))
+        assert ready == {"ready": True}, ready
+        waiting: dict[int, anyio.Event] = {}
+        accepted: dict[int, bool] = {}
+        writing = anyio.Lock()
+        numbers = itertools.count()
+
+        async def answers() -> None:
+            with contextlib.suppress(anyio.EndOfStream, anyio.IncompleteRead):
+                while True:
+                    reply = msgspec.json.decode(await lines.receive_until(b"\n", 1 << 20))
+                    accepted[reply["n"]] = reply["ok"]
+                    waiting.pop(reply["n"]).set()
+
+        async def send(op: Op) -> bool:
+            n = next(numbers)
+            done = waiting[n] = anyio.Event()
+            async with writing:
+                await stdin.send(_encode({"n": n, "op": op}) + b"\n")
+            await done.wait()
+            return accepted.pop(n)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(answers)
+            try:
+                yield send
+            finally:
+                await stdin.aclose()  # the client answers what is in flight, then exits
+                with anyio.fail_after(30):
+                    code = await proc.wait()
+                tg.cancel_scope.cancel()
+        if code != 0:
+            raise AssertionError(f"the NestJS client exited {code}")

@@ -5,8 +5,11 @@ service's own variables."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import aio_pika
 import asyncpg
@@ -149,3 +152,44 @@ async def served(settings: Settings) -> AsyncIterator[Served]:
     """A serving service (auth off) with a client for each door and its database."""
     async with served_with_clients(settings) as served:
         yield served
+
+
+NESTJS = Path(__file__).resolve().parent / "nestjs"
+NPM_TIMEOUT_S = 300
+
+
+def _needs_install() -> bool:
+    """node_modules is missing or older than the lock file it was installed from."""
+    lock = NESTJS / "package-lock.json"
+    installed = NESTJS / "node_modules" / ".package-lock.json"
+    if not installed.exists():
+        return True
+    return lock.exists() and installed.stat().st_mtime < lock.stat().st_mtime
+
+
+@pytest.fixture(scope="session")
+def nestjs() -> Iterator[Path]:
+    """tests/nestjs with its packages installed (the NestJS interop test, the bench's
+    ClientRMQ); skips when node or npm is missing."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("node is not installed: the NestJS interop test needs it (node and npm)")
+    if _needs_install():
+        command = "ci" if (NESTJS / "package-lock.json").exists() else "install"
+        try:
+            done = subprocess.run(
+                [npm, command, "--no-audit", "--no-fund"],
+                cwd=NESTJS,
+                capture_output=True,
+                text=True,
+                timeout=NPM_TIMEOUT_S,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            pytest.fail(f"npm {command} took more than {NPM_TIMEOUT_S} s:\n{exc.output}")
+        if done.returncode != 0:
+            pytest.fail(
+                f"npm {command} failed ({done.returncode}) in {NESTJS}:\n"
+                f"{done.stdout}\n{done.stderr}"
+            )
+    yield NESTJS

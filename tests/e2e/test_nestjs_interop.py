@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,49 +20,10 @@ import anyio
 import asyncpg
 import pytest
 
-from tests.conftest import PG, RMQ_URL, make_settings
+from tests.conftest import NPM_TIMEOUT_S, PG, RMQ_URL, make_settings
 from tests.pipeline import eventually, serving
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
-
-NESTJS = Path(__file__).resolve().parent.parent / "nestjs"
-NPM_TIMEOUT_S = 300
-
-
-def _needs_install() -> bool:
-    """node_modules is missing or older than the lock file it was installed from."""
-    lock = NESTJS / "package-lock.json"
-    installed = NESTJS / "node_modules" / ".package-lock.json"
-    if not installed.exists():
-        return True
-    return lock.exists() and installed.stat().st_mtime < lock.stat().st_mtime
-
-
-@pytest.fixture(scope="module")
-def nestjs() -> Iterator[Path]:
-    """tests/nestjs with its packages installed; skips when node or npm is missing."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        pytest.skip("node is not installed: the NestJS interop test needs it (node and npm)")
-    if _needs_install():
-        command = "ci" if (NESTJS / "package-lock.json").exists() else "install"
-        try:
-            done = subprocess.run(
-                [npm, command, "--no-audit", "--no-fund"],
-                cwd=NESTJS,
-                capture_output=True,
-                text=True,
-                timeout=NPM_TIMEOUT_S,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as exc:
-            pytest.fail(f"npm {command} took more than {NPM_TIMEOUT_S} s:\n{exc.output}")
-        if done.returncode != 0:
-            pytest.fail(
-                f"npm {command} failed ({done.returncode}) in {NESTJS}:\n"
-                f"{done.stdout}\n{done.stderr}"
-            )
-    yield NESTJS
 
 
 @pytest.fixture
