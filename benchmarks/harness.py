@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypedDict
@@ -119,6 +119,14 @@ class ServiceProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+async def start_together(starts: Sequence[Callable[[], Coroutine[Any, Any, object]]]) -> None:
+    """Run each of ``starts`` (a service process starting) side by side: each takes its own
+    time to import and connect, and the slowest sets the pace."""
+    async with anyio.create_task_group() as tg:
+        for start in starts:
+            tg.start_soon(start)
 
 
 async def produce(

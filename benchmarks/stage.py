@@ -7,6 +7,7 @@ nothing is left pending.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -25,7 +26,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import baselines, workload
-from benchmarks.harness import PG, REDIS_URL, RMQ_URL, ServiceProcess, free_port
+from benchmarks.harness import PG, REDIS_URL, RMQ_URL, ServiceProcess, free_port, start_together
 from streamsvc.adapters import streams as rs
 
 PENDING_LEFT = """SELECT EXISTS (SELECT 1 FROM "BatchOperations"
@@ -115,9 +116,8 @@ async def stage(
         services: list[tuple[str, ServiceProcess]] = []
         st = Stage(name, prefix, conn, redis, services, {**env, "DB_NAME": name})
         try:
-            async with anyio.create_task_group() as starting:  # each in its own time
-                for role in roles:  # `all`, or a split such as ingress + flusher
-                    starting.start_soon(st.start, role)
+            # `all`, or a split such as ingress + flusher
+            await start_together([functools.partial(st.start, role) for role in roles])
             yield st
         finally:
             for _, service in services:

@@ -10,6 +10,7 @@ applied, failed, lost, duplicated and announced.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -29,7 +30,7 @@ import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from benchmarks import workload as mixed
-from benchmarks.harness import PG, RMQ_URL, ServiceProcess, producer
+from benchmarks.harness import PG, RMQ_URL, ServiceProcess, producer, start_together
 from streamsvc.adapters import streams as rs
 from tests import checker, cluster, servers
 from tests.conftest import settings_env
@@ -73,9 +74,9 @@ class Fleet:
         return process
 
     async def start(self, *roles: str) -> None:
-        async with anyio.create_task_group() as starting:  # each in its own time
-            for role in roles:
-                starting.start_soon(self.add(role).start, "--role", role)
+        await start_together(
+            [functools.partial(self.add(role).start, "--role", role) for role in roles]
+        )
 
     def doors(self) -> list[str]:
         """The HTTP bases of the processes that take operations."""

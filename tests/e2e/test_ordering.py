@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from benchmarks import scheduling
-from benchmarks.harness import REDIS_URL, ServiceProcess, produce
+from benchmarks.harness import REDIS_URL, ServiceProcess, produce, start_together
 from streamsvc.adapters import streams as rs
 from tests.conftest import settings_env
 from tests.pipeline import eventually, statuses
@@ -45,8 +45,7 @@ async def test_each_key_applied_in_order_across_three_processes(
 ) -> None:
     rows = [f"row-{n}" for n in range(ROWS)]
     await scheduling.seed_rows(conn, rows)
-    for service in services:
-        await service.start()
+    await start_together([service.start for service in services])
     redis = rs.connect(REDIS_URL)
     try:
         updates = scheduling.keyed_updates(rows, UPDATES)  # each row's 1..200, interleaved

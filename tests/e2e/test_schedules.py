@@ -15,7 +15,7 @@ import asyncpg
 import httpx
 import pytest
 
-from benchmarks.harness import ServiceProcess, free_port
+from benchmarks.harness import ServiceProcess, free_port, start_together
 from tests.conftest import settings_env
 from tests.pipeline import eventually
 
@@ -85,8 +85,7 @@ async def test_two_processes_store_each_tick_once_and_status_lists_the_schedule(
     processes: list[ServiceProcess], conn: asyncpg.Connection, env: dict[str, str], tmp_path: Path
 ) -> None:
     await conn.execute("INSERT INTO counters VALUES ('beat', 0)")
-    for process in processes:
-        await process.start()
+    await start_together([process.start for process in processes])
     both_up = await conn.fetchval("SELECT now()")
     await stored_after(conn, both_up, 4)
     submitted = [await received(p) for p in processes]

@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from benchmarks import workload
-from benchmarks.harness import ServiceProcess, produce
+from benchmarks.harness import ServiceProcess, produce, start_together
 from streamsvc.adapters import streams as rs
 from streamsvc.model import work_decoder
 from tests.conftest import settings_env
@@ -75,8 +75,7 @@ async def test_a_killed_process_s_work_is_finished_by_the_others_within_5_s(
 ) -> None:
     w = workload.build(30_000, seed=21)
     await workload.seed(conn, w)
-    for process in processes:
-        await process.start()
+    await start_together([process.start for process in processes])
     names = rs.Names(prefix)
     await produce(redis, names.inbox, w.ops)
     victim = processes[0]
