@@ -21,7 +21,6 @@ from rich.table import Table
 
 from streamsvc import filters, logs, settings, status
 from streamsvc.adapters import caller_role, postgres
-from streamsvc.adapters import streams as rs
 from streamsvc.catalog import Catalog
 from streamsvc.errors import ConfigError, InvalidOperation, NotMigratedError
 from streamsvc.keys import KeyStore
@@ -31,7 +30,7 @@ from streamsvc.settings import Settings
 from streamsvc.store import Selection
 from streamsvc.store.postgres import PgStore
 from streamsvc.store.records import REPLAYABLE
-from streamsvc.supervisor import ROLES, run
+from streamsvc.supervisor import ROLES, run, streams_of
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -197,13 +196,7 @@ async def _store(config: Settings) -> AsyncIterator[PgStore]:
 async def _manager(config: Settings) -> AsyncIterator[Manager]:
     """The store and the work streams, for one command."""
     async with _store(config) as store:
-        streams = rs.open_streams(
-            config.redis_url,
-            config.redis_prefix,
-            shards=config.shards,
-            cluster=config.cluster_on,
-            maxlen=config.stream_maxlen,
-        )
+        streams = streams_of(config)
         try:
             await streams.open()
             yield Manager(store, streams, chunk=config.batch_limit)

@@ -91,6 +91,18 @@ def retry_policy(settings: Settings) -> RetryPolicy:
     return RetryPolicy(settings.max_attempts, settings.retry_base_ms, settings.retry_cap_ms)
 
 
+def streams_of(settings: Settings) -> rs.Streams:
+    """The streams ``settings`` lay out, on a new client (closed by the caller:
+    ``streams.redis.aclose()``; ``streams.open()`` before use)."""
+    return rs.open_streams(
+        settings.redis_url,
+        settings.redis_prefix,
+        shards=settings.shards,
+        cluster=settings.cluster_on,
+        maxlen=settings.stream_maxlen,
+    )
+
+
 @asynccontextmanager
 async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[Service]:
     """Connect, check the database, load the catalog, and build the actors (``role``: the
@@ -98,13 +110,7 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
     settings.check_auth()
     settings.check_redis()
     pool = await postgres.create_pool(settings, flushing=role in ("all", "flusher"))
-    streams = rs.open_streams(
-        settings.redis_url,
-        settings.redis_prefix,
-        shards=settings.shards,
-        cluster=settings.cluster_on,
-        maxlen=settings.stream_maxlen,
-    )
+    streams = streams_of(settings)
     client = streams.redis
     limiter: RateLimiter | None = None
     try:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
@@ -172,8 +172,15 @@ def work_entries(
 ) -> list[tuple[str, dict[Any, Any]]]:
     """``items`` as work-stream entries of at most ``chunk`` operations each, every one on
     its priority band's stream of ``names``' shard, in their order within a band."""
+    return _entries(items, chunk, lambda: names)
+
+
+def _entries(
+    items: Sequence[WorkOp], chunk: int, shard: Callable[[], Names]
+) -> list[tuple[str, dict[Any, Any]]]:
+    """``items`` as work entries (``work_entries``), each on the stream of ``shard()``."""
     return [
-        (names.work_of(p), {"ops": work_encoder.encode(part)}) for p, part in _parts(items, chunk)
+        (shard().work_of(p), {"ops": work_encoder.encode(part)}) for p, part in _parts(items, chunk)
     ]
 
 
@@ -241,10 +248,7 @@ class Streams:
 
     def spread(self, items: Sequence[WorkOp], chunk: int) -> list[tuple[str, dict[Any, Any]]]:
         """``items`` as work entries (``work_entries``), each on the next shard in turn."""
-        return [
-            (self.next_shard().work_of(p), {"ops": work_encoder.encode(part)})
-            for p, part in _parts(items, chunk)
-        ]
+        return _entries(items, chunk, self.next_shard)
 
     def _xadd(self, pipe: Any, stream: str, fields: dict[Any, Any]) -> None:
         if stream in self._capped:
