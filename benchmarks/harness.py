@@ -76,14 +76,21 @@ class ServiceProcess:
         return self.proc
 
     def replay_process(self, *args: str) -> subprocess.Popen[bytes]:
-        """`streamsvc replay ARGS` with the service's settings, beside it."""
-        return subprocess.Popen(
-            [sys.executable, "-m", "streamsvc", "replay", *args],
-            env=self.env,
-            cwd=self.workdir,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        """`streamsvc replay ARGS` with the service's settings, beside it; what it prints
+        goes to ``replay-<pid>.log`` in the work directory (`replay_log`)."""
+        with open(self.workdir / "replay.log.tmp", "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "streamsvc", "replay", *args],
+                env=self.env,
+                cwd=self.workdir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        (self.workdir / "replay.log.tmp").rename(self.workdir / f"replay-{proc.pid}.log")
+        return proc
+
+    def replay_log(self, proc: subprocess.Popen[bytes]) -> str:
+        return (self.workdir / f"replay-{proc.pid}.log").read_text(errors="replace")
 
     async def wait_for_log(self, needle: str, within: float = 20.0) -> None:
         deadline = time.monotonic() + within

@@ -225,8 +225,13 @@ async def test_replays_racing_sigkills_apply_each_operation_once(
         await eventually(at_least(conn, "SUCCESS", progress), within=60)
         service.kill()
         await service.start()
-    for replay in replays:
-        assert replay.wait(timeout=60) == 0
+    try:
+        for replay in replays:
+            assert replay.wait(timeout=60) == 0, service.replay_log(replay)
+    finally:
+        for replay in replays:
+            replay.kill()
+            replay.wait()
     await eventually(at_least(conn, "SUCCESS", n), within=90)
     assert await conn.fetchval("SELECT sum(value) FROM counters WHERE name LIKE 'r%'") == n
     rows = await conn.fetch(

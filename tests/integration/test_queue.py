@@ -12,6 +12,7 @@ import pytest
 
 from streamsvc.store import Selection
 from streamsvc.store.records import HISTORY_KEPT
+from benchmarks.harness import PG
 from tests.conftest import keyed_settings
 from tests.pipeline import Served, eventually, order, post_batch, served_with_clients
 
@@ -195,6 +196,65 @@ async def test_a_replay_of_operations_that_fail_again_ends(served: Served) -> No
         'SELECT jsonb_array_length(history) AS n, attempts FROM "BatchOperations"'
     )
     assert {(r["n"], r["attempts"]) for r in histories} == {(1, 2)}
+
+
+async def test_two_replays_of_the_same_operations_planned_differently_do_not_deadlock(
+    database: str,
+) -> None:
+    """Two hands replay the same failures at once, one planned as an index scan (the rows
+    in id order) and one as a sequential scan (in table order), both waiting on a row a
+    third transaction holds. Once it lets go, one replays them all and the other none;
+    neither dies in a deadlock (each would lock the rows in its plan's order otherwise)."""
+    holder, by_index, by_scan = [await asyncpg.connect(database=database, **PG) for _ in range(3)]
+    try:
+        await holder.execute(
+            """INSERT INTO "BatchOperations"
+                   (id, operation_type, body, status, source, submitted_by, processed_at)
+               SELECT gen_random_uuid(), 'T', '{}', 'FAIL', 'http', '', now() - g * interval '1s'
+               FROM generate_series(1, 5000) AS g;
+               ANALYZE "BatchOperations";"""
+        )
+        placed = await holder.fetch(
+            """SELECT id::text FROM "BatchOperations" TABLESAMPLE BERNOULLI (1) REPEATABLE (7)
+               ORDER BY ctid LIMIT 20"""
+        )
+        ids = [row["id"] for row in placed]
+        while min(ids) == ids[0]:  # the held row (the least id) is not first in table order
+            ids.pop(0)
+        held = min(ids)
+        await by_index.execute("SET enable_seqscan = off; SET enable_bitmapscan = off")
+        await by_scan.execute("SET enable_indexscan = off; SET enable_bitmapscan = off")
+        await holder.execute("BEGIN")
+        await holder.execute('SELECT 1 FROM "BatchOperations" WHERE id = $1::uuid FOR UPDATE', held)
+        replayed: dict[str, int] = {}
+
+        async def replay(name: str, conn: asyncpg.Connection) -> None:
+            rows = await conn.fetch("SELECT id FROM streamsvc_replay($1::uuid[])", ids)
+            replayed[name] = len(rows)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(replay, "by_index", by_index)
+            await eventually(lambda: waiting(database, by_index), within=5)
+            tg.start_soon(replay, "by_scan", by_scan)
+            await eventually(lambda: waiting(database, by_scan), within=5)
+            await holder.execute("COMMIT")
+        assert sorted(replayed.values()) == [0, len(ids)], replayed
+    finally:
+        for conn in (holder, by_index, by_scan):
+            await conn.close()
+
+
+async def waiting(database: str, conn: asyncpg.Connection) -> bool:
+    """``conn`` waits for a lock (asked on a connection of its own: one in a transaction
+    would see the activity as it was when the transaction began)."""
+    observer = await asyncpg.connect(database=database, **PG)
+    try:
+        event = await observer.fetchval(
+            "SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1", conn.get_server_pid()
+        )
+    finally:
+        await observer.close()
+    return bool(event == "Lock")
 
 
 # -- pause and resume --------------------------------------------------------------------------
