@@ -72,6 +72,11 @@ faults *ARGS: setup
 soak *ARGS: setup
     .venv/bin/python -m benchmarks.soak "$@"
 
+# Where each service process spends its CPU under a fixed offered rate (py-spy), e.g.
+# `just profile --ingress rpc-single --rate 500` (docs/efficiency.md)
+profile *ARGS: setup
+    .venv/bin/python -m benchmarks.profile "$@"
+
 # ruff check, ruff format --check, mypy
 lint: setup
     .venv/bin/ruff check .

@@ -38,6 +38,7 @@ from streamsvc.api.rpc import RpcServer
 from streamsvc.catalog import Catalog
 from streamsvc.keys import Authenticator, KeyStore
 from streamsvc.model import Operation, Receipt, Rejection
+from streamsvc.pacing import Pacer
 from streamsvc.policy import RetryPolicy
 from streamsvc.ratelimit import RateLimiter
 from streamsvc.settings import Settings
@@ -146,9 +147,11 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
             max_body_bytes=settings.max_body_bytes,
             readers=settings.inbox_readers,
             heartbeat_ms=settings.heartbeat_ms,
+            pacer=Pacer(settings.gather_ms),
         )
         # Every shard has flushers in every process that runs them (README, Scaling out).
         shards = streams.names.shards
+        pacers = [Pacer(settings.gather_ms) for _ in shards]  # a shard's flushers share one
         flushers = [
             Flusher(
                 rs.consumer_name(base, f"flusher-{n}"),
@@ -157,6 +160,7 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
                 retry,
                 limit=settings.batch_limit,
                 keep_claimed_s=settings.claim_idle_ms / 3000,
+                pacer=pacers[n % len(shards)],
             )
             for n in range(max(settings.flushers, len(shards)))
         ]
@@ -208,6 +212,7 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
                 durable_queues=settings.rmq_queue_durable,
                 max_message_bytes=settings.amqp_max_message_bytes,
                 heartbeat_ms=settings.heartbeat_ms,
+                pacer=Pacer(settings.gather_ms),
             )
             for n, shard in enumerate(shards)
         ]

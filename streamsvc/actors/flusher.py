@@ -26,6 +26,7 @@ from streamsvc.adapters.postgres import LockWait, StatementTimeout, translate
 from streamsvc.backoff import pause
 from streamsvc.errors import TransientError
 from streamsvc.model import Status, WorkOp, work_decoder, work_encoder
+from streamsvc.pacing import Pacer
 from streamsvc.policy import BandTurns, RetryPolicy, Verdict, halves
 from streamsvc.store import Applied, Store
 
@@ -43,6 +44,7 @@ class Flusher:
         limit: int,
         block_ms: int = 1000,
         keep_claimed_s: float = 10.0,
+        pacer: Pacer | None = None,
     ) -> None:
         self.name = name
         self.store = store
@@ -53,6 +55,7 @@ class Flusher:
         self.keep_claimed_s = keep_claimed_s  # well under the sweeper's claim-idle time
         self.stopping = False
         self.turns = BandTurns()
+        self.pacer = pacer or Pacer(0)  # shared by a process's flushers (streamsvc.pacing)
         # Operations per entry, as seen so far, of all streams (for a blocking read) and of
         # each (for a take): a take asks for about ``limit`` operations' worth of entries.
         # Until entries are seen, as many as an entry may hold: a fresh flusher's first take
@@ -71,39 +74,67 @@ class Flusher:
         Each turn takes new entries from the priority bands in the order ``turns`` gives
         (streamsvc.policy.BandTurns: higher first, every band its share); when none has
         any, it waits on all of them at once."""
-        names = self.streams.names
         failures = 0
         while not self.stopping:
-            count = max(1, min(self.limit, int(self.limit / self._ops_per_entry)))
-            order = [names.work_of(p) for p in self.turns.next()]
-            per_entry = [self._per_entry.get(stream, float(self.limit)) for stream in order]
             try:
-                taken = await self.streams.take(
-                    order,
-                    rs.FLUSHER_GROUP,
-                    self.name,
-                    operations=self.limit,
-                    per_entry=per_entry,
-                )
-                if not taken:
-                    if burst:
-                        return
-                    taken = await self.streams.wait(
-                        names.work_streams,
-                        rs.FLUSHER_GROUP,
-                        self.name,
-                        count=count,
-                        block_ms=self.block_ms,
-                    )
-                    if not taken:
-                        continue
-                await self.handle(taken)
+                async with self.pacer.turn():
+                    taken = await self._next(burst)
+                if taken is None:
+                    return
+                if taken:
+                    await self.handle(taken)
                 failures = 0
             except rs.CONNECTION_EXCEPTIONS as exc:  # unacked work is redelivered later
                 failures += 1
                 await pause(
                     log, "flusher.redis_unavailable", exc, self.retry, failures, "reading again"
                 )
+
+    async def _next(self, burst: bool) -> list[rs.Taken] | None:
+        """The entries of the next batch: new ones from the bands in the order ``turns``
+        gives, or, when none has any, those that come first to any band within
+        ``block_ms`` (none: nothing came; None: nothing waits, in burst mode); with what
+        more gathered when they were worth less than a batch (streamsvc.pacing)."""
+        names = self.streams.names
+        count = max(1, min(self.limit, int(self.limit / self._ops_per_entry)))
+        order = [names.work_of(p) for p in self.turns.next()]
+        per_entry = [self._per_entry.get(stream, float(self.limit)) for stream in order]
+        taken = await self.streams.take(
+            order, rs.FLUSHER_GROUP, self.name, operations=self.limit, per_entry=per_entry
+        )
+        if not taken:
+            if burst:
+                return None
+            taken = await self.streams.wait(
+                names.work_streams, rs.FLUSHER_GROUP, self.name, count=count, block_ms=self.block_ms
+            )
+            if not taken:
+                return []
+        taken += await self._gathered(order, per_entry, taken)
+        self.pacer.started()
+        return taken
+
+    async def _gathered(
+        self, order: list[str], per_entry: list[float], taken: list[rs.Taken]
+    ) -> list[rs.Taken]:
+        """When ``taken`` holds less than a batch, what more came while the pacer let work
+        gather (nothing after a quiet moment)."""
+        more: list[rs.Taken] = []
+        held = sum(rs.operations_in(fields) for _, (_, fields) in taken)
+        while held < self.limit and await self.pacer.gather():
+            while held < self.limit:  # a take counts entries at their estimated size
+                came = await self.streams.take(
+                    order,
+                    rs.FLUSHER_GROUP,
+                    self.name,
+                    operations=self.limit - held,
+                    per_entry=per_entry,
+                )
+                if not came:
+                    break
+                more += came
+                held += sum(rs.operations_in(fields) for _, (_, fields) in came)
+        return more
 
     async def handle(self, taken: list[rs.Taken]) -> None:
         """Apply every operation of the ``taken`` entries (in transactions of at most

@@ -37,6 +37,7 @@ from streamsvc.adapters import amqp
 from streamsvc.adapters import streams as rs
 from streamsvc.backoff import pause
 from streamsvc.model import Outcome, Status, json_encoder, outcomes_decoder
+from streamsvc.pacing import Pacer
 from streamsvc.policy import RetryPolicy
 from streamsvc.settings import Route
 
@@ -234,6 +235,7 @@ class Notifier:
         count: int = 100,
         block_ms: int = 1000,
         heartbeat_ms: int = 1000,
+        pacer: Pacer | None = None,
     ) -> None:
         self.name = name
         self.heartbeat_ms = heartbeat_ms
@@ -247,6 +249,7 @@ class Notifier:
         self.max_message_bytes = max_message_bytes
         self.count = count
         self.block_ms = block_ms
+        self.pacer = pacer or Pacer(0)  # streamsvc.pacing
         self.stopping = anyio.Event()
 
     async def run(self) -> None:
@@ -299,6 +302,11 @@ class Notifier:
             if not entries:
                 own_pending = False
                 continue
+            try:
+                entries += await self._gathered(entries, own_pending)
+            except rs.CONNECTION_EXCEPTIONS:  # these go now; a lost reply's, after them
+                own_pending = True
+            self.pacer.started()
             dead = await self.deliver(publisher, entries)  # a lost connection ends the session
             try:
                 await self.acknowledge(entries, dead)
@@ -307,6 +315,23 @@ class Notifier:
                 await pause(
                     log, "notifier.redis_unavailable", exc, self.retry, failures, "reading again"
                 )
+
+    async def _gathered(self, entries: list[rs.Entry], own_pending: bool) -> list[rs.Entry]:
+        """When ``entries`` are fewer than a read takes, what more came while the pacer let
+        outcomes gather (nothing after a quiet moment, nor while reading what was ours)."""
+        more: list[rs.Entry] = []
+        while (
+            not own_pending and len(entries) + len(more) < self.count and await self.pacer.gather()
+        ):
+            more += await self.streams.read(
+                self.streams.names.outcomes,
+                rs.NOTIFIER_GROUP,
+                self.name,
+                count=self.count - len(entries) - len(more),
+                block_ms=None,
+                own_pending=False,
+            )
+        return more
 
     async def relay(self, publisher: Publisher, entries: list[rs.Entry]) -> None:
         """Publish every outcome of ``entries``, wait for the confirms, then ack them;

@@ -184,6 +184,21 @@ def _entries(
     ]
 
 
+def operations_in(fields: dict[bytes, bytes]) -> int:
+    """How many operations a work entry holds, read from its msgpack array's header
+    without decoding them (1 for an entry that holds no array: it is dead-lettered when
+    decoded)."""
+    raw = fields.get(b"ops", b"")
+    head = raw[0] if raw else 0
+    if 0x90 <= head <= 0x9F:  # fixarray
+        return head - 0x90
+    if head == 0xDC and len(raw) >= 3:  # array 16
+        return int.from_bytes(raw[1:3], "big")
+    if head == 0xDD and len(raw) >= 5:  # array 32
+        return int.from_bytes(raw[1:5], "big")
+    return 1
+
+
 def _parts(items: Sequence[WorkOp], chunk: int) -> list[tuple[int, Sequence[WorkOp]]]:
     """``items`` by priority band, in parts of at most ``chunk``, in their order."""
     bands: dict[int, list[WorkOp]] = {}

@@ -38,6 +38,7 @@ from streamsvc.model import (
     derived_id,
     json_encoder,
 )
+from streamsvc.pacing import Pacer
 from streamsvc.policy import RetryPolicy
 from streamsvc.validate import Caller
 
@@ -74,8 +75,11 @@ class InboxConsumer:
         readers: int = 1,
         block_ms: int = 1000,
         heartbeat_ms: int = 1000,
+        pacer: Pacer | None = None,
     ) -> None:
         self.name = name
+        # Its readers' (streamsvc.pacing): no caller waits on an inbox entry's ack.
+        self.pacer = pacer or Pacer(0)
         self.heartbeat_ms = heartbeat_ms
         self.readers = readers
         self.ingress = ingress
@@ -109,14 +113,19 @@ class InboxConsumer:
                 if time.monotonic() >= next_claim:
                     next_claim = time.monotonic() + self.claim_idle_ms / 2000
                     await self._take_over_idle(consumer)
-                entries = await self.streams.read(
-                    self.streams.names.inbox,
-                    rs.INGRESS_GROUP,
-                    consumer,
-                    count=self.count,
-                    block_ms=None if burst or own_pending else self.block_ms,
-                    own_pending=own_pending,
-                )
+                async with self.pacer.turn():
+                    entries = await self.streams.read(
+                        self.streams.names.inbox,
+                        rs.INGRESS_GROUP,
+                        consumer,
+                        count=self.count,
+                        block_ms=None if burst or own_pending else self.block_ms,
+                        own_pending=own_pending,
+                    )
+                    if entries and not own_pending:
+                        entries += await self._gathered(consumer, len(entries))
+                    if entries:
+                        self.pacer.started()
                 if entries:
                     await self.ingest(entries, consumer)
                 elif own_pending:
@@ -135,6 +144,20 @@ class InboxConsumer:
                     failures,
                     "reading unacked entries again",
                 )
+
+    async def _gathered(self, consumer: str, read: int) -> list[rs.Entry]:
+        """When fewer than ``count`` entries were read, the new ones that came while the
+        pacer let them gather (none after a quiet moment)."""
+        more: list[rs.Entry] = []
+        while read + len(more) < self.count and await self.pacer.gather():
+            more += await self.streams.read(
+                self.streams.names.inbox,
+                rs.INGRESS_GROUP,
+                consumer,
+                count=self.count - read - len(more),
+                block_ms=None,
+            )
+        return more
 
     async def _take_over_dead(self, consumer: str, *, before: bytes | None = None) -> None:
         """Entries the readers of a dead process read and never acked become ours (only

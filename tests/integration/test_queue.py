@@ -10,9 +10,9 @@ import anyio
 import asyncpg
 import pytest
 
+from benchmarks.harness import PG
 from streamsvc.store import Selection
 from streamsvc.store.records import HISTORY_KEPT
-from benchmarks.harness import PG
 from tests.conftest import keyed_settings
 from tests.pipeline import Served, eventually, order, post_batch, served_with_clients
 

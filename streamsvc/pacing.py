@@ -1,0 +1,63 @@
+"""Gathering: a stage's small cycles spaced out while work keeps coming, never after a lull.
+
+Each stage pays a fixed cost per cycle: its stream read and ack, its round trips and
+commit, its publish. At full load a cycle carries hundreds of operations and that cost
+vanishes; at a thousand operations a second, cycles run back to back with a handful each,
+and the fixed cost is most of the bill. A ``Pacer`` lets the next cycle that is not full
+start only ``gather`` after the previous one of its stage started, so that what arrives
+meanwhile travels together. It never delays a cycle that follows a quiet moment (the
+previous one started longer ago than ``gather``), nor a full one: a lone operation goes
+at once, and a backlog at full speed.
+
+The stages that gather are those no caller waits on: the inbox readers (a producer's XADD
+has returned), the flushers and the notifier (the caller has its answer). The intake of
+HTTP and RPC requests does not: a caller sending one request after the other would wait
+``gather`` for each answer (docs/efficiency.md).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import anyio
+
+
+class Pacer:
+    """The cycles of one stage in one process (its actors share it)."""
+
+    def __init__(self, gather_ms: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.gather_s = gather_ms / 1000
+        self.clock = clock
+        self._last = -math.inf
+        self._turn = anyio.Lock()
+
+    @asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """One actor of the stage at a time takes work and lets more gather (the others
+        would only take the gathering work in smaller bites); their cycles still overlap.
+        Without gathering, no turns: each actor takes work as it comes."""
+        if not self.gather_s:
+            yield
+            return
+        async with self._turn:
+            yield
+
+    def wait_s(self) -> float:
+        """How long a small cycle about to start should let work gather: until ``gather``
+        after the previous cycle started; 0 when that is past (a quiet moment)."""
+        return max(0.0, self._last + self.gather_s - self.clock())
+
+    async def gather(self) -> bool:
+        """Wait ``wait_s``; whether it waited (then the caller takes what came meanwhile)."""
+        wait = self.wait_s()
+        if wait <= 0:
+            return False
+        await anyio.sleep(wait)
+        return True
+
+    def started(self) -> None:
+        """A cycle starts now (small or full: a full one is followed closely by others)."""
+        self._last = self.clock()
