@@ -26,17 +26,19 @@ import anyio
 
 
 class Pacer:
-    """The cycles of one stage in one process (its actors share it)."""
+    """The cycles of one stage in one process (its actors share it). An actor awaits
+    ``gather`` before it reads its next work, and says ``started`` once it has some."""
 
     def __init__(self, gather_ms: int, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.gather_s = gather_ms / 1000
         self.clock = clock
         self._last = -math.inf
+        self._full = False
         self._turn = anyio.Lock()
 
     @asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:
-        """One actor of the stage at a time takes work and lets more gather (the others
+        """One actor of the stage at a time lets work gather and reads it (the others
         would only take the gathering work in smaller bites); their cycles still overlap.
         Without gathering, no turns: each actor takes work as it comes."""
         if not self.gather_s:
@@ -46,18 +48,20 @@ class Pacer:
             yield
 
     def wait_s(self) -> float:
-        """How long a small cycle about to start should let work gather: until ``gather``
-        after the previous cycle started; 0 when that is past (a quiet moment)."""
+        """How long the next read should let work gather: until ``gather`` after the
+        previous cycle started, unless that one was full; 0 once that is past (a quiet
+        moment: the read then waits for the next work and hands it on at once)."""
+        if self._full:
+            return 0.0
         return max(0.0, self._last + self.gather_s - self.clock())
 
-    async def gather(self) -> bool:
-        """Wait ``wait_s``; whether it waited (then the caller takes what came meanwhile)."""
+    async def gather(self) -> None:
+        """Wait ``wait_s``."""
         wait = self.wait_s()
-        if wait <= 0:
-            return False
-        await anyio.sleep(wait)
-        return True
+        if wait > 0:
+            await anyio.sleep(wait)
 
-    def started(self) -> None:
-        """A cycle starts now (small or full: a full one is followed closely by others)."""
+    def started(self, *, full: bool) -> None:
+        """A cycle starts now, with as much work as a cycle takes (``full``) or less."""
         self._last = self.clock()
+        self._full = full

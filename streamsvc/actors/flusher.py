@@ -91,14 +91,15 @@ class Flusher:
                 )
 
     async def _next(self, burst: bool) -> list[rs.Taken] | None:
-        """The entries of the next batch: new ones from the bands in the order ``turns``
-        gives, or, when none has any, those that come first to any band within
-        ``block_ms`` (none: nothing came; None: nothing waits, in burst mode); with what
-        more gathered when they were worth less than a batch (streamsvc.pacing)."""
+        """The entries of the next batch, once the pacer let work gather
+        (streamsvc.pacing): new ones from the bands in the order ``turns`` gives, or,
+        when none has any, those that come first to any band within ``block_ms`` (none:
+        nothing came; None: nothing waits, in burst mode)."""
         names = self.streams.names
         count = max(1, min(self.limit, int(self.limit / self._ops_per_entry)))
         order = [names.work_of(p) for p in self.turns.next()]
         per_entry = [self._per_entry.get(stream, float(self.limit)) for stream in order]
+        await self.pacer.gather()
         taken = await self.streams.take(
             order, rs.FLUSHER_GROUP, self.name, operations=self.limit, per_entry=per_entry
         )
@@ -110,31 +111,9 @@ class Flusher:
             )
             if not taken:
                 return []
-        taken += await self._gathered(order, per_entry, taken)
-        self.pacer.started()
-        return taken
-
-    async def _gathered(
-        self, order: list[str], per_entry: list[float], taken: list[rs.Taken]
-    ) -> list[rs.Taken]:
-        """When ``taken`` holds less than a batch, what more came while the pacer let work
-        gather (nothing after a quiet moment)."""
-        more: list[rs.Taken] = []
         held = sum(rs.operations_in(fields) for _, (_, fields) in taken)
-        while held < self.limit and await self.pacer.gather():
-            while held < self.limit:  # a take counts entries at their estimated size
-                came = await self.streams.take(
-                    order,
-                    rs.FLUSHER_GROUP,
-                    self.name,
-                    operations=self.limit - held,
-                    per_entry=per_entry,
-                )
-                if not came:
-                    break
-                more += came
-                held += sum(rs.operations_in(fields) for _, (_, fields) in came)
-        return more
+        self.pacer.started(full=held >= self.limit)
+        return taken
 
     async def handle(self, taken: list[rs.Taken]) -> None:
         """Apply every operation of the ``taken`` entries (in transactions of at most

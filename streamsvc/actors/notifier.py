@@ -284,6 +284,8 @@ class Notifier:
                         min_idle_ms=abandoned_after_ms(self.heartbeat_ms),
                         count=self.count,
                     )
+                if not entries and not own_pending:
+                    await self.pacer.gather()  # streamsvc.pacing
                 entries = entries or await self.streams.read(
                     self.streams.names.outcomes,
                     rs.NOTIFIER_GROUP,
@@ -302,11 +304,7 @@ class Notifier:
             if not entries:
                 own_pending = False
                 continue
-            try:
-                entries += await self._gathered(entries, own_pending)
-            except rs.CONNECTION_EXCEPTIONS:  # these go now; a lost reply's, after them
-                own_pending = True
-            self.pacer.started()
+            self.pacer.started(full=len(entries) >= self.count)
             dead = await self.deliver(publisher, entries)  # a lost connection ends the session
             try:
                 await self.acknowledge(entries, dead)
@@ -315,23 +313,6 @@ class Notifier:
                 await pause(
                     log, "notifier.redis_unavailable", exc, self.retry, failures, "reading again"
                 )
-
-    async def _gathered(self, entries: list[rs.Entry], own_pending: bool) -> list[rs.Entry]:
-        """When ``entries`` are fewer than a read takes, what more came while the pacer let
-        outcomes gather (nothing after a quiet moment, nor while reading what was ours)."""
-        more: list[rs.Entry] = []
-        while (
-            not own_pending and len(entries) + len(more) < self.count and await self.pacer.gather()
-        ):
-            more += await self.streams.read(
-                self.streams.names.outcomes,
-                rs.NOTIFIER_GROUP,
-                self.name,
-                count=self.count - len(entries) - len(more),
-                block_ms=None,
-                own_pending=False,
-            )
-        return more
 
     async def relay(self, publisher: Publisher, entries: list[rs.Entry]) -> None:
         """Publish every outcome of ``entries``, wait for the confirms, then ack them;

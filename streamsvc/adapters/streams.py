@@ -623,35 +623,68 @@ def _fields(flat: list[bytes]) -> dict[bytes, bytes]:
     return dict(zip(flat[0::2], flat[1::2], strict=True))
 
 
-# Read new entries for one consumer from the streams in KEYS, in order, until about
-# ARGV[3] operations are taken, the entries of KEYS[i] counted at ARGV[3 + i] operations
-# each: XREADGROUP without BLOCK inside a script, so the streams are tried in one round
-# trip and nothing is taken from a later stream while an earlier one had enough. The
-# first entry is taken whatever it holds. A stream whose group is gone answers NOGROUP in
-# place of its entries.
+# Read new entries for one consumer from the streams in KEYS, in order, until ARGV[3]
+# operations are taken: XREADGROUP without BLOCK inside a script, so the streams are tried in
+# one round trip and nothing is taken from a later stream while an earlier one had enough.
+# How many entries to ask for is guessed from ARGV[3 + i], the operations per entry seen so
+# far on KEYS[i]; what they hold is then counted exactly (an entry's `ops` field is a
+# msgpack array: its header says how many), and a stream that had more is read again while
+# operations are missing. The first entry is taken whatever it holds. A stream whose group
+# is gone answers NOGROUP in place of its entries.
 _TAKE = """
+local function operations(entry)
+    local fields = entry[2]
+    for j = 1, #fields, 2 do
+        if fields[j] == 'ops' then
+            local raw = fields[j + 1]
+            local head = string.byte(raw, 1) or 0
+            if head >= 0x90 and head <= 0x9f then return head - 0x90 end
+            if head == 0xdc then return string.byte(raw, 2) * 256 + string.byte(raw, 3) end
+            if head == 0xdd then
+                return ((string.byte(raw, 2) * 256 + string.byte(raw, 3)) * 256
+                        + string.byte(raw, 4)) * 256 + string.byte(raw, 5)
+            end
+        end
+    end
+    return 1
+end
+
 local left = tonumber(ARGV[3])
 local taken = 0
 local reply = {}
 for i, key in ipairs(KEYS) do
-    if left <= 0 then break end
     local per = tonumber(ARGV[3 + i])
-    local count = math.floor(left / per + 0.5)
-    if count < 1 and taken == 0 then count = 1 end
-    if count >= 1 then
+    local got = {}
+    local failed = false
+    while left > 0 do
+        local count = math.floor(left / per + 0.5)
+        if count < 1 then
+            if taken > 0 then break end
+            count = 1
+        end
         local ok, read = pcall(redis.call, 'XREADGROUP', 'GROUP', ARGV[1], ARGV[2],
                                'COUNT', count, 'STREAMS', key, '>')
         if not ok then
-            table.insert(reply, {key, 'NOGROUP'})
-        elseif read and read[1] then
-            -- Redis answers {{stream, entries}}; fakeredis, which unit tests run,
-            -- {stream, entries}
-            local entries = type(read[1]) == 'table' and read[1][2] or read[2]
-            left = left - #entries * per
-            taken = taken + #entries
-            table.insert(reply, {key, entries})
+            failed = true
+            break
         end
+        if not (read and read[1]) then break end
+        -- Redis answers {{stream, entries}}; fakeredis, which unit tests run,
+        -- {stream, entries}
+        local entries = type(read[1]) == 'table' and read[1][2] or read[2]
+        for _, entry in ipairs(entries) do
+            table.insert(got, entry)
+            left = left - operations(entry)
+        end
+        taken = taken + #entries
+        if #entries < count then break end
     end
+    if failed then
+        table.insert(reply, {key, 'NOGROUP'})
+    elseif #got > 0 then
+        table.insert(reply, {key, got})
+    end
+    if left <= 0 then break end
 end
 return reply
 """

@@ -114,6 +114,8 @@ class InboxConsumer:
                     next_claim = time.monotonic() + self.claim_idle_ms / 2000
                     await self._take_over_idle(consumer)
                 async with self.pacer.turn():
+                    if not own_pending:
+                        await self.pacer.gather()  # streamsvc.pacing
                     entries = await self.streams.read(
                         self.streams.names.inbox,
                         rs.INGRESS_GROUP,
@@ -122,10 +124,8 @@ class InboxConsumer:
                         block_ms=None if burst or own_pending else self.block_ms,
                         own_pending=own_pending,
                     )
-                    if entries and not own_pending:
-                        entries += await self._gathered(consumer, len(entries))
                     if entries:
-                        self.pacer.started()
+                        self.pacer.started(full=len(entries) >= self.count)
                 if entries:
                     await self.ingest(entries, consumer)
                 elif own_pending:
@@ -144,20 +144,6 @@ class InboxConsumer:
                     failures,
                     "reading unacked entries again",
                 )
-
-    async def _gathered(self, consumer: str, read: int) -> list[rs.Entry]:
-        """When fewer than ``count`` entries were read, the new ones that came while the
-        pacer let them gather (none after a quiet moment)."""
-        more: list[rs.Entry] = []
-        while read + len(more) < self.count and await self.pacer.gather():
-            more += await self.streams.read(
-                self.streams.names.inbox,
-                rs.INGRESS_GROUP,
-                consumer,
-                count=self.count - read - len(more),
-                block_ms=None,
-            )
-        return more
 
     async def _take_over_dead(self, consumer: str, *, before: bytes | None = None) -> None:
         """Entries the readers of a dead process read and never acked become ours (only

@@ -43,7 +43,7 @@ def test_a_cycle_after_a_quiet_moment_starts_at_once() -> None:
     clock = Clock()
     pacer = Pacer(10, clock=clock)
     assert pacer.wait_s() == 0, "the first cycle"
-    pacer.started()
+    pacer.started(full=False)
     clock.now += 0.011  # longer ago than gather
     assert pacer.wait_s() == 0
 
@@ -51,15 +51,23 @@ def test_a_cycle_after_a_quiet_moment_starts_at_once() -> None:
 def test_a_cycle_close_behind_the_last_waits_for_the_rest_of_gather() -> None:
     clock = Clock()
     pacer = Pacer(10, clock=clock)
-    pacer.started()
+    pacer.started(full=False)
     clock.now += 0.003
     assert pacer.wait_s() == pytest.approx(0.007)
+
+
+def test_a_cycle_behind_a_full_one_does_not_wait() -> None:
+    clock = Clock()
+    pacer = Pacer(10, clock=clock)
+    pacer.started(full=True)  # a backlog: the next goes at once
+    clock.now += 0.001
+    assert pacer.wait_s() == 0
 
 
 def test_without_gathering_no_cycle_waits_and_actors_take_no_turns() -> None:
     clock = Clock()
     pacer = Pacer(0, clock=clock)
-    pacer.started()
+    pacer.started(full=False)
     assert pacer.wait_s() == 0
     assert not pacer._turn.locked()
 
