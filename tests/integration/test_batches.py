@@ -15,7 +15,7 @@ from structlog.typing import EventDict
 
 from streamsvc.adapters import postgres
 from streamsvc.adapters import streams as rs
-from streamsvc.model import Receipt, Rejection, Status
+from streamsvc.model import Receipt, Rejection, Status, WorkOp
 from streamsvc.settings import Settings
 from streamsvc.validate import ANONYMOUS
 from tests.conftest import PG, make_settings
@@ -501,3 +501,25 @@ async def test_a_claim_finds_its_rows_by_primary_key_however_many_are_pending(
     (plan,) = [p for p in plans if 'UPDATE "BatchOperations"' in p]
     assert "BatchOperations_pkey" in plan, plan
     assert "pending_idx" not in plan and "Seq Scan" not in plan, plan
+
+
+async def test_a_batch_holding_an_operation_finished_earlier_applies_the_rest_once(
+    settings: Settings, conn: asyncpg.Connection
+) -> None:
+    """A redelivered batch whose first operation already succeeded: the one-statement
+    batch finds it finished and undoes everything; the batch goes again as a transaction
+    of several calls, applying the other two once and reporting the first as it ended."""
+    async with running(settings) as service:
+        three = ops([order(n) for n in (1, 2, 3)])
+        results = await service.ingress.submit(three, caller=ANONYMOUS, source="api")
+        ids = [r.id for r in results if isinstance(r, Receipt)]
+        await conn.execute(
+            """UPDATE "BatchOperations" SET status = 'SUCCESS', attempts = 1
+               WHERE id = $1::uuid""",
+            ids[0],
+        )
+        items = [WorkOp(op_id, op) for op_id, op in zip(ids, three, strict=True)]
+        applied = await service.ingress.store.apply(items)
+    assert sorted(o.id for o in applied.outcomes) == sorted(ids[1:])
+    assert [(o.id, o.status) for o in applied.earlier] == [(ids[0], Status.SUCCESS)]
+    assert await conn.fetchval("SELECT count(*) FROM orders") == 2, "the first was not applied"
