@@ -43,22 +43,35 @@ _events = msgspec.json.Decoder()
 
 # The legs of an operation's way (see `stages`), as the tables name them.
 LEGS = {"stored": "submit→stored", "claimed": "stored→claimed", "event": "claimed→event"}
+REPLY = "submit→answer"  # where a caller waits for its answer (RPC, HTTP), in "stages" too
 
 
 TICK_S = 0.005
 
 
 async def offer(
-    ingress: Ingress, ops: list[Op], rate: float, *, tick_s: float = TICK_S
+    ingress: Ingress,
+    ops: list[Op],
+    rate: float,
+    *,
+    tick_s: float = TICK_S,
+    answered: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """Submit ``ops`` at ``rate`` operations a second, waking at most once per ``tick_s``;
     the submit wall time of each, by userOperationId. Returns once every request was
-    answered."""
+    answered; ``answered`` gets the wall time each answer came (by userOperationId)."""
     size = 1 if ingress.coalesce else ingress.size
     units = list(scenarios.chunks(ops, size))
     submitted: dict[str, float] = {}
     started = time.perf_counter()
     sent = 0
+
+    async def request(unit: list[Op]) -> None:
+        await ingress.request(unit)
+        if answered is not None:
+            now = time.time()
+            answered.update((op["userOperationId"], now) for op in unit)
+
     async with anyio.create_task_group() as tg:
         while sent < len(units):
             due = min(len(units), math.floor((time.perf_counter() - started) * rate / size) + 1)
@@ -66,10 +79,10 @@ async def offer(
             wall = time.time()
             submitted.update((op["userOperationId"], wall) for unit in batch for op in unit)
             if ingress.coalesce:  # one inbox pipeline for everything due now
-                tg.start_soon(ingress.request, [op for unit in batch for op in unit])
+                tg.start_soon(request, [op for unit in batch for op in unit])
             else:
                 for unit in batch:
-                    tg.start_soon(ingress.request, unit)
+                    tg.start_soon(request, unit)
             next_due = started + sent * size / rate
             await anyio.sleep(max(tick_s, next_due - time.perf_counter()))
     return submitted
@@ -111,7 +124,8 @@ async def measure(
         ):
             tg.start_soon(watch, st, update)
             cpu_before, started = cpu_used(st), time.perf_counter()
-            submitted = await offer(ingress, ops, rate)
+            answered: dict[str, float] = {}
+            submitted = await offer(ingress, ops, rate, answered=answered)
             await finished(st, inbox=name == "inbox")
             with anyio.move_on_after(30):  # the last events are still on their way
                 await arrivals.complete.wait()
@@ -128,6 +142,8 @@ async def measure(
     assert len(arrived) == expected, f"{expected - len(arrived)} outcome events never came"
     ms = [(arrived[op_id] - submitted[op_id]) * 1000 for op_id in arrived]
     legs = stages(submitted, {op_id: (s, c) for op_id, s, c in stored}, arrived)
+    if not ingress.coalesce:  # a caller waits for each answer (the inbox's is its XADD)
+        legs["reply"] = percentiles([(answered[i] - submitted[i]) * 1000 for i in answered])
     return {
         "rate": round(rate),
         **percentiles(ms),

@@ -31,7 +31,7 @@ from rich.table import Table
 from rich.text import Text
 
 from benchmarks import sweep
-from benchmarks.latency import LEGS
+from benchmarks.latency import LEGS, REPLY
 
 NAIVE = "naive"  # the scenario ratios are taken against
 CEILING = "copy+update"  # the ceiling ratios are taken against
@@ -113,6 +113,7 @@ def latency_table(results: list[Result]) -> Table | None:
     grid.add_column("offered", justify="right")
     for heading in LEGS.values():
         grid.add_column(f"{heading} ms", justify="right")
+    grid.add_column(f"{REPLY} ms", justify="right")
     grid.add_column("CPU, % of one core")
     for r in runs:
         latency = r["latency_ms"]
@@ -121,6 +122,7 @@ def latency_table(results: list[Result]) -> Table | None:
             r["scenario"],
             f"{latency['rate']:,.0f}/s",
             *(_latency(latency["stages"][leg]) for leg in LEGS),
+            _latency(latency["stages"].get("reply")),
             ", ".join(f"{name} {share:.0f}" for name, share in cpu),
         )
     return grid

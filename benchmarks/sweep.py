@@ -107,6 +107,7 @@ def table(points: list[Result]) -> Table:
     grid.add_column("p50/p99 ms: submit→event", justify="right")
     for leg in latency.LEGS:
         grid.add_column(f"p50/p99 {latency.LEGS[leg]}", justify="right")
+    grid.add_column(f"p50/p99 {latency.REPLY}", justify="right")
     for p in points:
         cpu = dict(p["cpu_us"])
         total = cpu.pop(SERVICE_AND_SERVERS)
@@ -114,6 +115,8 @@ def table(points: list[Result]) -> Table:
         by = ", ".join(f"{k} {v:.0f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]))
         lat = p.get("latency_ms")
         legs = [_pair(lat["stages"][leg]) if lat else "—" for leg in latency.LEGS]
+        reply = lat["stages"].get("reply") if lat else None
+        legs.append(_pair(reply) if reply else "—")
         grid.add_row(
             p["ingress"],
             f"{p['offered']:,}" + (" (max)" if p.get("maximum") else ""),

@@ -43,10 +43,13 @@ async def test_every_operation_goes_once_in_order_at_the_offered_rate() -> None:
 async def test_a_slow_answer_delays_no_later_submission() -> None:
     recorder = Recorder(delay_s=0.3)  # every answer takes longer than the whole schedule
     ops = _ops(20)
-    submitted = await offer(Ingress("rpc", 1, 64, recorder.request), ops, 200)
+    answered: dict[str, float] = {}
+    submitted = await offer(Ingress("rpc", 1, 64, recorder.request), ops, 200, answered=answered)
     times = [submitted[op["userOperationId"]] for op in ops]
     assert times[-1] - times[0] < 0.2  # sent on schedule (0.1 s), not one answer after another
     assert len(recorder.requests) == 20
+    waits = [answered[i] - submitted[i] for i in submitted]
+    assert all(0.29 <= wait < 0.6 for wait in waits), "each answer timed from its own request"
 
 
 def test_stages_split_each_latency_at_storing_and_claiming() -> None:
