@@ -634,16 +634,16 @@ def _fields(flat: list[bytes]) -> dict[bytes, bytes]:
 _TAKE = """
 local function operations(entry)
     local fields = entry[2]
-    for j = 1, #fields, 2 do
+    if type(fields) ~= 'table' then return 1 end
+    for j = 1, #fields - 1, 2 do
         if fields[j] == 'ops' then
-            local raw = fields[j + 1]
-            local head = string.byte(raw, 1) or 0
-            if head >= 0x90 and head <= 0x9f then return head - 0x90 end
-            if head == 0xdc then return string.byte(raw, 2) * 256 + string.byte(raw, 3) end
-            if head == 0xdd then
-                return ((string.byte(raw, 2) * 256 + string.byte(raw, 3)) * 256
-                        + string.byte(raw, 4)) * 256 + string.byte(raw, 5)
-            end
+            -- Anything else (a short or foreign value) counts as one: the flusher
+            -- dead-letters what it cannot decode.
+            local head, b1, b2, b3, b4 = string.byte(fields[j + 1], 1, 5)
+            if head and head >= 0x90 and head <= 0x9f then return head - 0x90 end
+            if head == 0xdc and b2 then return b1 * 256 + b2 end
+            if head == 0xdd and b4 then return ((b1 * 256 + b2) * 256 + b3) * 256 + b4 end
+            return 1
         end
     end
     return 1

@@ -220,3 +220,22 @@ async def test_one_callers_key_never_holds_back_another_callers_same_key() -> No
     await rig.streams.add_each(rs.work_entries(rig.streams.names, stored.ready, 10))
     await rig.flusher.run(burst=True)
     assert rig.store.applied == ["op-2"]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"\xdc", b"\xdc\x01", b"\xdd\x00\x00", b"not msgpack", b"\x93\x01"],
+    ids=["empty", "array16-cut", "array16-short", "array32-cut", "text", "short-array"],
+)
+async def test_a_foreign_work_entry_is_dead_lettered_and_the_rest_applied(raw: bytes) -> None:
+    """Whatever an entry's `ops` holds, taking it (whose script counts each entry's
+    operations from its header) goes on: the entry is dead-lettered, the others land."""
+    rig = Rig()
+    names = rig.streams.names
+    await rig.submit([new(1)])
+    await rig.streams.add(names.work_of(0), [{"ops": raw}])
+    await rig.submit([new(2)])
+    await rig.flusher.run(burst=True)
+    assert rig.store.applied == ["op-1", "op-2"]
+    assert await rig.streams.length(names.dead) == 1
+    assert await rig.waiting() == 0
