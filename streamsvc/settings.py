@@ -66,8 +66,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     http_host: str = msgspec.field(default="0.0.0.0", name="STREAMSVC_HTTP_HOST")
     max_body_bytes: Positive = msgspec.field(default=1_048_576, name="STREAMSVC_MAX_BODY_BYTES")
     flushers: Positive = msgspec.field(default=2, name="STREAMSVC_FLUSHERS")
-    # streamsvc.pacing: how long a stage lets work gather between small cycles
-    gather_ms: NonNegative = msgspec.field(default=20, name="STREAMSVC_GATHER_MS")
+    # streamsvc.pacing: how long a stage lets work gather between small cycles; at most
+    # 10 s (longer would leave outcomes unannounced for that long after every cycle)
+    gather_ms: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = msgspec.field(
+        default=20, name="STREAMSVC_GATHER_MS"
+    )
     db_pool_size: Positive = msgspec.field(default=8, name="STREAMSVC_DB_POOL_SIZE")
     ingress_read_count: Positive = msgspec.field(default=2000, name="STREAMSVC_INGRESS_READ_COUNT")
     inbox_readers: Positive = msgspec.field(default=2, name="STREAMSVC_INBOX_READERS")

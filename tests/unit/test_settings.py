@@ -203,3 +203,22 @@ def test_a_bad_retention_value_names_the_variable(env: dict[str, str], message: 
     with pytest.raises(ConfigError) as info:
         settings.load(env, env_file=None)
     assert str(info.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("-1", "STREAMSVC_GATHER_MS: expected `int` >= 0"),
+        ("10001", "STREAMSVC_GATHER_MS: expected `int` <= 10000"),
+        ("soon", "STREAMSVC_GATHER_MS: expected `int`"),
+    ],
+)
+def test_a_bad_gathering_time_names_the_variable(value: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        settings.load({"STREAMSVC_GATHER_MS": value}, env_file=None)
+    assert str(info.value).startswith(message)
+
+
+def test_gathering_is_off_at_0_and_20_ms_by_default() -> None:
+    assert settings.load({}, env_file=None).gather_ms == 20
+    assert settings.load({"STREAMSVC_GATHER_MS": "0"}, env_file=None).gather_ms == 0
