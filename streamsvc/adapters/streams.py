@@ -187,7 +187,8 @@ def _entries(
 def operations_in(fields: dict[bytes, bytes]) -> int:
     """How many operations a work entry holds, read from its msgpack array's header
     without decoding them (1 for an entry that holds no array: it is dead-lettered when
-    decoded)."""
+    decoded). The take script (``_TAKE``, in Lua) reads the header by the same rule:
+    change both together."""
     raw = fields.get(b"ops", b"")
     head = raw[0] if raw else 0
     if 0x90 <= head <= 0x9F:  # fixarray
@@ -632,6 +633,7 @@ def _fields(flat: list[bytes]) -> dict[bytes, bytes]:
 # operations are missing. The first entry is taken whatever it holds. A stream whose group
 # is gone answers NOGROUP in place of its entries.
 _TAKE = """
+-- As operations_in (Python) counts them: change both together.
 local function operations(entry)
     local fields = entry[2]
     if type(fields) ~= 'table' then return 1 end
