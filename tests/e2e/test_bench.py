@@ -105,7 +105,10 @@ async def test_the_rate_sweep_gives_cpu_batch_sizes_and_latency_at_each_rate(
 ) -> None:
     """Without the ingresses' own runs in the same bench, the sweep measures their maxima
     first; then each rate below the maximum, then the maximum."""
-    points = await run_saved([SWEEP], tmp_path, "--latency-s", "0.5", "--sweep-rates", "50")
+    # Enough operations at each maximum for every process's CPU to span clock ticks (10 ms):
+    # with gathering, 300 through the inbox cost the flusher less than one.
+    sizes = ("--n", "3000", "--n-single", "600")
+    points = await run_saved([SWEEP], tmp_path, *sizes, "--latency-s", "0.5", "--sweep-rates", "50")
     offered = [(p["ingress"], p["offered"]) for p in points if not p.get("maximum")]
     assert offered == [("inbox", 50), ("rpc-single", 50)]
     assert [p["ingress"] for p in points if p.get("maximum")] == ["inbox", "rpc-single"]
