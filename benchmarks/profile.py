@@ -54,9 +54,10 @@ def top(counter: collections.Counter[str], total: int, n: int) -> list[tuple[str
     return [(frame, 100 * count / total) for frame, count in counter.most_common(n)]
 
 
-async def record(pid: int, seconds: float, out: Path, rate_hz: int) -> None:
+async def record(pid: int, seconds: float, out: Path, rate_hz: int, native: bool) -> None:
     """py-spy's collapsed stacks of ``pid`` for ``seconds``, into ``out`` (idle samples
-    left out: the share is of the time the process was on a CPU)."""
+    left out: the share is of the time the process was on a CPU); with ``native``, the C
+    and Cython frames too (uvloop's, asyncpg's, hiredis')."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     command = [
         spy,
@@ -69,14 +70,17 @@ async def record(pid: int, seconds: float, out: Path, rate_hz: int) -> None:
         str(rate_hz),
         "--format",
         "raw",
-        "--nonblocking",
         "--output",
         str(out),
+        # py-spy reads native stacks only from a paused process
+        *(["--native"] if native else ["--nonblocking"]),
     ]
     await anyio.run_process(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-async def profile(ingress: str, rate: float, seconds: float, warm_s: float, rate_hz: int) -> None:
+async def profile(
+    ingress: str, rate: float, seconds: float, warm_s: float, rate_hz: int, native: bool
+) -> None:
     total_s = warm_s + seconds + 2
     w = workload.build(max(2, round(rate * total_s)))
     ops = [{**op, "userOperationId": str(uuid.uuid4())} for op in w.ops]
@@ -95,7 +99,7 @@ async def profile(ingress: str, rate: float, seconds: float, warm_s: float, rate
             for role, service in st.services:
                 assert service.proc is not None
                 outs[role] = RESULTS / f"profile-{role}-{stamp}.txt"
-                spies.start_soon(record, service.proc.pid, seconds, outs[role], rate_hz)
+                spies.start_soon(record, service.proc.pid, seconds, outs[role], rate_hz, native)
         after, elapsed = cpu_used(st), time.perf_counter() - started
     console = Console()
     per_op = cpu_per_op(before, after, round(rate * elapsed))
@@ -127,8 +131,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=8, help="how long py-spy samples")
     parser.add_argument("--warm", type=float, default=3, help="seconds of load before it")
     parser.add_argument("--hz", type=int, default=200, help="py-spy's samples per second")
+    parser.add_argument(
+        "--native", action="store_true", help="C and Cython frames too (py-spy --native)"
+    )
     args = parser.parse_args(argv)
-    anyio.run(profile, args.ingress, args.rate, args.seconds, args.warm, args.hz)
+    anyio.run(profile, args.ingress, args.rate, args.seconds, args.warm, args.hz, args.native)
 
 
 if __name__ == "__main__":
