@@ -10,9 +10,12 @@ previous one started longer ago than ``gather``), nor a full one: a lone operati
 at once, and a backlog at full speed.
 
 The stages that gather are those no caller waits on: the inbox readers (a producer's XADD
-has returned), the flushers and the notifier (the caller has its answer). The intake of
-HTTP and RPC requests does not: a caller sending one request after the other would wait
-``gather`` for each answer (docs/efficiency.md).
+has returned) and the flushers (the caller has its answer). Work gathers once: the intake
+marks the work entries of what an inbox reader gathered (streamsvc.adapters.streams
+``GATHERED``) and a flusher takes those at once. The notifier does not gather: a batch's
+outcomes reach it as one entry. The intake of HTTP and RPC requests does not either: a
+caller sending one request after the other would wait ``gather`` for each answer
+(docs/efficiency.md).
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ class Pacer:
         self._last = -math.inf
         self._full = False
         self._turn = anyio.Lock()
+
+    @property
+    def gathers(self) -> bool:
+        """Whether this stage's cycles wait for company at all (a ``gather`` above 0)."""
+        return self.gather_s > 0
 
     @asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:
@@ -62,6 +70,7 @@ class Pacer:
             await anyio.sleep(wait)
 
     def started(self, *, full: bool) -> None:
-        """A cycle starts now, with as much work as a cycle takes (``full``) or less."""
+        """A cycle starts now, with as much work as a cycle takes or work that gathered
+        before (``full``: the next one need not wait), or less."""
         self._last = self.clock()
         self._full = full

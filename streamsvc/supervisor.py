@@ -212,7 +212,6 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
                 durable_queues=settings.rmq_queue_durable,
                 max_message_bytes=settings.amqp_max_message_bytes,
                 heartbeat_ms=settings.heartbeat_ms,
-                pacer=Pacer(settings.gather_ms),
             )
             for n, shard in enumerate(shards)
         ]

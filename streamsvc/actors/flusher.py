@@ -112,7 +112,8 @@ class Flusher:
             if not taken:
                 return []
         held = sum(rs.operations_in(fields) for _, (_, fields) in taken)
-        self.pacer.started(full=held >= self.limit)
+        gathered = all(rs.gathered(fields) for _, (_, fields) in taken)
+        self.pacer.started(full=held >= self.limit or gathered)
         return taken
 
     async def handle(self, taken: list[rs.Taken]) -> None:

@@ -78,6 +78,7 @@ class _Ticket:
     ops: list[Operation]
     source: str
     caller: str
+    gathered: bool  # they waited for company on the way here (streamsvc.pacing)
     done: anyio.Event = field(default_factory=anyio.Event)
     results: list[Receipt | Rejection] = field(default_factory=list)
     error: BaseException | None = None
@@ -115,15 +116,18 @@ class Ingress:
         source: str,
         ids: list[str | None] | None = None,
         traces: list[str | None] | None = None,
+        gathered: bool = False,
     ) -> list[Result]:
         """Store the valid operations, queue them for flushing, and say what became of each.
 
         ``ids`` gives default ids for operations without a userOperationId (the inbox uses
         ids derived from its entry ids, so a redelivered entry is not stored twice).
         ``traces`` gives the trace context each operation is stored with (its intake span's,
-        streamsvc.tracing); none is stored otherwise, whatever the operation held."""
+        streamsvc.tracing); none is stored otherwise, whatever the operation held.
+        ``gathered``: the operations already waited for company (an inbox reader's
+        gathering); their work entries say so, and the flushers take them at once."""
         results: list[Result | None] = [None] * len(ops)
-        ticket = _Ticket([], [], source, caller.name)
+        ticket = _Ticket([], [], source, caller.name, gathered)
         positions: list[int] = []
         for i, op in enumerate(ops):
             try:
@@ -263,7 +267,11 @@ class Ingress:
             stored = await self.store.intake(rows)
             if stored.ready:
                 await self.streams.enqueue(
-                    stored.ready, self.chunk, log=log, event="ingress.enqueue_failed"
+                    stored.ready,
+                    self.chunk,
+                    log=log,
+                    event="ingress.enqueue_failed",
+                    gathered=all(t.gathered for t in tickets),
                 )
             held = [r.run_at for r in rows if r.run_at and r.run_at > now]
             if held:

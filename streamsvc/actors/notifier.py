@@ -37,7 +37,6 @@ from streamsvc.adapters import amqp
 from streamsvc.adapters import streams as rs
 from streamsvc.backoff import pause
 from streamsvc.model import Outcome, Status, json_encoder, outcomes_decoder
-from streamsvc.pacing import Pacer
 from streamsvc.policy import RetryPolicy
 from streamsvc.settings import Route
 
@@ -235,7 +234,6 @@ class Notifier:
         count: int = 100,
         block_ms: int = 1000,
         heartbeat_ms: int = 1000,
-        pacer: Pacer | None = None,
     ) -> None:
         self.name = name
         self.heartbeat_ms = heartbeat_ms
@@ -249,7 +247,6 @@ class Notifier:
         self.max_message_bytes = max_message_bytes
         self.count = count
         self.block_ms = block_ms
-        self.pacer = pacer or Pacer(0)  # streamsvc.pacing
         self.stopping = anyio.Event()
 
     async def run(self) -> None:
@@ -284,8 +281,7 @@ class Notifier:
                         min_idle_ms=abandoned_after_ms(self.heartbeat_ms),
                         count=self.count,
                     )
-                if not entries and not own_pending:
-                    await self.pacer.gather()  # streamsvc.pacing
+                # No gathering here: a batch's outcomes come in one entry (streamsvc.pacing).
                 entries = entries or await self.streams.read(
                     self.streams.names.outcomes,
                     rs.NOTIFIER_GROUP,
@@ -304,7 +300,6 @@ class Notifier:
             if not entries:
                 own_pending = False
                 continue
-            self.pacer.started(full=len(entries) >= self.count)
             dead = await self.deliver(publisher, entries)  # a lost connection ends the session
             try:
                 await self.acknowledge(entries, dead)

@@ -172,16 +172,31 @@ def work_entries(
 ) -> list[tuple[str, dict[Any, Any]]]:
     """``items`` as work-stream entries of at most ``chunk`` operations each, every one on
     its priority band's stream of ``names``' shard, in their order within a band."""
-    return _entries(items, chunk, lambda: names)
+    return _entries(items, chunk, lambda: names, gathered=False)
+
+
+# A work entry's field saying its operations already waited for company on their way in
+# (an inbox reader's gathering): a flusher hands them on without gathering again
+# (streamsvc.pacing).
+GATHERED = "g"
 
 
 def _entries(
-    items: Sequence[WorkOp], chunk: int, shard: Callable[[], Names]
+    items: Sequence[WorkOp], chunk: int, shard: Callable[[], Names], *, gathered: bool
 ) -> list[tuple[str, dict[Any, Any]]]:
-    """``items`` as work entries (``work_entries``), each on the stream of ``shard()``."""
+    """``items`` as work entries (``work_entries``), each on the stream of ``shard()``,
+    marked ``GATHERED`` when they were."""
+    mark = {GATHERED: "1"} if gathered else {}
     return [
-        (shard().work_of(p), {"ops": work_encoder.encode(part)}) for p, part in _parts(items, chunk)
+        (shard().work_of(p), {"ops": work_encoder.encode(part), **mark})
+        for p, part in _parts(items, chunk)
     ]
+
+
+def gathered(fields: dict[bytes, bytes]) -> bool:
+    """Whether a work entry, as read, says its operations already waited for company
+    (``GATHERED``)."""
+    return GATHERED.encode() in fields
 
 
 def operations_in(fields: dict[bytes, bytes]) -> int:
@@ -262,9 +277,11 @@ class Streams:
         shards = self.names.shards
         return shards[next(self._turn) % len(shards)]
 
-    def spread(self, items: Sequence[WorkOp], chunk: int) -> list[tuple[str, dict[Any, Any]]]:
+    def spread(
+        self, items: Sequence[WorkOp], chunk: int, *, gathered: bool = False
+    ) -> list[tuple[str, dict[Any, Any]]]:
         """``items`` as work entries (``work_entries``), each on the next shard in turn."""
-        return _entries(items, chunk, self.next_shard)
+        return _entries(items, chunk, self.next_shard, gathered=gathered)
 
     def _xadd(self, pipe: Any, stream: str, fields: dict[Any, Any]) -> None:
         if stream in self._capped:
@@ -330,13 +347,15 @@ class Streams:
         """Atomically add ``entries`` to ``then`` and ack (and delete) ``ids``."""
         await self.ack_adding(group, {stream: ids}, [(then, fields) for fields in entries])
 
-    async def enqueue(self, items: Sequence[WorkOp], chunk: int, *, log: Any, event: str) -> bool:
+    async def enqueue(
+        self, items: Sequence[WorkOp], chunk: int, *, log: Any, event: str, gathered: bool = False
+    ) -> bool:
         """Put ``items`` on their priority bands' work streams, each entry on the next shard
-        in turn (``spread``). When Redis cannot take them
+        in turn (``spread``; marked ``GATHERED`` when they were). When Redis cannot take them
         (away, or refusing writes), log ``event`` and return False: they are stored and
         pending, so the sweeper re-enqueues them from PostgreSQL."""
         try:
-            await self.add_each(self.spread(items, chunk))
+            await self.add_each(self.spread(items, chunk, gathered=gathered))
         except NOT_TAKEN as exc:
             log.warning(
                 event,

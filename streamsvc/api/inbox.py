@@ -281,7 +281,12 @@ class InboxConsumer:
             traces = [intakes[e].traceparent for e in entry_ids] if intakes else None
             try:
                 results = await self.ingress.submit(
-                    ops, caller=caller, source=SOURCE, ids=ids, traces=traces
+                    ops,
+                    caller=caller,
+                    source=SOURCE,
+                    ids=ids,
+                    traces=traces,
+                    gathered=self.pacer.gathers,
                 )
             except Exception as exc:
                 if isinstance(translate(exc), TransientError):

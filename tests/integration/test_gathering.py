@@ -1,16 +1,21 @@
 """Gathering on the real servers (streamsvc.pacing, docs/efficiency.md): operations that keep
 coming close behind each other are applied by one batch, while each caller is answered as
-soon as its operation is stored; one after a quiet moment is not held back at all."""
+soon as its operation is stored; one after a quiet moment is not held back at all; what
+gathered once (in an inbox reader, in a batch) is not held back again."""
 
 from __future__ import annotations
 
 import time
 
+import aio_pika
 import anyio
+import msgspec
 import pytest
 
+from streamsvc.adapters import streams as rs
+from streamsvc.validate import ANONYMOUS
 from tests.conftest import make_settings
-from tests.pipeline import eventually, order, post_batch, served_with_clients
+from tests.pipeline import eventually, ops, order, post_batch, running, served_with_clients
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -53,3 +58,44 @@ async def test_requests_close_behind_each_other_are_answered_at_once_and_share_a
             """SELECT batch_id FROM "BatchOperations" WHERE id = $1::uuid""", first
         )
         assert alone not in {r["batch_id"] for r in rows}
+
+
+async def test_work_entries_say_whether_their_operations_gathered_on_the_way_in(
+    database: str, prefix: str
+) -> None:
+    """The inbox readers gather, so their work entries are marked and no flusher waits on
+    them again; a request's operations did not gather and are not marked."""
+    settings = make_settings(database, prefix, STREAMSVC_GATHER_MS=str(GATHER_MS))
+    async with running(settings) as service:
+        streams = service.streams
+        await streams.redis.xadd(streams.names.inbox, {"op": msgspec.json.encode(order(1))})
+        await service.inbox.run(burst=True)
+        await service.ingress.submit(ops([order(2)]), caller=ANONYMOUS, source="api")
+        entries = await streams.redis.xrange(streams.names.work)
+    assert [rs.gathered(fields) for _, fields in entries] == [True, False]
+
+
+async def test_a_cancel_close_behind_another_is_announced_at_once(
+    database: str, prefix: str
+) -> None:
+    """Each batch's (and each cancel's) outcomes travel in one entry: the notifier relays
+    what it reads at once, instead of waiting for more after a relay that just ran."""
+    settings = make_settings(database, prefix, STREAMSVC_GATHER_MS=str(GATHER_MS))
+    async with served_with_clients(settings) as served:
+        channel = served.rpc.channel
+        exchange = await channel.declare_exchange(
+            settings.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        events = await channel.declare_queue(exclusive=True)
+        await events.bind(exchange, routing_key="ORDER_CREATED.CANCELLED")
+        held = await post_batch(served, order(1, delayMs=60_000), order(2, delayMs=60_000))
+        for n, op_id in enumerate(held, start=1):
+            cancelled = time.monotonic()
+            assert (await served.http.delete(f"/api/operations/{op_id}")).status_code == 200
+
+            async def announced() -> bool:
+                return (await events.get(fail=False, no_ack=True)) is not None
+
+            await eventually(announced, within=10, every=0.01)
+            took = time.monotonic() - cancelled
+            assert took < GATHER_MS / 1000 / 2, f"cancel {n} announced after {took:.2f} s"

@@ -1,7 +1,10 @@
 """Gathering (streamsvc.pacing): small cycles spaced out while work keeps coming, never
-after a quiet moment; and the flusher taking what gathered into one batch."""
+after a quiet moment; the flusher taking what gathered into one batch, and not gathering
+again what an inbox reader gathered."""
 
 from __future__ import annotations
+
+import functools
 
 import anyio
 import fakeredis
@@ -9,14 +12,13 @@ import pytest
 
 from streamsvc.actors.flusher import Flusher
 from streamsvc.adapters import streams as rs
-from streamsvc.model import Outcome, Status, outcomes_decoder, work_encoder
+from streamsvc.model import WorkOp, outcomes_decoder
 from streamsvc.pacing import Pacer
 from streamsvc.policy import RetryPolicy
 from streamsvc.store import NewOperation
 from streamsvc.store.memory import MemoryStore
 from tests.pipeline import eventually
 from tests.unit.test_flusher import Rig, new
-from tests.unit.test_notifier import FakeBroker, one_by_one
 
 pytestmark = pytest.mark.anyio
 
@@ -130,26 +132,37 @@ async def test_flushers_sharing_a_pacer_space_their_small_batches_apart() -> Non
     assert len(entries) <= 3, f"{len(entries)} batches for six entries 20 ms apart"
 
 
-async def test_the_notifier_relays_outcomes_that_trickle_in_within_gather_together() -> None:
-    streams = rs.Streams(fakeredis.FakeAsyncRedis(), rs.Names("t"))
-    names = streams.names
-    await streams.ensure_group(names.outcomes, rs.NOTIFIER_GROUP)
-    notifier = one_by_one(streams)
-    notifier.mode = "aggregate"
-    notifier.pacer = Pacer(300)
-    broker = FakeBroker(RuntimeError("unused"))
-
-    async def outcome(n: int) -> None:
-        done = Outcome(str(n), "T", Status.SUCCESS, None, 1, "b")
-        await streams.add(names.outcomes, [{"o": work_encoder.encode([done])}])
-
+async def test_the_flusher_takes_work_that_gathered_on_its_way_in_at_once() -> None:
+    """Entries an inbox reader already gathered (marked ``GATHERED``) are not held back
+    again: three such entries 30 ms apart are three batches, each at once."""
+    rig = Rig()
+    rig.flusher.pacer = Pacer(300)
+    streams = rig.streams
+    added: dict[str, float] = {}
     async with anyio.create_task_group() as tg:
-        tg.start_soon(notifier._session, broker)  # type: ignore[arg-type]
-        await outcome(0)  # after a quiet moment: relayed at once, alone
-        await eventually(lambda: at_least(broker.published, 1), within=2, every=0.005)
-        for n in range(1, 4):  # three flushes' outcomes, 30 ms apart, close behind it
-            await outcome(n)
+        tg.start_soon(rig.flusher.run)
+        for n in range(4):
+            stored = await rig.store.intake(
+                [NewOperation(f"op-{n}", new(n).op, "inbox", "c", None)]
+            )
+            await streams.add_each(streams.spread(stored.ready, 100, gathered=True))
+            added[f"op-{n}"] = anyio.current_time()
+            await eventually(
+                functools.partial(at_least, rig.store.applied, n + 1), within=2, every=0.005
+            )
+            assert anyio.current_time() - added[f"op-{n}"] < 0.15, f"op-{n} was held back"
             await anyio.sleep(0.03)
-        await eventually(lambda: at_least(broker.published, 2), within=5, every=0.005)
-        notifier.stop()
-    assert broker.published == ["T.SUCCESS", "T.SUCCESS"], "the three in one message"
+        rig.flusher.stopping = True
+        tg.cancel_scope.cancel()
+    assert len({o.batch_id for o in await rig.outcomes()}) == 4
+
+
+async def test_work_entries_are_marked_gathered_only_when_they_were() -> None:
+    streams = rs.Streams(fakeredis.FakeAsyncRedis(), rs.Names("t"))
+    ops = [WorkOp(f"op-{n}", new(n).op) for n in range(3)]
+    await streams.add_each(streams.spread(ops, 100, gathered=True))
+    await streams.add_each(streams.spread(ops, 100))
+    await streams.add_each(rs.work_entries(streams.names, ops, 100))
+    read = [fields for _, fields in await streams.redis.xrange(streams.names.work)]
+    assert [rs.gathered(fields) for fields in read] == [True, False, False]
+    assert [rs.operations_in(fields) for fields in read] == [3, 3, 3]
