@@ -25,15 +25,16 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import aio_pika
+import aiormq
 import anyio
 import msgspec
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from streamsvc import tracing
 from streamsvc.actors.ingress import Ingress, Result
 from streamsvc.adapters import amqp
+from streamsvc.adapters.deliveries import Delivery, consume
 from streamsvc.adapters.postgres import translate
 from streamsvc.api import nestjs
 from streamsvc.errors import InvalidOperation, TransientError
@@ -129,21 +130,23 @@ class RpcServer:
         queue = await channel.declare_queue(self.queue, durable=self.durable)
         replies = ReplyChannel(connection)
         log.info("rpc.consuming", queue=self.queue, durable=self.durable)
+
+        async def handle(delivery: Delivery) -> None:
+            await self.handle(replies, delivery)
+
         try:
-            async with anyio.create_task_group() as handlers:
-                with anyio.CancelScope() as self._consuming:
-                    if self.stopping.is_set():
-                        return
-                    async with queue.iterator() as messages:
-                        async for message in messages:
-                            handlers.start_soon(self.handle, replies, message)
+            with anyio.CancelScope() as self._consuming:
+                if self.stopping.is_set():
+                    return
+                await consume(channel, queue.name, handle)  # raises when the consumer ends
+        except amqp.CONNECTION_EXCEPTIONS:
+            if not self.stopping.is_set():
+                raise
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await replies.close()
-        if not self.stopping.is_set():
-            raise aio_pika.exceptions.AMQPConnectionError("consumer closed by the broker")
 
-    async def handle(self, replies: ReplyChannel, message: AbstractIncomingMessage) -> None:
+    async def handle(self, replies: ReplyChannel, message: Delivery) -> None:
         """Answer one request (or handle one event), then ack it.
 
         Nothing a caller sends escapes from here: whatever fails is answered INTERNAL_ERROR
@@ -180,7 +183,7 @@ class RpcServer:
                 next="the broker hands the request out again; its operations are stored once",
             )
 
-    async def _answer(self, message: AbstractIncomingMessage) -> msgspec.Struct | None:
+    async def _answer(self, message: Delivery) -> msgspec.Struct | None:
         """What to answer ``message`` with (None: nothing, it is an event). Its size and
         nesting are checked before anything of it is decoded."""
         body = message.body
@@ -217,7 +220,7 @@ class RpcServer:
             return None
         return nestjs.Reply(response)
 
-    def _caller(self, message: AbstractIncomingMessage, request: nestjs.Request) -> Caller | None:
+    def _caller(self, message: Delivery, request: nestjs.Request) -> Caller | None:
         """The caller by header ``x-api-key`` or ``data.apiKey``; None when refused."""
         header = (message.headers or {}).get("x-api-key")
         key = header.decode(errors="replace") if isinstance(header, bytes | bytearray) else header
@@ -228,9 +231,7 @@ class RpcServer:
         except InvalidOperation:
             return None
 
-    async def _reply(
-        self, replies: ReplyChannel, message: AbstractIncomingMessage, body: msgspec.Struct
-    ) -> None:
+    async def _reply(self, replies: ReplyChannel, message: Delivery, body: msgspec.Struct) -> None:
         """Send the reply if it can go; the caller acks ``message`` either way, unless the
         connection is lost."""
         if not message.reply_to:
@@ -245,10 +246,7 @@ class RpcServer:
             )
             return
         try:
-            await replies.publish(
-                aio_pika.Message(encoded, correlation_id=message.correlation_id),
-                message.reply_to,
-            )
+            await replies.publish(encoded, message.correlation_id, message.reply_to)
         except amqp.REFUSALS as exc:  # the broker's close of the reply channel, seen here
             log.warning("rpc.reply_failed", error=str(exc)[:200], next="acked unanswered")
         except amqp.CONNECTION_EXCEPTIONS:
@@ -386,17 +384,22 @@ class ReplyChannel:
     def __init__(self, connection: AbstractConnection) -> None:
         self.connection = connection
         self.channel: AbstractChannel | None = None
+        self._raw: aiormq.abc.AbstractChannel | None = None
         self._opening = anyio.Lock()
 
-    async def publish(self, message: aio_pika.Message, reply_to: str) -> None:
+    async def publish(self, body: bytes, correlation_id: str | None, reply_to: str) -> None:
         async with self._opening:
             if self.channel is None or self.channel.is_closed:
                 self.channel = await amqp.open_channel(self.connection, confirms=False)
                 self.channel.close_callbacks.add(_closed)
-            channel = self.channel
+                self._raw = await self.channel.get_underlay_channel()
+            raw = self._raw
+        assert raw is not None
         # Not mandatory: with direct reply-to (amq.rabbitmq.reply-to.*, NestJS's default) the
-        # broker would also return every mandatory reply to us as unroutable.
-        await channel.default_exchange.publish(message, routing_key=reply_to, mandatory=False)
+        # broker would also return every mandatory reply to us as unroutable. Published on
+        # aiormq's channel underneath: no aio-pika Message per reply (adapters.deliveries).
+        properties = aiormq.spec.Basic.Properties(correlation_id=correlation_id)
+        await raw.basic_publish(body, routing_key=reply_to, properties=properties)
 
     async def close(self) -> None:
         if self.channel is not None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import aio_pika
 import aiormq
 import pytest
 from structlog.testing import capture_logs
@@ -37,10 +36,10 @@ class RefusingReplies(ReplyChannel):
         self.error = error
         self.sent: list[bytes] = []
 
-    async def publish(self, message: aio_pika.Message, reply_to: str) -> None:
+    async def publish(self, body: bytes, correlation_id: str | None, reply_to: str) -> None:
         if self.error is not None:
             raise self.error
-        self.sent.append(message.body)
+        self.sent.append(body)
 
 
 def server(max_message_bytes: int = 16 * 1024 * 1024) -> RpcServer:
