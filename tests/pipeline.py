@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from contextlib import asynccontextmanager
 from typing import Any, NamedTuple
 
+import aio_pika
 import anyio
 import asyncpg
 import httpx
@@ -140,6 +141,18 @@ async def post_batch(served: Served, *bodies: dict[str, Any]) -> list[str]:
     response = await served.http.post("/api/operations/batch", json=list(bodies))
     assert response.status_code == 200, response.text
     return [item["id"] for item in response.json()]
+
+
+async def events_on(served: Served, routing_key: str) -> aio_pika.abc.AbstractQueue:
+    """An exclusive queue of the outcome events ``routing_key`` selects on the service's
+    topic exchange (declared here if the notifier has not yet)."""
+    channel = served.rpc.channel
+    exchange = await channel.declare_exchange(
+        served.service.settings.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    events = await channel.declare_queue(exclusive=True)
+    await events.bind(exchange, routing_key=routing_key)
+    return events
 
 
 def order(i: int, **extra: Any) -> dict[str, Any]:

@@ -16,7 +16,16 @@ from streamsvc.settings import Settings
 from streamsvc.store import Cancelled
 from streamsvc.validate import ANONYMOUS
 from tests.conftest import keyed_settings, make_settings
-from tests.pipeline import Served, eventually, ops, order, post_batch, running, served_with_clients
+from tests.pipeline import (
+    Served,
+    events_on,
+    eventually,
+    ops,
+    order,
+    post_batch,
+    running,
+    served_with_clients,
+)
 from tests.pipeline import until_applied as _until_applied
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -110,12 +119,7 @@ async def test_a_cancel_is_announced_on_the_topic_exchange_as_type_cancelled(
 ) -> None:
     settings = make_settings(database, prefix, STREAMSVC_NOTIFY_MODE=mode)
     async with served_with_clients(settings) as served:
-        channel = served.rpc.channel
-        exchange = await channel.declare_exchange(
-            settings.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
-        )
-        events = await channel.declare_queue(exclusive=True)
-        await events.bind(exchange, routing_key="ORDER_CREATED.CANCELLED")
+        events = await events_on(served, "ORDER_CREATED.CANCELLED")
         (op_id,) = await post_batch(served, order(1, delayMs=60_000))
         assert (await served.http.delete(f"/api/operations/{op_id}")).status_code == 200
         got: list[aio_pika.abc.AbstractIncomingMessage] = []

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 
-import aio_pika
 import anyio
 import msgspec
 import pytest
@@ -15,7 +14,15 @@ import pytest
 from streamsvc.adapters import streams as rs
 from streamsvc.validate import ANONYMOUS
 from tests.conftest import make_settings
-from tests.pipeline import eventually, ops, order, post_batch, running, served_with_clients
+from tests.pipeline import (
+    events_on,
+    eventually,
+    ops,
+    order,
+    post_batch,
+    running,
+    served_with_clients,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -82,12 +89,7 @@ async def test_a_cancel_close_behind_another_is_announced_at_once(
     what it reads at once, instead of waiting for more after a relay that just ran."""
     settings = make_settings(database, prefix, STREAMSVC_GATHER_MS=str(GATHER_MS))
     async with served_with_clients(settings) as served:
-        channel = served.rpc.channel
-        exchange = await channel.declare_exchange(
-            settings.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
-        )
-        events = await channel.declare_queue(exclusive=True)
-        await events.bind(exchange, routing_key="ORDER_CREATED.CANCELLED")
+        events = await events_on(served, "ORDER_CREATED.CANCELLED")
         held = await post_batch(served, order(1, delayMs=60_000), order(2, delayMs=60_000))
         for n, op_id in enumerate(held, start=1):
             cancelled = time.monotonic()
