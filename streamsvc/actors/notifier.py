@@ -281,6 +281,10 @@ class Notifier:
                         min_idle_ms=abandoned_after_ms(self.heartbeat_ms),
                         count=self.count,
                     )
+                    # Here nothing is in flight, so whatever Redis counts as ours was
+                    # delivered by a read whose answer never came back (a connection cut
+                    # after Redis ran it, or redis-py sending it again): read those again.
+                    own_pending = own_pending or not entries
                 # No gathering here: a batch's outcomes come in one entry (streamsvc.pacing).
                 entries = entries or await self.streams.read(
                     self.streams.names.outcomes,

@@ -1,4 +1,5 @@
-"""The inbox, the sweeper and racing flushers, on the real Redis and PostgreSQL."""
+"""The inbox, the sweeper, racing flushers and a notifier's lost answers, on the real Redis
+and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -10,13 +11,24 @@ import asyncpg
 import pytest
 
 from benchmarks import workload
+from streamsvc.actors.heartbeat import Heartbeat
 from streamsvc.adapters import streams as rs
-from streamsvc.model import Receipt, outcomes_decoder
+from streamsvc.model import Outcome, Receipt, Status, outcomes_decoder, work_encoder
 from streamsvc.settings import Settings
 from streamsvc.supervisor import Service
 from streamsvc.validate import ANONYMOUS
 from tests.conftest import make_settings
-from tests.pipeline import drain, eventually, ops, order, running, statuses
+from tests.pipeline import (
+    drain,
+    events_on,
+    eventually,
+    ops,
+    order,
+    post_batch,
+    running,
+    served_with_clients,
+    statuses,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -335,3 +347,40 @@ async def test_concurrent_batches_on_hot_rows_do_not_deadlock(
     assert await conn.fetchval("SELECT sum(value) FROM counters WHERE name LIKE 'h%'") == 80
     attempts = {r[0] for r in await conn.fetch('SELECT attempts FROM "BatchOperations"')}
     assert attempts == {1}, "no batch had to be retried after a deadlock"
+
+
+async def test_outcomes_a_lost_answer_left_with_a_live_notifier_are_announced(
+    database: str, prefix: str
+) -> None:
+    """An outcome entry Redis delivered to the notifier by a read whose answer never came
+    back (a connection cut after Redis ran it, or redis-py sending it again) sits in the
+    notifier's own pending entries: it reads them again every heartbeat."""
+    settings = make_settings(database, prefix, STREAMSVC_HEARTBEAT_MS="200")
+    async with served_with_clients(settings) as served:
+        events = await events_on(served, "ORDER_CREATED.SUCCESS")
+        notifier = served.service.notifiers[0]
+        outcomes = notifier.streams.names.outcomes
+        process = rs.process_of(notifier.name)
+        assert process is not None
+        streams = served.service.streams  # its process alive: nobody else takes its entries
+        await Heartbeat(streams.redis, streams.names, process, every_ms=60_000).beat()
+
+        async def announced() -> bool:
+            return (await events.get(fail=False, no_ack=True)) is not None
+
+        await post_batch(served, order(1))  # the notifier is past its first reads
+        await eventually(announced, within=10, every=0.05)
+        done = Outcome("stranded-1", "ORDER_CREATED", Status.SUCCESS, None, 1, "b")
+        async with served.service.streams.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(outcomes, {"o": work_encoder.encode([done])})
+            pipe.xreadgroup(rs.NOTIFIER_GROUP, notifier.name, {outcomes: ">"}, count=10)
+            await pipe.execute()  # delivered to the notifier, which never saw the answer
+        seen: list[bytes] = []
+
+        async def stranded_announced() -> bool:
+            message = await events.get(fail=False, no_ack=True)
+            if message is not None:
+                seen.append(message.body)
+            return any(b"stranded-1" in body for body in seen)
+
+        await eventually(stranded_announced, within=5, every=0.05)
