@@ -27,6 +27,7 @@ import redis.exceptions
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
+from streamsvc.adapters import redis_writes  # noqa: F401  # installed for every client
 from streamsvc.model import WorkOp, work_encoder
 
 CONNECTION_EXCEPTIONS: tuple[type[BaseException], ...] = (
