@@ -43,7 +43,8 @@ _events = msgspec.json.Decoder()
 
 # The legs of an operation's way (see `stages`), as the tables name them.
 LEGS = {"stored": "submit→stored", "claimed": "stored→claimed", "event": "claimed→event"}
-REPLY = "submit→answer"  # where a caller waits for its answer (RPC, HTTP), in "stages" too
+# Where a caller waits for its answer (RPC, HTTP): its key in "stages", and its heading.
+REPLY_KEY, REPLY = "reply", "submit→answer"
 
 
 TICK_S = 0.005
@@ -143,7 +144,7 @@ async def measure(
     ms = [(arrived[op_id] - submitted[op_id]) * 1000 for op_id in arrived]
     legs = stages(submitted, {op_id: (s, c) for op_id, s, c in stored}, arrived)
     if not ingress.coalesce:  # a caller waits for each answer (the inbox's is its XADD)
-        legs["reply"] = percentiles([(answered[i] - submitted[i]) * 1000 for i in answered])
+        legs[REPLY_KEY] = percentiles([(answered[i] - submitted[i]) * 1000 for i in answered])
     return {
         "rate": round(rate),
         **percentiles(ms),

@@ -31,7 +31,7 @@ from rich.table import Table
 from rich.text import Text
 
 from benchmarks import sweep
-from benchmarks.latency import LEGS, REPLY
+from benchmarks.latency import LEGS, REPLY, REPLY_KEY
 
 NAIVE = "naive"  # the scenario ratios are taken against
 CEILING = "copy+update"  # the ceiling ratios are taken against
@@ -122,7 +122,7 @@ def latency_table(results: list[Result]) -> Table | None:
             r["scenario"],
             f"{latency['rate']:,.0f}/s",
             *(_latency(latency["stages"][leg]) for leg in LEGS),
-            _latency(latency["stages"].get("reply")),
+            _latency(latency["stages"].get(REPLY_KEY)),
             ", ".join(f"{name} {share:.0f}" for name, share in cpu),
         )
     return grid

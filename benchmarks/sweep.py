@@ -115,7 +115,7 @@ def table(points: list[Result]) -> Table:
         by = ", ".join(f"{k} {v:.0f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]))
         lat = p.get("latency_ms")
         legs = [_pair(lat["stages"][leg]) if lat else "—" for leg in latency.LEGS]
-        reply = lat["stages"].get("reply") if lat else None
+        reply = lat["stages"].get(latency.REPLY_KEY) if lat else None
         legs.append(_pair(reply) if reply else "—")
         grid.add_row(
             p["ingress"],

@@ -11,7 +11,8 @@ notifier while a slot moved (docs/faults.md). Here such an error while writing i
 as the ``ConnectionError`` it is, after dropping the connection; redis-py's cluster client
 then sends the command again on a new one, and the actors take it as Redis being away.
 
-Importing this module installs it, once, for every ``redis.asyncio`` connection.
+``install`` puts it in place, once, for every ``redis.asyncio`` connection of the process
+(streamsvc.adapters.streams.connect calls it).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def _as_lost_connection(send: Send) -> Send:
     return send_packed_command
 
 
-if not getattr(AbstractConnection.send_packed_command, "lost_connection", False):
-    AbstractConnection.send_packed_command = _as_lost_connection(  # type: ignore[method-assign,assignment]
-        AbstractConnection.send_packed_command
-    )
+def install() -> None:
+    """Wrap redis-py's ``send_packed_command``, unless it is wrapped already."""
+    send = AbstractConnection.send_packed_command
+    if not getattr(send, "lost_connection", False):
+        AbstractConnection.send_packed_command = _as_lost_connection(send)  # type: ignore[method-assign,assignment]

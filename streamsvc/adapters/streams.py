@@ -27,7 +27,7 @@ import redis.exceptions
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
-from streamsvc.adapters import redis_writes  # noqa: F401  # installed for every client
+from streamsvc.adapters import redis_writes
 from streamsvc.model import WorkOp, work_encoder
 
 CONNECTION_EXCEPTIONS: tuple[type[BaseException], ...] = (
@@ -180,6 +180,7 @@ def work_entries(
 # (an inbox reader's gathering): a flusher hands them on without gathering again
 # (streamsvc.pacing).
 GATHERED = "g"
+_GATHERED_READ = GATHERED.encode()  # as a read entry's field name
 
 
 def _entries(
@@ -197,7 +198,7 @@ def _entries(
 def gathered(fields: dict[bytes, bytes]) -> bool:
     """Whether a work entry, as read, says its operations already waited for company
     (``GATHERED``)."""
-    return GATHERED.encode() in fields
+    return _GATHERED_READ in fields
 
 
 def operations_in(fields: dict[bytes, bytes]) -> int:
@@ -229,7 +230,9 @@ def _parts(items: Sequence[WorkOp], chunk: int) -> list[tuple[int, Sequence[Work
 
 
 def connect(url: str, *, cluster: bool = False) -> Any:
-    """A client of one Redis, or (``cluster``) of the Redis Cluster ``url`` is a node of."""
+    """A client of one Redis, or (``cluster``) of the Redis Cluster ``url`` is a node of;
+    a write on a connection closed meanwhile raises ConnectionError (redis_writes)."""
+    redis_writes.install()
     if cluster:
         return RedisCluster.from_url(url, decode_responses=False, health_check_interval=30)
     return aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=30)

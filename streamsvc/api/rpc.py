@@ -21,6 +21,7 @@ lost with it; their callers time out.
 from __future__ import annotations
 
 import contextlib
+import functools
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -130,10 +131,7 @@ class RpcServer:
         queue = await channel.declare_queue(self.queue, durable=self.durable)
         replies = ReplyChannel(connection)
         log.info("rpc.consuming", queue=self.queue, durable=self.durable)
-
-        async def handle(delivery: Delivery) -> None:
-            await self.handle(replies, delivery)
-
+        handle = functools.partial(self.handle, replies)
         try:
             with anyio.CancelScope() as self._consuming:
                 if self.stopping.is_set():
