@@ -13,9 +13,10 @@ The stages that gather are those no caller waits on: the inbox readers (a produc
 has returned) and the flushers (the caller has its answer). Work gathers once: the intake
 marks the work entries of what an inbox reader gathered (streamsvc.adapters.streams
 ``GATHERED``) and a flusher takes those at once. The notifier does not gather: a batch's
-outcomes reach it as one entry. The intake of HTTP and RPC requests does not either: a
-caller sending one request after the other would wait ``gather`` for each answer
-(docs/efficiency.md).
+outcomes reach it as one entry. The group commits of HTTP and RPC requests gather with a
+pacer of their own (STREAMSVC_INTAKE_GATHER_MS, a few milliseconds: a caller waits on it),
+and only while two or more callers wait for theirs: a caller sending one request after the
+other would otherwise wait for each answer (streamsvc.actors.ingress, docs/efficiency.md).
 """
 
 from __future__ import annotations

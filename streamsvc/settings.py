@@ -71,6 +71,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     gather_ms: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = msgspec.field(
         default=20, name="STREAMSVC_GATHER_MS"
     )
+    # streamsvc.actors.ingress: how long the group commits of concurrent requests gather
+    intake_gather_ms: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = msgspec.field(
+        default=8, name="STREAMSVC_INTAKE_GATHER_MS"
+    )
     db_pool_size: Positive = msgspec.field(default=8, name="STREAMSVC_DB_POOL_SIZE")
     ingress_read_count: Positive = msgspec.field(default=2000, name="STREAMSVC_INGRESS_READ_COUNT")
     inbox_readers: Positive = msgspec.field(default=2, name="STREAMSVC_INBOX_READERS")

@@ -135,7 +135,14 @@ async def open_service(settings: Settings, role: Role = "all") -> AsyncIterator[
         auth = Authenticator(keys, limiter)
         base = process_name()  # consumers are named <process>/<actor> (actors.heartbeat)
         store = PgStore(pool, catalog)
-        ingress = Ingress(store, pool, streams, catalog, chunk=settings.batch_limit)
+        ingress = Ingress(
+            store,
+            pool,
+            streams,
+            catalog,
+            chunk=settings.batch_limit,
+            pacer=Pacer(settings.intake_gather_ms),
+        )
         inbox = InboxConsumer(
             rs.consumer_name(base, "inbox"),
             ingress,

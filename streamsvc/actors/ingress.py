@@ -3,7 +3,11 @@
 Submissions from every path queue up here; one or two committer loops take whatever has
 queued, store it with a single multi-row INSERT, append it to the work stream in a few
 entries, and only then answer. Under load the groups grow by themselves: while one commit
-runs the next one gathers.
+runs the next one gathers. Below it, each request would pay a commit of its own, so while
+two or more callers wait for theirs, the next commit starts at most
+STREAMSVC_INTAKE_GATHER_MS after the previous one (streamsvc.pacing): concurrent requests
+share it. A lone caller sending one request after the other is never held back, nor is
+what an inbox reader gathered already, nor a commit's worth of operations.
 
 One caller never fails another: validation refuses what PostgreSQL would not take, and
 should a group's INSERT still fail on the data, the group is halved until the bad
@@ -48,6 +52,7 @@ from streamsvc.model import (
     derived_id,
     work_encoder,
 )
+from streamsvc.pacing import Pacer
 from streamsvc.store import Cancelled, NewOperation, Store
 from streamsvc.validate import ANONYMOUS, Caller, UnknownToCatalog, lookup, scope, validate
 
@@ -94,6 +99,7 @@ class Ingress:
         *,
         chunk: int,
         max_group: int = 20_000,
+        pacer: Pacer | None = None,
     ) -> None:
         self.store = store
         self.manage = Manager(store, streams, chunk=chunk)  # retry, pause, resume
@@ -103,7 +109,12 @@ class Ingress:
         self.chunk = chunk  # operations per work-stream entry (BATCH_PROCESS_OPERATION_LIMIT)
         self.max_group = max_group
         self._queue: deque[_Ticket] = deque()
+        self._queued = 0  # operations in the queue
+        self._queued_gathered = 0  # tickets in the queue that gathered on their way here
         self._wake = anyio.Event()
+        self.pacer = pacer or Pacer(0)  # the committers' (see the module docstring)
+        self._waiting = 0  # submits queued or in a commit, not answered yet
+        self._enough = anyio.Event()  # the gathering commit need not wait any longer
         # Called with the runAt of stored operations held for it (the scheduler's wake-up).
         self.on_held: Callable[[list[dt.datetime]], None] = lambda _: None
 
@@ -146,8 +157,16 @@ class Ingress:
             metrics.rejected.labels(source).inc(len(ops) - len(positions))
         if ticket.ops:
             self._queue.append(ticket)
+            self._queued += len(ticket.ops)
+            self._queued_gathered += gathered
             self._wake.set()
-            await ticket.done.wait()
+            if self._queue_full():
+                self._enough.set()
+            self._waiting += 1
+            try:
+                await ticket.done.wait()
+            finally:
+                self._waiting -= 1
             if ticket.error is not None:
                 raise ticket.error
             for i, result in zip(positions, ticket.results, strict=True):
@@ -231,13 +250,33 @@ class Ingress:
     # -- the committer loop ------------------------------------------------------------
     async def run(self) -> None:
         while True:
-            while not self._queue:  # every committer waits on the same event
-                if self._wake.is_set():
-                    self._wake = anyio.Event()
-                await self._wake.wait()
-            tickets = self._take()
+            async with self.pacer.turn():
+                while not self._queue:  # every committer waits on the same event
+                    if self._wake.is_set():
+                        self._wake = anyio.Event()
+                    await self._wake.wait()
+                await self._gather()
+                full = self._queue_full()
+                tickets = self._take()
+                self.pacer.started(full=full)
             with anyio.CancelScope(shield=True):
                 await self._commit(tickets)
+
+    async def _gather(self) -> None:
+        """Let concurrent requests share the next commit: wait as the pacer says while two
+        or more submitters wait (one queued, another queued or in a commit), until the
+        queue holds what gathered already or a commit's worth."""
+        wait = self.pacer.wait_s()
+        if wait <= 0 or self._waiting < 2 or self._queue_full():
+            return
+        self._enough = anyio.Event()
+        with anyio.move_on_after(wait):
+            await self._enough.wait()
+
+    def _queue_full(self) -> bool:
+        """Whether the queue goes at once: it holds what gathered already, or a commit's
+        worth."""
+        return self._queued_gathered > 0 or self._queued >= self.chunk
 
     def _take(self) -> list[_Ticket]:
         tickets: list[_Ticket] = []
@@ -246,6 +285,8 @@ class Ingress:
             ticket = self._queue.popleft()
             tickets.append(ticket)
             count += len(ticket.ops)
+            self._queued_gathered -= ticket.gathered
+        self._queued -= count
         return tickets
 
     async def _commit(self, tickets: list[_Ticket]) -> None:

@@ -6,6 +6,7 @@ gathered once (in an inbox reader, in a batch) is not held back again."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import anyio
 import msgspec
@@ -101,3 +102,67 @@ async def test_a_cancel_close_behind_another_is_announced_at_once(
             await eventually(announced, within=10, every=0.01)
             took = time.monotonic() - cancelled
             assert took < GATHER_MS / 1000 / 2, f"cancel {n} announced after {took:.2f} s"
+
+
+INTAKE_GATHER_MS = 1500
+
+
+async def _submit_timed(service: Any, raw: list[dict[str, Any]], took: dict[str, float]) -> None:
+    started = time.monotonic()
+    results = await service.ingress.submit(ops(raw), caller=ANONYMOUS, source="api")
+    for result in results:
+        took[result.id] = time.monotonic() - started
+
+
+async def _commits(service: Any, ids: list[str]) -> int:
+    """How many group commits stored ``ids`` (each INSERT's rows share its created_at)."""
+    return int(
+        await service.pool.fetchval(
+            'SELECT count(DISTINCT created_at) FROM "BatchOperations" WHERE id = ANY($1::uuid[])',
+            ids,
+        )
+    )
+
+
+async def test_a_lone_caller_is_never_held_back_and_concurrent_requests_share_one_commit(
+    database: str, prefix: str
+) -> None:
+    settings = make_settings(database, prefix, STREAMSVC_INTAKE_GATHER_MS=str(INTAKE_GATHER_MS))
+    async with running(settings) as service:
+        alone: dict[str, float] = {}
+        for n in range(1, 4):  # one request after the other, close behind each other
+            await _submit_timed(service, [order(n)], alone)
+        assert max(alone.values()) < INTAKE_GATHER_MS / 1000 / 2, f"held back: {alone}"
+        assert await _commits(service, list(alone)) == 3
+
+        together: dict[str, float] = {}
+
+        async def later(n: int) -> None:
+            await anyio.sleep(0.05 * n)
+            await _submit_timed(service, [order(10 + n)], together)
+
+        async with anyio.create_task_group() as tg:  # two at once, then one every 50 ms
+            for n in (0, 0, 1, 2, 3, 4):
+                tg.start_soon(later, n)
+        assert len(together) == 6
+        assert await _commits(service, list(together)) == 1, "the concurrent ones, together"
+        assert max(together.values()) < INTAKE_GATHER_MS / 1000 + 1
+
+
+async def test_a_commits_worth_of_concurrent_requests_is_not_held_back(
+    database: str, prefix: str
+) -> None:
+    settings = make_settings(
+        database,
+        prefix,
+        STREAMSVC_INTAKE_GATHER_MS=str(INTAKE_GATHER_MS),
+        BATCH_PROCESS_OPERATION_LIMIT="4",
+    )
+    async with running(settings) as service:
+        took: dict[str, float] = {}
+        await _submit_timed(service, [order(1)], took)  # a commit just started
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_submit_timed, service, [order(2), order(3)], took)
+            tg.start_soon(_submit_timed, service, [order(4), order(5)], took)
+        assert len(took) == 5
+        assert max(took.values()) < INTAKE_GATHER_MS / 1000 / 2, f"held back: {took}"
