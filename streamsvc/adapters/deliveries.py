@@ -54,7 +54,9 @@ class Delivery:
         return bool(self._message.redelivered)
 
     async def ack(self) -> None:
-        await self._channel.basic_ack(self._tag())
+        """Queued for aiormq's writer, not waited for: should the connection drop before it
+        goes, the broker hands the message out again, as for any ack lost on the way."""
+        await self._channel.basic_ack(self._tag(), wait=False)
 
     async def nack(self, requeue: bool = True) -> None:
         await self._channel.basic_nack(self._tag(), requeue=requeue)

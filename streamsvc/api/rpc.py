@@ -396,8 +396,10 @@ class ReplyChannel:
         # Not mandatory: with direct reply-to (amq.rabbitmq.reply-to.*, NestJS's default) the
         # broker would also return every mandatory reply to us as unroutable. Published on
         # aiormq's channel underneath: no aio-pika Message per reply (adapters.deliveries).
+        # Queued for aiormq's writer, not waited for: an unconfirmed reply is lost with the
+        # connection either way, and the request's ack goes after it on the same writer.
         properties = aiormq.spec.Basic.Properties(correlation_id=correlation_id)
-        await raw.basic_publish(body, routing_key=reply_to, properties=properties)
+        await raw.basic_publish(body, routing_key=reply_to, properties=properties, wait=False)
 
     async def close(self) -> None:
         if self.channel is not None:
