@@ -24,7 +24,7 @@ import contextlib
 import functools
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import aiormq
 import anyio
@@ -382,7 +382,7 @@ class ReplyChannel:
     def __init__(self, connection: AbstractConnection) -> None:
         self.connection = connection
         self.channel: AbstractChannel | None = None
-        self._raw: aiormq.abc.AbstractChannel | None = None
+        self._raw: aiormq.Channel | None = None
         self._opening = anyio.Lock()
 
     async def publish(self, body: bytes, correlation_id: str | None, reply_to: str) -> None:
@@ -390,7 +390,8 @@ class ReplyChannel:
             if self.channel is None or self.channel.is_closed:
                 self.channel = await amqp.open_channel(self.connection, confirms=False)
                 self.channel.close_callbacks.add(_closed)
-                self._raw = await self.channel.get_underlay_channel()
+                # aiormq's own class, whose publish can be left to its writer (``wait``)
+                self._raw = cast(aiormq.Channel, await self.channel.get_underlay_channel())
             raw = self._raw
         assert raw is not None
         # Not mandatory: with direct reply-to (amq.rabbitmq.reply-to.*, NestJS's default) the
