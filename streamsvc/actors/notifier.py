@@ -29,7 +29,8 @@ import aiormq.exceptions
 import anyio
 import msgspec
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
+from aio_pika.abc import AbstractChannel, AbstractConnection
+from aiormq.abc import AbstractChannel as RawChannel
 
 from streamsvc import metrics, tracing
 from streamsvc.actors.heartbeat import abandoned_after_ms
@@ -44,6 +45,7 @@ log = structlog.get_logger("streamsvc.notifier")
 
 OPERATION_PATTERN = "batch_operation_finished"
 AGGREGATE_PATTERN = "batch_operations_finished"
+PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 
 Mode = Literal["operation", "aggregate"]
 
@@ -185,36 +187,41 @@ class Publisher:
         self.routes = routes
         self.durable_queues = durable_queues
         self.channel: AbstractChannel | None = None
-        self.exchanges: dict[str | None, AbstractExchange] = {}
+        self.raw: RawChannel | None = None  # aiormq's, under ``channel``: what publishes
 
     async def open(self) -> None:
         if self.channel is not None:
             with contextlib.suppress(*amqp.CONNECTION_EXCEPTIONS, *amqp.REFUSALS):
                 await self.channel.close()  # most often closed by the broker already
         channel = await amqp.open_channel(self.connection, confirms=True)
-        exchange = await channel.declare_exchange(
+        await channel.declare_exchange(
             self.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
         )
         for route in self.routes.values():
             await channel.declare_queue(route.queue, durable=self.durable_queues)
         self.channel = channel
-        self.exchanges = {self.exchange_name: exchange, None: channel.default_exchange}
+        self.raw = await channel.get_underlay_channel()
 
     async def publish(self, publication: Publication) -> None:
-        """Publish, returning once RabbitMQ confirmed; traced, its context in the headers."""
+        """Publish, returning once RabbitMQ confirmed (a nack raises DeliveryError); traced,
+        its context in the headers. Published on aiormq's channel underneath, without an
+        aio-pika Message per message (as RPC replies are, streamsvc.adapters.deliveries)."""
+        raw = self.raw
+        if raw is None or raw.is_closed:
+            raise aiormq.exceptions.ChannelInvalidStateError("the notifier's channel is closed")
         with tracing.publish(
             publication.outcomes, exchange=publication.exchange, routing_key=publication.key
         ) as headers:
-            message = aio_pika.Message(
-                publication.body,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                content_type="application/json",
-                headers=headers,
+            properties = aiormq.spec.Basic.Properties(
+                delivery_mode=PERSISTENT, content_type="application/json", headers=headers
             )
             # Not mandatory: a topic event nobody subscribed to is dropped by design, and
             # each route's queue is declared before publishing.
-            await self.exchanges[publication.exchange].publish(
-                message, routing_key=publication.key, mandatory=False
+            await raw.basic_publish(
+                publication.body,
+                exchange=publication.exchange or "",
+                routing_key=publication.key,
+                properties=properties,
             )
 
 

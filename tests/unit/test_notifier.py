@@ -2,7 +2,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import aio_pika
 import aiormq
 import anyio
 import fakeredis
@@ -178,23 +177,31 @@ class FakeChannel:
     def __init__(self, broker: FakeBroker) -> None:
         self.broker = broker
         self.is_closed = False
-        self.default_exchange = FakeExchange(self)
 
-    async def declare_exchange(self, *_: Any, **__: Any) -> FakeExchange:
-        return self.default_exchange
+    async def declare_exchange(self, *_: Any, **__: Any) -> None:
+        pass
 
     async def declare_queue(self, *_: Any, **__: Any) -> None:
         pass
+
+    async def get_underlay_channel(self) -> FakeRawChannel:
+        return FakeRawChannel(self)
 
     async def close(self) -> None:
         self.is_closed = True
 
 
-class FakeExchange:
+class FakeRawChannel:
+    """aiormq's channel under ``FakeChannel``: where the notifier publishes."""
+
     def __init__(self, channel: FakeChannel) -> None:
         self.channel = channel
 
-    async def publish(self, message: aio_pika.Message, routing_key: str, **_: Any) -> None:
+    @property
+    def is_closed(self) -> bool:
+        return self.channel.is_closed
+
+    async def basic_publish(self, body: bytes, *, routing_key: str, **_: Any) -> None:
         await anyio.lowlevel.checkpoint()  # the others are in flight meanwhile
         broker = self.channel.broker
         if broker.lost or self.channel.is_closed:
@@ -427,16 +434,14 @@ async def test_a_connection_lost_while_publishing_ends_the_session_for_a_reconne
     broker = FakeBroker(aiormq.exceptions.ChannelInvalidStateError("closed"))
     broker.lost = False
     notifier = one_by_one(streams)
-    original = FakeExchange.publish
+    original = FakeRawChannel.basic_publish
 
-    async def cut(
-        self: FakeExchange, message: aio_pika.Message, routing_key: str, **_: Any
-    ) -> None:
+    async def cut(self: FakeRawChannel, body: bytes, *, routing_key: str, **_: Any) -> None:
         broker.lost = True  # the connection drops under the first message
-        await original(self, message, routing_key)
+        await original(self, body, routing_key=routing_key)
 
     with pytest.MonkeyPatch.context() as patch, anyio.fail_after(5):
-        patch.setattr(FakeExchange, "publish", cut)
+        patch.setattr(FakeRawChannel, "basic_publish", cut)
         with pytest.raises((ExceptionGroup, ConnectionError)):
             await notifier._session(broker)  # type: ignore[arg-type]
     assert await streams.length(names.outcomes) == 1, "left to be read again"
