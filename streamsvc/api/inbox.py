@@ -319,7 +319,12 @@ class InboxConsumer:
     ) -> Receipt | Rejection:
         try:
             results = await self.ingress.submit(
-                [op], caller=caller, source=SOURCE, ids=[op_id], traces=[trace]
+                [op],
+                caller=caller,
+                source=SOURCE,
+                ids=[op_id],
+                traces=[trace],
+                gathered=self.pacer.gathers,  # read with the others: it waited already
             )
             return results[0]
         except Exception as exc:

@@ -13,7 +13,8 @@ import msgspec
 import pytest
 
 from streamsvc.adapters import streams as rs
-from streamsvc.validate import ANONYMOUS
+from streamsvc.model import Operation
+from streamsvc.validate import ANONYMOUS, Caller
 from tests.conftest import make_settings
 from tests.pipeline import (
     events_on,
@@ -81,6 +82,29 @@ async def test_work_entries_say_whether_their_operations_gathered_on_the_way_in(
         await service.ingress.submit(ops([order(2)]), caller=ANONYMOUS, source="api")
         entries = await streams.redis.xrange(streams.names.work)
     assert [rs.gathered(fields) for _, fields in entries] == [True, False]
+
+
+async def test_entries_stored_one_by_one_after_a_failure_are_still_marked_gathered(
+    database: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When storing a read's entries together fails beyond validation, each is stored
+    alone; they gathered all the same, and no flusher waits on them again."""
+    settings = make_settings(database, prefix, STREAMSVC_GATHER_MS=str(GATHER_MS))
+    async with running(settings) as service:
+        check = service.ingress.check
+
+        async def exploding(op: Operation, caller: Caller) -> None:
+            if op.operation_type == "EXPLODE":
+                raise RuntimeError("a bug in validation")
+            await check(op, caller)
+
+        monkeypatch.setattr(service.ingress, "check", exploding)
+        streams = service.streams
+        for raw in (order(1), {**order(2), "operationType": "EXPLODE"}, order(3)):
+            await streams.redis.xadd(streams.names.inbox, {"op": msgspec.json.encode(raw)})
+        await service.inbox.run(burst=True)
+        entries = await streams.redis.xrange(streams.names.work)
+    assert [rs.gathered(fields) for _, fields in entries] == [True, True]
 
 
 async def test_a_cancel_close_behind_another_is_announced_at_once(
