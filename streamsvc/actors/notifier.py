@@ -30,7 +30,6 @@ import anyio
 import msgspec
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection
-from aiormq.abc import AbstractChannel as RawChannel
 
 from streamsvc import metrics, tracing
 from streamsvc.actors.heartbeat import abandoned_after_ms
@@ -187,7 +186,7 @@ class Publisher:
         self.routes = routes
         self.durable_queues = durable_queues
         self.channel: AbstractChannel | None = None
-        self.raw: RawChannel | None = None  # aiormq's, under ``channel``: what publishes
+        self.raw: aiormq.Channel | None = None  # aiormq's, under ``channel``: what publishes
 
     async def open(self) -> None:
         if self.channel is not None:
@@ -200,7 +199,7 @@ class Publisher:
         for route in self.routes.values():
             await channel.declare_queue(route.queue, durable=self.durable_queues)
         self.channel = channel
-        self.raw = await channel.get_underlay_channel()
+        self.raw = await amqp.underlay(channel)
 
     async def publish(self, publication: Publication) -> None:
         """Publish, returning once RabbitMQ confirmed (a nack raises DeliveryError); traced,

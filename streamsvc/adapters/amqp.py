@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 import aio_pika
+import aiormq
 import aiormq.exceptions
 import anyio
 import structlog
@@ -46,6 +48,14 @@ async def open_channel(connection: AbstractConnection, *, confirms: bool) -> Abs
         if isinstance(exc, CONNECTION_EXCEPTIONS):
             raise
         raise aio_pika.exceptions.AMQPConnectionError(str(exc)) from exc
+
+
+async def underlay(channel: AbstractChannel) -> aiormq.Channel:
+    """aiormq's channel under an aio-pika one: where the hot paths publish and settle
+    without aio-pika's per-message objects (streamsvc.adapters.deliveries). aio-pika types
+    it as aiormq's abstract channel; it is aiormq's own, whose publish and ack can be left
+    to its writer (``wait=False``)."""
+    return cast(aiormq.Channel, await channel.get_underlay_channel())
 
 
 def closed_by_broker(exc: BaseException | None) -> bool:

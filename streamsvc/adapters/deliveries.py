@@ -16,12 +16,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aio_pika
+import aiormq
 import anyio
 from aio_pika.abc import AbstractChannel
-from aiormq.abc import AbstractChannel as RawChannel
 from aiormq.abc import DeliveredMessage
 
-from streamsvc.adapters.amqp import CONNECTION_EXCEPTIONS, REFUSALS
+from streamsvc.adapters.amqp import CONNECTION_EXCEPTIONS, REFUSALS, underlay
 
 
 class Delivery:
@@ -29,7 +29,7 @@ class Delivery:
 
     __slots__ = ("_channel", "_message")
 
-    def __init__(self, channel: RawChannel, message: DeliveredMessage) -> None:
+    def __init__(self, channel: aiormq.Channel, message: DeliveredMessage) -> None:
         self._channel = channel
         self._message = message
 
@@ -75,7 +75,7 @@ async def consume(
     consuming, wait for the handlers still running, and raise a connection error (the one
     a handler raised, if any). Cancelled (a stop), it stops consuming and waits for them
     the same way. Other errors stay in ``handle``: aiormq would only log them."""
-    raw = await channel.get_underlay_channel()
+    raw = await underlay(channel)
     ended = anyio.Event()
     lost: list[BaseException] = []
     running = 0

@@ -24,7 +24,7 @@ import contextlib
 import functools
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import aiormq
 import anyio
@@ -390,8 +390,7 @@ class ReplyChannel:
             if self.channel is None or self.channel.is_closed:
                 self.channel = await amqp.open_channel(self.connection, confirms=False)
                 self.channel.close_callbacks.add(_closed)
-                # aiormq's own class, whose publish can be left to its writer (``wait``)
-                self._raw = cast(aiormq.Channel, await self.channel.get_underlay_channel())
+                self._raw = await amqp.underlay(self.channel)
             raw = self._raw
         assert raw is not None
         # Not mandatory: with direct reply-to (amq.rabbitmq.reply-to.*, NestJS's default) the

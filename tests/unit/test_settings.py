@@ -205,20 +205,28 @@ def test_a_bad_retention_value_names_the_variable(env: dict[str, str], message: 
     assert str(info.value).startswith(message)
 
 
+@pytest.mark.parametrize("name", ["STREAMSVC_GATHER_MS", "STREAMSVC_INTAKE_GATHER_MS"])
 @pytest.mark.parametrize(
-    ("value", "message"),
+    ("value", "reason"),
     [
-        ("-1", "STREAMSVC_GATHER_MS: expected `int` >= 0"),
-        ("10001", "STREAMSVC_GATHER_MS: expected `int` <= 10000"),
-        ("soon", "STREAMSVC_GATHER_MS: expected `int`"),
+        ("-1", "expected `int` >= 0"),
+        ("10001", "expected `int` <= 10000"),
+        ("soon", "expected `int`"),
+        ("1e9", "expected `int`"),
     ],
 )
-def test_a_bad_gathering_time_names_the_variable(value: str, message: str) -> None:
+def test_a_bad_gathering_time_names_the_variable(name: str, value: str, reason: str) -> None:
     with pytest.raises(ConfigError) as info:
-        settings.load({"STREAMSVC_GATHER_MS": value}, env_file=None)
-    assert str(info.value).startswith(message)
+        settings.load({name: value}, env_file=None)
+    assert str(info.value).startswith(f"{name}: {reason}")
 
 
 def test_gathering_is_off_at_0_and_20_ms_by_default() -> None:
     assert settings.load({}, env_file=None).gather_ms == 20
     assert settings.load({"STREAMSVC_GATHER_MS": "0"}, env_file=None).gather_ms == 0
+
+
+def test_the_intakes_gathering_is_off_at_0_and_8_ms_by_default() -> None:
+    assert settings.load({}, env_file=None).intake_gather_ms == 8
+    loaded = settings.load({"STREAMSVC_INTAKE_GATHER_MS": "0"}, env_file=None)
+    assert loaded.intake_gather_ms == 0
